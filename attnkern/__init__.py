@@ -1,0 +1,20 @@
+"""attnkern: fused attention and local-window attention kernels for PyTorch.
+
+Public API:
+    scaled_dot_product_attention  drop-in for torch.nn.functional.scaled_dot_product_attention (+ window_size)
+    flash_attn_func               drop-in for flash-attn's flash_attn_func (bottom-right alignment)
+    local_attention               sliding-window attention in torch's layout
+    available_backends            backends usable on this machine
+"""
+
+from ._version import __version__
+from .dispatch import available_backends
+from .functional import flash_attn_func, local_attention, scaled_dot_product_attention
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "flash_attn_func",
+    "local_attention",
+    "scaled_dot_product_attention",
+]

@@ -1,0 +1,303 @@
+"""Argument checking and normalisation: the one place that defines what a call means.
+
+Every public entry point reduces its arguments to canonical 4-D views
+``q (B, Hq, L, E)``, ``k (B, Hkv, S, E)``, ``v (B, Hkv, S, Ev)``, an optional mask
+expanded (without copying) to ``(B, Hq, L, S)``, and a frozen :class:`Problem`.
+Backends receive only these; none of them re-interprets the user's arguments.
+
+The attention band. Query row ``i`` sits at position ``i + offset`` where
+``offset = 0`` (top-left alignment, torch's ``is_causal``) or ``offset = S - L``
+(bottom-right alignment, flash-attn's ``causal``). Key ``j`` takes part iff
+
+    (left  < 0 or j >= i + offset - left) and
+    (right < 0 or j <= i + offset + right)
+
+and the mask (if any) lets it. ``is_causal`` is the window ``(-1, 0)`` intersected
+with the user's window. A row that attends no key yields output 0 and LSE -inf.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+BACKENDS = ("auto", "cpu", "triton", "cuda", "math")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Shapes and options of one attention call, after normalisation."""
+
+    batch: int
+    heads_q: int
+    heads_kv: int
+    len_q: int
+    len_k: int
+    head_dim: int
+    head_dim_v: int
+    scale: float
+    window_left: int  # -1: unbounded
+    window_right: int  # -1: unbounded (causal already folded in)
+    bottom_right: bool
+    dropout_p: float
+    mask_kind: Optional[str]  # None, "bool" or "float"
+    dtype: torch.dtype
+    device_type: str
+
+    @property
+    def offset(self) -> int:
+        """Position of query row 0 on the key axis."""
+        return self.len_k - self.len_q if self.bottom_right else 0
+
+    @property
+    def has_window(self) -> bool:
+        return self.window_left >= 0 or self.window_right >= 0
+
+    @property
+    def group_size(self) -> int:
+        return self.heads_q // self.heads_kv if self.heads_kv else 1
+
+
+# ---------------------------------------------------------------------------
+# the band: one definition, used by the reference, FLOP accounting and tests
+
+
+def key_range(row: int, len_k: int, window_left: int, window_right: int, offset: int) -> Tuple[int, int]:
+    """Half-open range ``[lo, hi)`` of keys that query ``row`` may attend (ignoring masks)."""
+    pos = row + offset
+    lo = 0 if window_left < 0 else max(0, pos - window_left)
+    hi = len_k if window_right < 0 else min(len_k, pos + window_right + 1)
+    return lo, max(lo, hi)
+
+
+def attended_pairs(len_q: int, len_k: int, window_left: int, window_right: int, offset: int) -> int:
+    """Exact number of (query, key) pairs inside the band (the same rule as :func:`key_range`).
+
+    Used for FLOP accounting: dense attention is ``len_q * len_k``; causal about half.
+    """
+    pos = torch.arange(len_q, dtype=torch.int64) + offset
+    lo = torch.zeros_like(pos) if window_left < 0 else (pos - window_left).clamp(min=0)
+    hi = torch.full_like(pos, len_k) if window_right < 0 else (pos + window_right + 1).clamp(max=len_k)
+    return int((hi - lo).clamp(min=0).sum())
+
+
+def band_mask(len_q: int, len_k: int, window_left: int, window_right: int, offset: int, device=None) -> torch.Tensor:
+    """Boolean ``(L, S)`` tensor: True where key j is inside query i's band."""
+    rows = torch.arange(len_q, device=device).unsqueeze(1) + offset
+    cols = torch.arange(len_k, device=device).unsqueeze(0)
+    allowed = torch.ones(len_q, len_k, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        allowed &= cols >= rows - window_left
+    if window_right >= 0:
+        allowed &= cols <= rows + window_right
+    return allowed
+
+
+# ---------------------------------------------------------------------------
+# argument checks
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def normalize_window(window_size, is_causal: bool, name: str = "window_size") -> Tuple[int, int]:
+    """Return ``(left, right)`` with -1 for unbounded and causality folded into ``right``."""
+    if window_size is None:
+        left, right = -1, -1
+    else:
+        if isinstance(window_size, torch.Tensor) or not isinstance(window_size, Sequence) or isinstance(window_size, str):
+            raise TypeError(f"{name} must be a pair of ints (left, right), got {type(window_size).__name__}")
+        if len(window_size) != 2:
+            raise ValueError(f"{name} must be a pair of ints (left, right), got {len(window_size)} values")
+        left, right = window_size
+        if not (_is_int(left) and _is_int(right)):
+            raise TypeError(f"{name} must be a pair of ints (left, right), got ({left!r}, {right!r})")
+        left, right = int(left), int(right)
+        if left < -1 or right < -1:
+            raise ValueError(f"{name} entries must be >= -1 (-1 means unbounded), got ({left}, {right})")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal/causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal:
+        right = 0
+    return left, right
+
+
+def check_dropout(dropout_p) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+    p = float(dropout_p)
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return p
+
+
+def check_backend(backend) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
+def _check_qkv_common(query, key, value):
+    for t, name in ((query, "query"), (key, "key"), (value, "value")):
+        _check_tensor(t, name)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise TypeError(
+            f"query, key and value must share a dtype, got query {query.dtype}, key {key.dtype}, value {value.dtype}"
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on one device, got query {query.device}, key {key.device}, value {value.device}"
+        )
+
+
+def _check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        if head_dim == 0:
+            raise ValueError("query head dim (last dimension) must be >= 1 when scale is not given")
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _check_mask(attn_mask, query: torch.Tensor, len_k: int, batch_shape, heads_q: int):
+    """Validate ``attn_mask`` and expand it to ``(B, Hq, L, S)`` without copying where possible."""
+    if attn_mask is None:
+        return None, None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask must be on the query's device {query.device}, got {attn_mask.device}")
+    if attn_mask.dtype == torch.bool:
+        kind = "bool"
+    elif attn_mask.dtype in FLOAT_DTYPES:
+        kind = "float"
+    else:
+        raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
+    if kind == "float" and attn_mask.dtype not in (query.dtype, torch.float32):
+        # kernels read float masks in the query's dtype or in float32; convert before
+        # expanding so a broadcast mask is not materialised
+        attn_mask = attn_mask.to(torch.float32)
+    len_q = query.shape[-2]
+    target = tuple(query.shape[:-1]) + (len_k,)
+    try:
+        expanded = attn_mask.expand(torch.broadcast_shapes(attn_mask.shape, target))
+    except RuntimeError:
+        expanded = None
+    if expanded is None or tuple(expanded.shape) != target:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {target}"
+        )
+    batch = math.prod(batch_shape)
+    mask4 = expanded.reshape(batch, heads_q, len_q, len_k)  # a view unless leading dims cannot merge
+    return mask4, kind
+
+
+def normalize_torch_layout(
+    query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, bottom_right=False
+):
+    """Checks for the torch layout ``(..., H, L, E)`` (3-D inputs are ``(N, L, E)``).
+
+    Returns ``(q, k, v, mask, problem, out_shape)``; ``out_shape`` restores the caller's leading dims.
+    """
+    _check_qkv_common(query, key, value)
+    for t, name in ((query, "query"), (key, "key"), (value, "value")):
+        if t.dim() < 3:
+            raise ValueError(f"{name} must have at least 3 dimensions (..., L, E), got shape {tuple(t.shape)}")
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(
+            f"query, key and value must have the same number of dimensions, got {query.dim()}, {key.dim()}, {value.dim()}"
+        )
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    batch_shape = tuple(query.shape[:-3])
+    for t, name in ((key, "key"), (value, "value")):
+        if tuple(t.shape[:-3]) != batch_shape:
+            raise ValueError(
+                f"{name} batch dims {tuple(t.shape[:-3])} do not match query batch dims {batch_shape}"
+            )
+    heads_q, len_q, head_dim = query.shape[-3:]
+    heads_kv, len_k, head_dim_k = key.shape[-3:]
+    if head_dim_k != head_dim:
+        raise ValueError(f"key head dim {head_dim_k} does not match query head dim {head_dim}")
+    if value.shape[-3] != heads_kv:
+        raise ValueError(f"value heads {value.shape[-3]} do not match key heads {heads_kv} (dim -3)")
+    if value.shape[-2] != len_k:
+        raise ValueError(f"value length {value.shape[-2]} does not match key length {len_k} (dim -2)")
+    if heads_kv != heads_q:
+        if not enable_gqa:
+            raise ValueError(
+                f"query has {heads_q} heads but key/value have {heads_kv} (dim -3); pass enable_gqa=True for GQA"
+            )
+        if heads_kv == 0 or heads_q % heads_kv != 0:
+            raise ValueError(f"query heads {heads_q} must be a multiple of key/value heads {heads_kv} for GQA")
+    return _finish(query, key, value, attn_mask, dropout_p, is_causal, scale, window_size, bottom_right, batch_shape)
+
+
+def normalize_flash_layout(q, k, v, dropout_p, softmax_scale, causal, window_size):
+    """Checks for flash-attn's layout ``(B, L, H, D)``; returns canonical views (no copies)."""
+    _check_qkv_common(q, k, v)
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, headdim), got shape {tuple(t.shape)}")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k head dim {k.shape[3]} does not match q head dim {q.shape[3]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"v seqlen {v.shape[1]} does not match k seqlen {k.shape[1]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v heads {v.shape[2]} do not match k heads {k.shape[2]}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"q heads {q.shape[2]} must be a multiple of k/v heads {k.shape[2]}")
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    return _finish(qt, kt, vt, None, dropout_p, causal, softmax_scale, window_size, True, (q.shape[0],))
+
+
+def _finish(query, key, value, attn_mask, dropout_p, is_causal, scale, window_size, bottom_right, batch_shape):
+    heads_q, len_q, head_dim = query.shape[-3:]
+    heads_kv, len_k = key.shape[-3], key.shape[-2]
+    head_dim_v = value.shape[-1]
+    left, right = normalize_window(window_size, is_causal)
+    p = check_dropout(dropout_p)
+    scale = _check_scale(scale, head_dim)
+    batch = math.prod(batch_shape)
+    q = query.reshape(batch, heads_q, len_q, head_dim)
+    k = key.reshape(batch, heads_kv, len_k, head_dim)
+    v = value.reshape(batch, heads_kv, len_k, head_dim_v)
+    mask, mask_kind = _check_mask(attn_mask, query, len_k, batch_shape, heads_q)
+    problem = Problem(
+        batch=batch,
+        heads_q=heads_q,
+        heads_kv=heads_kv,
+        len_q=len_q,
+        len_k=len_k,
+        head_dim=head_dim,
+        head_dim_v=head_dim_v,
+        scale=scale,
+        window_left=left,
+        window_right=right,
+        bottom_right=bottom_right,
+        dropout_p=p,
+        mask_kind=mask_kind,
+        dtype=query.dtype,
+        device_type=query.device.type,
+    )
+    out_shape = tuple(batch_shape) + (heads_q, len_q, head_dim_v)
+    return q, k, v, mask, problem, out_shape

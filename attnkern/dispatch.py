@@ -1,0 +1,182 @@
+"""Backend selection: the capability table and ``backend="auto"``.
+
+Each backend states here what it can serve. ``auto`` walks the backends in speed order
+and takes the first whose row accepts the problem; ``math`` accepts everything, so
+``auto`` never fails where ``math`` would succeed. No backend is tried and caught.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import ops, reference
+from ._semantics import Problem
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What one backend can serve. ``limits`` returns a reason string, or None if it can serve."""
+
+    name: str
+    devices: Tuple[str, ...]
+    dtypes: Tuple[torch.dtype, ...]
+    max_head_dim: Optional[int]  # None: any
+    dropout: bool
+    float_mask: bool
+    bool_mask: bool
+    available: Callable[[], Optional[str]]  # reason it is not usable on this machine, or None
+    extra: Callable[[Problem], Optional[str]] = lambda problem: None
+
+    def why_not(self, problem: Problem) -> Optional[str]:
+        reason = self.available()
+        if reason:
+            return reason
+        if problem.device_type not in self.devices:
+            return f"backend {self.name!r} does not run on {problem.device_type} tensors"
+        if problem.dtype not in self.dtypes:
+            return f"backend {self.name!r} does not support dtype {problem.dtype}"
+        if self.max_head_dim is not None and max(problem.head_dim, problem.head_dim_v) > self.max_head_dim:
+            return f"backend {self.name!r} supports head dims up to {self.max_head_dim}"
+        if problem.dropout_p > 0 and not self.dropout:
+            return f"backend {self.name!r} does not support dropout"
+        if problem.mask_kind == "float" and not self.float_mask:
+            return f"backend {self.name!r} does not support float masks"
+        if problem.mask_kind == "bool" and not self.bool_mask:
+            return f"backend {self.name!r} does not support bool masks"
+        return self.extra(problem)
+
+
+def _cpu_available() -> Optional[str]:
+    return None if ops._C is not None else (ops.C_IMPORT_ERROR or "C++ extension missing")
+
+
+def _cuda_available() -> Optional[str]:
+    if ops._C_cuda is None:
+        return ops.CUDA_IMPORT_ERROR or "CUDA extension not built"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def _triton_available() -> Optional[str]:
+    if not _triton_importable():
+        return "triton is not installed"
+    try:
+        from .triton import launch  # noqa: F401
+    except ImportError as exc:
+        return f"attnkern.triton could not be imported: {exc}"
+    if torch.cuda.is_available() or _triton_interpreting():
+        return None
+    return "no CUDA device (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
+
+
+def _triton_device_ok(problem: Problem) -> Optional[str]:
+    if problem.device_type == "cpu" and not _triton_interpreting():
+        return "backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1"
+    return None
+
+
+def _cuda_extra(problem: Problem) -> Optional[str]:
+    check = getattr(ops._C_cuda, "why_not", None) if ops._C_cuda is not None else None
+    if check is None:
+        return None
+    return check(problem.head_dim, problem.head_dim_v, str(problem.dtype).replace("torch.", "")) or None
+
+
+CAPABILITIES: Dict[str, Capability] = {
+    "cuda": Capability(
+        name="cuda", devices=("cuda",), dtypes=HALF_DTYPES, max_head_dim=256, dropout=True, float_mask=True,
+        bool_mask=True, available=_cuda_available, extra=_cuda_extra,
+    ),
+    "triton": Capability(
+        name="triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, max_head_dim=256, dropout=True,
+        float_mask=True, bool_mask=True, available=_triton_available, extra=_triton_device_ok,
+    ),
+    "cpu": Capability(
+        name="cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, max_head_dim=None, dropout=True, float_mask=True,
+        bool_mask=True, available=_cpu_available,
+    ),
+    "math": Capability(
+        name="math", devices=("cpu", "cuda"), dtypes=KERNEL_DTYPES + (torch.float64,), max_head_dim=None,
+        dropout=True, float_mask=True, bool_mask=True, available=lambda: None,
+    ),
+}
+
+# speed order for "auto": the first backend whose row accepts the problem wins
+AUTO_ORDER = {"cuda": ("cuda", "triton", "math"), "cpu": ("cpu", "math")}
+
+
+def available_backends(device: Optional[str] = None) -> List[str]:
+    """Backends usable on this machine (for ``device`` tensors if given: "cpu" or "cuda")."""
+    names = []
+    for name, cap in CAPABILITIES.items():
+        if cap.available() is not None:
+            continue
+        if device is not None and device not in cap.devices:
+            continue
+        if name == "triton" and device == "cpu" and not _triton_interpreting():
+            continue
+        names.append(name)
+    return names
+
+
+def choose(problem: Problem, backend: str) -> str:
+    if backend != "auto":
+        cap = CAPABILITIES[backend]
+        reason = cap.why_not(problem)
+        if reason:
+            raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
+        return backend
+    for name in AUTO_ORDER.get(problem.device_type, ("math",)):
+        if CAPABILITIES[name].why_not(problem) is None:
+            return name
+    return "math"
+
+
+def new_rng_seed() -> torch.Tensor:
+    """A fresh 64-bit dropout seed drawn from torch's default CPU generator."""
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+
+
+def _math(q, k, v, mask, rng_seed, problem: Problem):
+    dtype = q.dtype
+    compute = torch.float32 if dtype in HALF_DTYPES else dtype
+    seed = int(rng_seed.item()) if rng_seed is not None else None
+    out, lse = reference.attention(
+        q.to(compute), k.to(compute), v.to(compute), mask if mask is None or mask.dtype == torch.bool else mask.to(compute),
+        problem.scale, problem.window_left, problem.window_right, problem.bottom_right, problem.dropout_p,
+        seed if seed is None else seed & 0xFFFFFFFFFFFFFFFF,
+    )
+    return out.to(dtype), lse.to(torch.float32)
+
+
+def run(problem: Problem, q, k, v, mask, backend: str):
+    """Forward through the chosen backend; returns ``(out, lse)``, differentiable."""
+    name = choose(problem, backend)
+    rng_seed = new_rng_seed() if problem.dropout_p > 0 else None
+    if name == "math":
+        return _math(q, k, v, mask, rng_seed, problem)
+    fwd = ops.triton_fwd if name == "triton" else ops.native_fwd
+    return fwd(
+        q, k, v, mask, rng_seed, problem.scale, problem.window_left, problem.window_right, problem.bottom_right,
+        problem.dropout_p,
+    )

@@ -1,0 +1,145 @@
+"""torch.library ops: schemas, fake (meta) kernels and autograd, for every fused backend.
+
+* ``attnkern::fwd`` / ``attnkern::bwd`` are defined in C++ (csrc/bindings.cpp) with CPU
+  kernels, and CUDA kernels when the CUDA extension is built.
+* ``attnkern::triton_fwd`` / ``attnkern::triton_bwd`` have the same signatures and are
+  implemented in Python by the Triton launchers (attnkern/triton/).
+
+Both pairs share one fake implementation and one autograd formula, so every backend
+traces through ``torch.compile(fullgraph=True)`` the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+FWD_ARGS = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? rng_seed, float scale, int window_left, "
+    "int window_right, bool bottom_right, float dropout_p) -> (Tensor out, Tensor lse)"
+)
+BWD_ARGS = (
+    "(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+    "Tensor? rng_seed, float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
+    "bool mask_needs_grad) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_mask)"
+)
+
+
+def _load_extension(name: str):
+    try:
+        return importlib.import_module(name), None
+    except ImportError as exc:  # not built, or built against another torch
+        return None, f"{name} could not be imported: {exc}"
+
+
+_C, C_IMPORT_ERROR = _load_extension("attnkern._C")
+_C_cuda, CUDA_IMPORT_ERROR = (None, "attnkern._C_cuda not loaded")
+if _C is not None:
+    _C_cuda, CUDA_IMPORT_ERROR = _load_extension("attnkern._C_cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# fake kernels: shapes, dtypes and strides exactly as the real kernels produce them
+
+
+def empty_rows_like(like: torch.Tensor, last: int, dtype: torch.dtype) -> torch.Tensor:
+    """Same rule as csrc/torch_params.h: keep a (B, rows, H, D) memory order if ``like`` has one."""
+    b, h, rows = like.shape[0], like.shape[1], like.shape[2]
+    if like.stride(1) < like.stride(2):
+        return like.new_empty((b, rows, h, last), dtype=dtype).transpose(1, 2)
+    return like.new_empty((b, h, rows, last), dtype=dtype)
+
+
+def _fake_fwd(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p):
+    out = empty_rows_like(q, v.shape[3], q.dtype)
+    lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
+    return out, lse
+
+
+def _fake_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, scale, window_left, window_right,
+              bottom_right, dropout_p, mask_needs_grad):
+    dq = empty_rows_like(q, q.shape[3], q.dtype)
+    dk = empty_rows_like(k, k.shape[3], q.dtype)
+    dv = empty_rows_like(v, v.shape[3], q.dtype)
+    if mask_needs_grad:
+        dmask = q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2]), dtype=torch.float32)
+    else:
+        dmask = q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, dmask
+
+
+# ---------------------------------------------------------------------------------------
+# autograd: one formula for every backend pair
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, rng_seed)
+    ctx.semantics = (scale, window_left, window_right, bottom_right, dropout_p)
+    ctx.mask_needs_grad = bool(mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3])
+
+
+def _make_backward(bwd_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, mask, rng_seed = ctx.saved_tensors
+        dq, dk, dv, dmask = bwd_op(
+            grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, *ctx.semantics, ctx.mask_needs_grad
+        )
+        grad_mask = dmask.to(mask.dtype) if ctx.mask_needs_grad else None
+        return dq, dk, dv, grad_mask, None, None, None, None, None, None
+
+    return backward
+
+
+def _register_pair(fwd_name: str, bwd_name: str):
+    fwd = getattr(torch.ops.attnkern, fwd_name).default
+    bwd = getattr(torch.ops.attnkern, bwd_name).default
+    torch.library.register_fake(f"attnkern::{fwd_name}")(_fake_fwd)
+    torch.library.register_fake(f"attnkern::{bwd_name}")(_fake_bwd)
+    torch.library.register_autograd(f"attnkern::{fwd_name}", _make_backward(bwd), setup_context=_setup_context)
+    return fwd, bwd
+
+
+# ---------------------------------------------------------------------------------------
+# the Triton pair: same schema, Python implementation
+
+_triton_lib = torch.library.Library("attnkern", "FRAGMENT")
+_triton_lib.define("triton_fwd" + FWD_ARGS)
+_triton_lib.define("triton_bwd" + BWD_ARGS)
+
+
+def _triton_fwd_impl(*args):
+    from .triton import launch
+
+    return launch.forward(*args)
+
+
+def _triton_bwd_impl(*args):
+    from .triton import launch
+
+    return launch.backward(*args)
+
+
+for _key in ("CPU", "CUDA"):  # CPU tensors run under TRITON_INTERPRET=1
+    _triton_lib.impl("triton_fwd", _triton_fwd_impl, _key)
+    _triton_lib.impl("triton_bwd", _triton_bwd_impl, _key)
+
+native_fwd: Optional[object] = None
+native_bwd: Optional[object] = None
+if _C is not None:
+    native_fwd, native_bwd = _register_pair("fwd", "bwd")
+triton_fwd, triton_bwd = _register_pair("triton_fwd", "triton_bwd")
+
+
+def native_schema_matches_triton() -> bool:
+    """True if the C++ schemas and the Triton schemas agree (they must: one op signature)."""
+    if _C is None:
+        return True
+    a = str(torch.ops.attnkern.fwd.default._schema).split("(", 1)[1]
+    b = str(torch.ops.attnkern.triton_fwd.default._schema).split("(", 1)[1]
+    c = str(torch.ops.attnkern.bwd.default._schema).split("(", 1)[1]
+    d = str(torch.ops.attnkern.triton_bwd.default._schema).split("(", 1)[1]
+    return a == b and c == d

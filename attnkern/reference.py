@@ -1,0 +1,127 @@
+"""The math oracle: plain PyTorch, any float dtype (float64 in tests), ``backend="math"``.
+
+It materialises the (L, S) score matrix, so it is memory-hungry by design; it is the
+definition every fused kernel is tested against, written for clarity, not speed.
+Inputs are the canonical views produced by :mod:`attnkern._semantics`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._semantics import band_mask
+
+# Philox4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3").
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Full 64-bit product of a 32-bit constant and 32-bit values held in int64, split in halves.
+
+    Split ``b`` into 16-bit halves so no intermediate exceeds 2**63 (int64 has no unsigned mul).
+    """
+    b_lo = b & 0xFFFF
+    b_hi = b >> 16
+    lo_part = a * b_lo  # < 2**48
+    mid = (lo_part >> 16) + a * b_hi  # product = mid * 2**16 + (lo_part & 0xFFFF); mid < 2**49
+    lo = (lo_part & 0xFFFF) | ((mid & 0xFFFF) << 16)
+    hi = (mid >> 16) & _U32
+    return hi, lo
+
+
+def philox4x32(c0, c1, c2, c3, seed: int):
+    """Philox4x32-10 on int64 tensors holding uint32 values; ``seed`` is a 64-bit key."""
+    k0 = seed & _U32
+    k1 = (seed >> 32) & _U32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_W0) & _U32
+        k1 = (k1 + PHILOX_W1) & _U32
+    return c0, c1, c2, c3
+
+
+def dropout_threshold(p: float) -> int:
+    """A score survives dropout iff its 32-bit random word is >= this threshold."""
+    return min(int(p * 4294967296.0), 4294967295)
+
+
+def dropout_keep_mask(seed: int, p: float, batch: int, heads: int, len_q: int, len_k: int, device=None) -> torch.Tensor:
+    """Boolean ``(B, H, L, S)`` keep-mask of the dropout every backend applies.
+
+    Element ``(b, h, i, j)`` uses the Philox counter ``(j >> 2, i, b * H + h, 0)`` and
+    keeps word ``j & 3`` of the output, so one Philox call serves four neighbouring keys.
+    """
+    j = torch.arange(len_k, dtype=torch.int64, device=device).view(1, 1, len_k)
+    i = torch.arange(len_q, dtype=torch.int64, device=device).view(1, len_q, 1)
+    bh = torch.arange(batch * heads, dtype=torch.int64, device=device).view(-1, 1, 1)
+    shape = (batch * heads, len_q, len_k)
+    words = philox4x32(
+        (j >> 2).expand(shape), i.expand(shape), bh.expand(shape), torch.zeros(shape, dtype=torch.int64, device=device), seed
+    )
+    word = torch.stack(words, dim=-1).gather(-1, (j & 3).expand(shape).unsqueeze(-1)).squeeze(-1)
+    return (word >= dropout_threshold(p)).view(batch, heads, len_q, len_k)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    bottom_right: bool = False,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention on canonical tensors; returns ``(out, lse)``.
+
+    q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask None or (B, Hq, L, S) bool/float.
+    Differentiable by autograd, with zero (never NaN) gradients for rows that attend nothing.
+    LSE is the natural-log log-sum-exp of the scaled, masked scores; -inf for empty rows.
+    """
+    batch, heads_q, len_q, _ = q.shape
+    heads_kv, len_k = k.shape[1], k.shape[2]
+    if heads_kv != heads_q:
+        group = heads_q // heads_kv
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    dtype = q.dtype
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    offset = len_k - len_q if bottom_right else 0
+    allowed = band_mask(len_q, len_k, window_left, window_right, offset, device=q.device)
+    allowed = allowed.expand(batch, heads_q, len_q, len_k)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            scores = scores + mask.to(dtype)
+    # keys with score -inf (from a float mask) take no part either
+    allowed = allowed & (scores > float("-inf"))
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
+    masked = torch.where(allowed, scores, neg_inf)
+    row_max = masked.amax(dim=-1, keepdim=True).detach()
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    # exponentiate a finite stand-in where disallowed so autograd never sees inf * 0
+    safe = torch.where(allowed, scores - row_max, torch.zeros_like(scores))
+    weights = torch.where(allowed, torch.exp(safe), torch.zeros_like(scores))
+    denom = weights.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    denom_safe = torch.where(empty, torch.ones_like(denom), denom)
+    probs = weights / denom_safe
+    lse = torch.where(empty, neg_inf, row_max + torch.log(denom_safe)).squeeze(-1)
+    if dropout_p > 0.0:
+        if seed is None:
+            raise ValueError("seed is required when dropout_p > 0")
+        keep = dropout_keep_mask(seed, dropout_p, batch, heads_q, len_q, len_k, device=q.device)
+        probs = probs * keep.to(dtype) / (1.0 - dropout_p)
+    out = torch.matmul(probs, v)
+    return out, lse.to(torch.float32) if dtype != torch.float64 else lse

@@ -1,0 +1,107 @@
+// The attnkern op library: schemas (TORCH_LIBRARY), the CPU implementations, and a small
+// pybind11 module reporting build information. The CUDA implementations register into the
+// same ops from the separate CUDA extension (cuda/bindings_cuda.cpp).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#include <torch/extension.h>
+
+#include <limits>
+
+#include "cpu/cpu_kernels.h"
+#include "torch_params.h"
+
+#ifndef ATTNKERN_VERSION
+#define ATTNKERN_VERSION "unknown"
+#endif
+
+namespace attnkern {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                           const std::optional<at::Tensor>& mask,
+                                           const std::optional<at::Tensor>& rng_seed, double scale,
+                                           int64_t window_left, int64_t window_right, bool bottom_right,
+                                           double dropout_p) {
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  AttnParams p;
+  check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "attnkern::fwd CPU kernel got tensors on ", q.device());
+  at::Tensor out = empty_rows_like(q_in, p.head_dim_v, q.scalar_type());
+  at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(at::kFloat));
+  p.o = out.data_ptr();
+  set_strides3(p.o_stride, out);
+  p.lse = lse.data_ptr<float>();
+  cpu::forward(p);
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
+    const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng_seed, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p, bool mask_needs_grad) {
+  const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const at::Tensor out = unit_last_stride(out_in), dout = unit_last_stride(grad_out);
+  AttnParams p;
+  check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "attnkern::bwd CPU kernel got tensors on ", q.device());
+  check_backward_tensors(p, q, dout, out, lse, grad_lse);
+  const at::Tensor lse_c = lse.contiguous();
+  at::Tensor dlse;
+  if (grad_lse.has_value() && grad_lse->defined()) dlse = grad_lse->to(at::kFloat).contiguous();
+
+  at::Tensor dq = empty_rows_like(q_in, p.head_dim, q.scalar_type());
+  at::Tensor dk = empty_rows_like(k_in, p.head_dim, q.scalar_type());
+  at::Tensor dv = empty_rows_like(v_in, p.head_dim_v, q.scalar_type());
+  at::Tensor dmask = mask_needs_grad ? at::zeros({p.batch, p.heads_q, p.len_q, p.len_k}, q.options().dtype(at::kFloat))
+                                     : at::empty({0}, q.options().dtype(at::kFloat));
+  TORCH_CHECK_VALUE(!mask_needs_grad || p.mask_kind == MaskKind::kFloat,
+                    "mask_needs_grad requires a floating attn_mask");
+  at::Tensor delta = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(at::kFloat));
+  const int64_t parts = cpu::backward_dq_parts(p);
+  at::Tensor dq_acc = at::zeros({parts, p.batch, p.heads_q, p.len_q, p.head_dim}, q.options().dtype(at::kFloat));
+
+  p.o = const_cast<void*>(out.data_ptr());
+  set_strides3(p.o_stride, out);
+  p.lse = const_cast<float*>(lse_c.data_ptr<float>());
+  p.dout = dout.data_ptr();
+  set_strides3(p.dout_stride, dout);
+  p.dlse = dlse.defined() ? dlse.data_ptr<float>() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  set_strides3(p.dq_stride, dq);
+  set_strides3(p.dk_stride, dk);
+  set_strides3(p.dv_stride, dv);
+  p.dmask = mask_needs_grad ? dmask.data_ptr<float>() : nullptr;
+  p.delta = delta.data_ptr<float>();
+  cpu::backward(p, dq_acc.data_ptr<float>(), parts);
+  return {dq, dk, dv, dmask};
+}
+
+}  // namespace
+}  // namespace attnkern
+
+// One schema per op; the Triton backend defines attnkern::triton_fwd / triton_bwd with the
+// same signature (attnkern/ops.py checks that they agree).
+TORCH_LIBRARY(attnkern, m) {
+  m.def(
+      "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? rng_seed, float scale, int window_left, "
+      "int window_right, bool bottom_right, float dropout_p) -> (Tensor out, Tensor lse)");
+  m.def(
+      "bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
+      "Tensor? rng_seed, float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
+      "bool mask_needs_grad) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_mask)");
+}
+
+TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
+  m.impl("fwd", &attnkern::fwd_cpu);
+  m.impl("bwd", &attnkern::bwd_cpu);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "attnkern C++ extension: CPU kernels and op schemas";
+  m.def("version", [] { return std::string(ATTNKERN_VERSION); });
+  m.def("cpu_isa", [] { return std::string(attnkern::cpu::select_kernels().isa); },
+        "SIMD instruction set the CPU kernels use on this machine");
+}

@@ -1,0 +1,53 @@
+// CPU backward: a delta pass over query rows, a main pass over (key chunk, batch, kv head)
+// items, and a pass that writes dq.
+//
+// Each main item owns its keys' rows of dk/dv (all query heads of a GQA group are summed
+// inside the item, so K/V are never repeated) and adds into a dq accumulator. Items of
+// the same (batch, kv head) write the same dq rows, so when there are too few (batch, kv
+// head) pairs to occupy the threads the keys are split into `parts` chunks, each with its
+// own dq accumulator, summed in a fixed order afterwards: deterministic, no atomics.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "cpu_kernels.h"
+#include "parallel.h"
+#include "tiling.h"
+
+namespace attnkern::cpu {
+
+int64_t backward_dq_parts(const AttnParams& p) {
+  const int64_t block_k = key_block_size(p);
+  const int64_t key_blocks = std::max<int64_t>(1, (p.len_k + block_k - 1) / block_k);
+  const int64_t pairs = std::max<int64_t>(1, p.batch * p.heads_kv);
+  const int64_t want = (2 * at::get_num_threads() + pairs - 1) / pairs;
+  return std::clamp<int64_t>(want, 1, key_blocks);
+}
+
+void backward(const AttnParams& p, float* dq_acc, int64_t parts) {
+  const KernelTable& kt = select_kernels();
+  const int64_t heads = p.batch * p.heads_q;
+  const int64_t block_k = key_block_size(p);
+
+  parallel_items(heads, 0, [&](int64_t bh, float*) {
+    kt.backward_delta(p, bh / p.heads_q, bh % p.heads_q, p.delta + bh * p.len_q);
+  });
+
+  const int64_t key_blocks = (p.len_k + block_k - 1) / block_k;
+  const int64_t blocks_per_part = (key_blocks + parts - 1) / parts;
+  const int64_t pairs = p.batch * p.heads_kv;
+  const int64_t part_stride = heads * p.len_q * p.head_dim;
+  parallel_items(parts * pairs, kt.backward_scratch_floats(p, block_k), [&](int64_t item, float* scratch) {
+    const int64_t part = item / pairs, pair = item % pairs;
+    const int64_t key_begin = std::min(p.len_k, part * blocks_per_part * block_k);
+    const int64_t key_end = std::min(p.len_k, (part + 1) * blocks_per_part * block_k);
+    kt.backward_item(p, pair / p.heads_kv, pair % p.heads_kv, key_begin, key_end, block_k,
+                     dq_acc + part * part_stride, scratch);
+  });
+
+  parallel_items(heads, 0, [&](int64_t bh, float*) {
+    kt.backward_write_dq(p, bh / p.heads_q, bh % p.heads_q, dq_acc, parts, part_stride);
+  });
+}
+
+}  // namespace attnkern::cpu

@@ -1,0 +1,113 @@
+// 8-lane fp32 vector for AVX2 + FMA + F16C. Include only from a translation unit compiled
+// for those extensions (kernels_avx2.cpp sets the target).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "scalar_convert.h"
+
+#define ATTNKERN_VEC_INLINE inline __attribute__((always_inline))
+
+struct VecAVX2 {
+  static constexpr int kWidth = 8;
+  // 6 x 2 accumulators + 2 B vectors + 1 broadcast = 15 of the 16 ymm registers
+  static constexpr int kRows = 6;
+  static constexpr int kCols = 2;
+  __m256 v;
+
+  static ATTNKERN_VEC_INLINE __m256i tail_mask(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  static ATTNKERN_VEC_INLINE VecAVX2 zero() { return {_mm256_setzero_ps()}; }
+  static ATTNKERN_VEC_INLINE VecAVX2 set1(float x) { return {_mm256_set1_ps(x)}; }
+  static ATTNKERN_VEC_INLINE VecAVX2 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static ATTNKERN_VEC_INLINE VecAVX2 load(const float* p, int n) { return {_mm256_maskload_ps(p, tail_mask(n))}; }
+  ATTNKERN_VEC_INLINE void store(float* p) const { _mm256_storeu_ps(p, v); }
+  ATTNKERN_VEC_INLINE void store(float* p, int n) const { _mm256_maskstore_ps(p, tail_mask(n), v); }
+
+  friend ATTNKERN_VEC_INLINE VecAVX2 operator+(VecAVX2 a, VecAVX2 b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend ATTNKERN_VEC_INLINE VecAVX2 operator-(VecAVX2 a, VecAVX2 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend ATTNKERN_VEC_INLINE VecAVX2 operator*(VecAVX2 a, VecAVX2 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  static ATTNKERN_VEC_INLINE VecAVX2 fmadd(VecAVX2 a, VecAVX2 b, VecAVX2 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+  static ATTNKERN_VEC_INLINE VecAVX2 max(VecAVX2 a, VecAVX2 b) { return {_mm256_max_ps(a.v, b.v)}; }
+  static ATTNKERN_VEC_INLINE float reduce_add(VecAVX2 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static ATTNKERN_VEC_INLINE float reduce_max(VecAVX2 a) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static ATTNKERN_VEC_INLINE VecAVX2 keep_range(VecAVX2 a, int64_t base, int64_t lo, int64_t hi, float fill) {
+    int64_t l = lo - base, h = hi - base;
+    l = l < 0 ? 0 : (l > 8 ? 8 : l);
+    h = h < 0 ? 0 : (h > 8 ? 8 : h);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(lane, _mm256_set1_epi32(static_cast<int>(l) - 1)),
+                                  _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(h)), lane));
+    return {_mm256_blendv_ps(_mm256_set1_ps(fill), a.v, _mm256_castsi256_ps(in))};
+  }
+  static ATTNKERN_VEC_INLINE VecAVX2 replace_neg_inf(VecAVX2 a, float fill) {
+    __m256 m = _mm256_cmp_ps(a.v, _mm256_set1_ps(-__builtin_inff()), _CMP_EQ_OQ);
+    return {_mm256_blendv_ps(a.v, _mm256_set1_ps(fill), m)};
+  }
+  // 2^x as in VecAVX512::exp2, with the 2^n factor built in the exponent bits.
+  static ATTNKERN_VEC_INLINE VecAVX2 exp2(VecAVX2 a) {
+    __m256 x = _mm256_min_ps(a.v, _mm256_set1_ps(127.f));
+    __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));
+    __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_sub_ps(x, n);
+    __m256 p = _mm256_set1_ps(1.5403530393381609e-4f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.f));
+    // n in [-126, 127]: 2^n has biased exponent n + 127 in [1, 254]
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    return {_mm256_andnot_ps(tiny, r)};
+  }
+  static ATTNKERN_VEC_INLINE VecAVX2 load_bf16(const uint16_t* p, int n = kWidth) {
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const uint16_t* src = p;
+    if (n < kWidth) {
+      for (int i = 0; i < n; ++i) tmp[i] = p[i];
+      src = tmp;
+    }
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
+  }
+  ATTNKERN_VEC_INLINE void store_bf16(uint16_t* p, int n = kWidth) const {
+    alignas(32) float tmp[8];
+    _mm256_store_ps(tmp, v);
+    for (int i = 0; i < n; ++i) p[i] = attnkern::float_to_bf16(tmp[i]);
+  }
+  static ATTNKERN_VEC_INLINE VecAVX2 load_fp16(const uint16_t* p, int n = kWidth) {
+    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const uint16_t* src = p;
+    if (n < kWidth) {
+      for (int i = 0; i < n; ++i) tmp[i] = p[i];
+      src = tmp;
+    }
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)))};
+  }
+  ATTNKERN_VEC_INLINE void store_fp16(uint16_t* p, int n = kWidth) const {
+    __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (n == kWidth) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+    } else {
+      alignas(16) uint16_t tmp[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(tmp), h);
+      for (int i = 0; i < n; ++i) p[i] = tmp[i];
+    }
+  }
+};

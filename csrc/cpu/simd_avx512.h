@@ -1,0 +1,96 @@
+// 16-lane fp32 vector for AVX-512F (+BW/VL/DQ). Include only from a translation unit
+// compiled for AVX-512 (kernels_avx512.cpp sets the target).
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+
+#define ATTNKERN_VEC_INLINE inline __attribute__((always_inline))
+
+struct VecAVX512 {
+  static constexpr int kWidth = 16;
+  // register blocking of the GEMM micro-kernel: kRows x kCols vectors of accumulators
+  static constexpr int kRows = 6;
+  static constexpr int kCols = 4;
+  __m512 v;
+
+  static ATTNKERN_VEC_INLINE __mmask16 tail_mask(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
+  static ATTNKERN_VEC_INLINE VecAVX512 zero() { return {_mm512_setzero_ps()}; }
+  static ATTNKERN_VEC_INLINE VecAVX512 set1(float x) { return {_mm512_set1_ps(x)}; }
+  static ATTNKERN_VEC_INLINE VecAVX512 load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static ATTNKERN_VEC_INLINE VecAVX512 load(const float* p, int n) {
+    return {_mm512_maskz_loadu_ps(tail_mask(n), p)};
+  }
+  ATTNKERN_VEC_INLINE void store(float* p) const { _mm512_storeu_ps(p, v); }
+  ATTNKERN_VEC_INLINE void store(float* p, int n) const { _mm512_mask_storeu_ps(p, tail_mask(n), v); }
+
+  friend ATTNKERN_VEC_INLINE VecAVX512 operator+(VecAVX512 a, VecAVX512 b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend ATTNKERN_VEC_INLINE VecAVX512 operator-(VecAVX512 a, VecAVX512 b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend ATTNKERN_VEC_INLINE VecAVX512 operator*(VecAVX512 a, VecAVX512 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  static ATTNKERN_VEC_INLINE VecAVX512 fmadd(VecAVX512 a, VecAVX512 b, VecAVX512 c) {
+    return {_mm512_fmadd_ps(a.v, b.v, c.v)};
+  }
+  static ATTNKERN_VEC_INLINE VecAVX512 max(VecAVX512 a, VecAVX512 b) { return {_mm512_max_ps(a.v, b.v)}; }
+  static ATTNKERN_VEC_INLINE float reduce_add(VecAVX512 a) { return _mm512_reduce_add_ps(a.v); }
+  static ATTNKERN_VEC_INLINE float reduce_max(VecAVX512 a) { return _mm512_reduce_max_ps(a.v); }
+
+  // lanes whose index base + lane lies outside [lo, hi) become `fill`
+  static ATTNKERN_VEC_INLINE VecAVX512 keep_range(VecAVX512 a, int64_t base, int64_t lo, int64_t hi, float fill) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // clamp the bounds into the 16 lanes' reach so the 32-bit compares cannot overflow
+    int64_t l = lo - base, h = hi - base;
+    l = l < 0 ? 0 : (l > 16 ? 16 : l);
+    h = h < 0 ? 0 : (h > 16 ? 16 : h);
+    __mmask16 in = _mm512_cmpge_epi32_mask(lane, _mm512_set1_epi32(static_cast<int>(l))) &
+                   _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(static_cast<int>(h)));
+    return {_mm512_mask_blend_ps(in, _mm512_set1_ps(fill), a.v)};
+  }
+  // lanes where `a` equals -inf become `fill`
+  static ATTNKERN_VEC_INLINE VecAVX512 replace_neg_inf(VecAVX512 a, float fill) {
+    __mmask16 m = _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(-__builtin_inff()), _CMP_EQ_OQ);
+    return {_mm512_mask_blend_ps(m, a.v, _mm512_set1_ps(fill))};
+  }
+
+  // 2^x. Range-reduce to x = n + f with |f| <= 1/2; degree-6 Taylor for 2^f (rel. error
+  // ~1e-7, i.e. about an ulp); scale by 2^n with vscalefps. Inputs below -126 give 0
+  // (so -inf gives 0, and no denormals reach the GEMMs).
+  static ATTNKERN_VEC_INLINE VecAVX512 exp2(VecAVX512 a) {
+    __m512 x = _mm512_min_ps(a.v, _mm512_set1_ps(128.f));
+    __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_LT_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    __m512 r = _mm512_scalef_ps(p, n);
+    return {_mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), r)};
+  }
+
+  // bf16 <-> fp32 (round to nearest even; NaN stays NaN)
+  static ATTNKERN_VEC_INLINE VecAVX512 load_bf16(const uint16_t* p, int n = kWidth) {
+    __m256i h = _mm256_maskz_loadu_epi16(tail_mask(n), p);
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+  }
+  ATTNKERN_VEC_INLINE void store_bf16(uint16_t* p, int n = kWidth) const {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x00400000)));
+    __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+    _mm256_mask_storeu_epi16(p, tail_mask(n), h);
+  }
+  static ATTNKERN_VEC_INLINE VecAVX512 load_fp16(const uint16_t* p, int n = kWidth) {
+    return {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail_mask(n), p))};
+  }
+  ATTNKERN_VEC_INLINE void store_fp16(uint16_t* p, int n = kWidth) const {
+    __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm256_mask_storeu_epi16(p, tail_mask(n), h);
+  }
+};

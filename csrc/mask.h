@@ -1,0 +1,69 @@
+// The attention band and the key-block range for a block of query rows.
+// One definition for every C++/CUDA kernel; attnkern/_semantics.py documents it and
+// the tests hold every backend to the Python reference.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define ATTNKERN_HD __host__ __device__ __forceinline__
+#else
+// always_inline: these are compiled into the ISA-specific CPU files too, and must leave no
+// out-of-line copy (built with AVX-512, say) for the linker to share with other files
+#define ATTNKERN_HD inline __attribute__((always_inline))
+#endif
+
+namespace attnkern {
+
+struct Band {
+  int64_t left;    // -1: unbounded
+  int64_t right;   // -1: unbounded
+  int64_t offset;  // position of query row 0 on the key axis
+  int64_t len_k;
+
+  // first allowed key of `row`, clamped to [0, len_k]
+  ATTNKERN_HD int64_t lo(int64_t row) const {
+    if (left < 0) return 0;
+    int64_t x = row + offset - left;
+    return x < 0 ? 0 : (x > len_k ? len_k : x);
+  }
+  // one past the last allowed key of `row`, clamped to [0, len_k]
+  ATTNKERN_HD int64_t hi(int64_t row) const {
+    if (right < 0) return len_k;
+    int64_t x = row + offset + right + 1;
+    return x < 0 ? 0 : (x > len_k ? len_k : x);
+  }
+  ATTNKERN_HD bool allowed(int64_t row, int64_t col) const {
+    int64_t pos = row + offset;
+    return (left < 0 || col >= pos - left) && (right < 0 || col <= pos + right);
+  }
+  // Keys any row in [row_begin, row_end) may attend: [lo(row_begin), hi(row_end - 1)).
+  // Both bounds are monotone in the row, so the union of the rows' ranges is this interval.
+  ATTNKERN_HD int64_t range_lo(int64_t row_begin) const { return lo(row_begin); }
+  ATTNKERN_HD int64_t range_hi(int64_t row_end) const { return hi(row_end - 1); }
+  // True if every (row, col) of the tile is inside the band, so no per-element test is needed.
+  ATTNKERN_HD bool tile_full(int64_t row_begin, int64_t row_end, int64_t col_begin, int64_t col_end) const {
+    return (left < 0 || col_begin >= row_end - 1 + offset - left) &&
+           (right < 0 || col_end - 1 <= row_begin + offset + right);
+  }
+  // Query rows whose band meets [col_begin, col_end): the rows a key block receives gradient from.
+  ATTNKERN_HD int64_t rows_lo(int64_t col_begin, int64_t len_q) const {
+    // smallest row with hi(row) > col_begin, i.e. row + offset + right >= col_begin
+    if (right < 0) return 0;
+    int64_t r = col_begin - offset - right;
+    return r < 0 ? 0 : (r > len_q ? len_q : r);
+  }
+  ATTNKERN_HD int64_t rows_hi(int64_t col_end, int64_t len_q) const {
+    // one past the largest row with lo(row) < col_end, i.e. row + offset - left <= col_end - 1
+    if (left < 0) return len_q;
+    int64_t r = col_end - 1 - offset + left + 1;
+    return r < 0 ? 0 : (r > len_q ? len_q : r);
+  }
+};
+
+template <typename P>
+ATTNKERN_HD Band make_band(const P& p) {
+  return Band{p.window_left, p.window_right, p.bottom_right ? p.len_k - p.len_q : 0, p.len_k};
+}
+
+}  // namespace attnkern

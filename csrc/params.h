@@ -1,0 +1,68 @@
+// AttnParams: everything a kernel needs, in plain C types. No torch headers here:
+// the bindings fill it, the CPU and CUDA kernels read it.
+#pragma once
+
+#include <cstdint>
+
+namespace attnkern {
+
+enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum class MaskKind : int32_t { kNone = 0, kBool = 1, kFloat = 2 };
+
+// Strides are in elements. Canonical index order is (batch, head, row, col);
+// q/o/do/dq rows are queries, k/v/dk/dv rows are keys. The last dim of q, k, v, o
+// and their gradients has stride 1 (the bindings copy otherwise).
+struct AttnParams {
+  // shapes
+  int64_t batch = 0, heads_q = 0, heads_kv = 0;
+  int64_t len_q = 0, len_k = 0;
+  int64_t head_dim = 0, head_dim_v = 0;
+
+  // inputs
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t q_stride[3] = {0, 0, 0};  // batch, head, row
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+  DType dtype = DType::kFloat32;
+
+  // optional mask, (B, Hq, L, S) with any strides (0 for broadcast dims)
+  const void* mask = nullptr;
+  int64_t mask_stride[4] = {0, 0, 0, 0};
+  MaskKind mask_kind = MaskKind::kNone;
+  DType mask_dtype = DType::kFloat32;  // for kFloat: the element type of the additive mask
+
+  // outputs of the forward (inputs of the backward)
+  void* o = nullptr;
+  int64_t o_stride[3] = {0, 0, 0};
+  float* lse = nullptr;  // (B, Hq, L) contiguous, natural log; -inf for empty rows
+
+  // backward
+  const void* dout = nullptr;
+  int64_t dout_stride[3] = {0, 0, 0};
+  const float* dlse = nullptr;  // optional incoming gradient of lse, (B, Hq, L) contiguous
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+  int64_t dq_stride[3] = {0, 0, 0};
+  int64_t dk_stride[3] = {0, 0, 0};
+  int64_t dv_stride[3] = {0, 0, 0};
+  float* dmask = nullptr;
+  // workspace filled before the backward's main pass: delta[i] = dot(dout[i], o[i]) - dlse[i],
+  // (B, Hq, L) contiguous fp32
+  float* delta = nullptr;  // optional (B, Hq, L, S) contiguous fp32: d(loss)/d(score incl. mask)
+
+  // semantics (see attnkern/_semantics.py)
+  float scale = 1.f;
+  int64_t window_left = -1;   // -1: unbounded
+  int64_t window_right = -1;  // -1: unbounded; causal is folded in as 0
+  bool bottom_right = false;  // query row i sits at key position i + (len_k - len_q)
+
+  // dropout: keep iff philox word >= dropout_threshold; kept values scaled by 1/(1-p)
+  float dropout_p = 0.f;
+  uint32_t dropout_threshold = 0;
+  uint64_t dropout_seed = 0;
+};
+
+}  // namespace attnkern

@@ -1,0 +1,113 @@
+"""Build of attnkern's C++ (always) and CUDA (when nvcc and a CUDA build of torch exist) extensions.
+
+Environment:
+  ATTNKERN_NO_CUDA=1        skip the CUDA extension even where it could be built
+  TORCH_CUDA_ARCH_LIST      CUDA archs, default "8.0;9.0a"
+  ATTNKERN_CUDA_HDIMS       head dims to instantiate, e.g. "64,128" (default: all)
+  MAX_JOBS                  parallel compile jobs (torch's ninja build)
+"""
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _version():
+    text = open(os.path.join(ROOT, "attnkern", "_version.py")).read()
+    return re.search(r'__version__ = "([^"]+)"', text).group(1)
+
+
+def _cuda_home_from_nvcc():
+    """Toolkit folder of the nvcc on PATH, even when that nvcc is a wrapper script.
+
+    torch guesses CUDA_HOME from the nvcc path; a wrapper in /usr/local/bin would make it
+    look for libcudart under /usr/local. nvcc --dryrun prints the real folder (_HERE_).
+    """
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run(
+            [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+            capture_output=True, text=True, timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"_HERE_=(\S+)", out.stdout + out.stderr)
+    return os.path.dirname(m.group(1)) if m else None
+
+
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ:
+    found = _cuda_home_from_nvcc()
+    if found:
+        os.environ["CUDA_HOME"] = found
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+VERSION = _version()
+CXX_FLAGS = ["-O3", f'-DATTNKERN_VERSION="{VERSION}"', "-fno-math-errno", "-Wno-maybe-uninitialized"]
+
+
+def cpu_extension():
+    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    return CppExtension("attnkern._C", sources, extra_compile_args={"cxx": CXX_FLAGS})
+
+
+def cuda_reason_to_skip():
+    if os.environ.get("ATTNKERN_NO_CUDA", "0") == "1":
+        return "ATTNKERN_NO_CUDA=1"
+    if torch.version.cuda is None:
+        return "torch is a CPU-only build"
+    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        return "nvcc not found"
+    if not glob.glob("csrc/cuda/*.cu"):
+        return "no CUDA sources"
+    return None
+
+
+def cuda_archs():
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # torch reads it for -gencode flags
+    return archs
+
+
+def cuda_extension():
+    sys.path.insert(0, os.path.join(ROOT, "csrc", "cuda"))
+    try:
+        import build_sources  # csrc/cuda/build_sources.py: which instantiation files to compile
+    finally:
+        sys.path.pop(0)
+    archs = cuda_archs()
+    sources = build_sources.sources(ROOT)
+    nvcc_flags = [
+        "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
+        f'-DATTNKERN_VERSION="{VERSION}"', f'-DATTNKERN_CUDA_ARCHS="{archs}"',
+    ] + build_sources.nvcc_defines()
+    cxx = CXX_FLAGS + [f'-DATTNKERN_CUDA_ARCHS="{archs}"'] + build_sources.nvcc_defines()
+    return CUDAExtension("attnkern._C_cuda", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags})
+
+
+ext_modules = [cpu_extension()]
+skip = cuda_reason_to_skip()
+if skip is None:
+    ext_modules.append(cuda_extension())
+    print(f"attnkern: building the CUDA extension for archs {os.environ['TORCH_CUDA_ARCH_LIST']}")
+else:
+    print(f"attnkern: skipping the CUDA extension ({skip})")
+
+setup(
+    name="attnkern",
+    version=VERSION,
+    packages=find_packages(include=["attnkern", "attnkern.*"]),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    entry_points={"console_scripts": ["attnkern=attnkern.__main__:main"]},
+)
