@@ -1,0 +1,152 @@
+"""Shared test machinery: tolerances, fresh random inputs, and the float64 oracle.
+
+Every parity test compares a backend against attnkern.reference run in float64 on the same
+inputs. The error measure is a relative norm,
+
+    err = ||out - ref|| / max(||ref||, 0.1 * sqrt(numel))
+
+(the floor keeps the measure meaningful for gradients that are mathematically ~0, such as
+dq when every row attends exactly one key), and must stay below TOLERANCE[dtype].
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import pytest
+import torch
+
+import attnkern
+from attnkern import dispatch
+
+# relative-norm tolerance per input dtype (one place; every backend is held to it)
+TOLERANCE = {
+    torch.float32: 2e-5,
+    torch.float16: 3e-3,
+    torch.bfloat16: 2e-2,
+    torch.float64: 1e-10,
+}
+NORM_FLOOR_RMS = 0.1
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), "non-finite values in output"
+    if ref.numel() == 0:
+        return 0.0
+    denom = max(ref.norm().item(), NORM_FLOOR_RMS * math.sqrt(ref.numel()))
+    return (out - ref).norm().item() / denom
+
+
+def assert_close(out, ref, dtype, what=""):
+    err = rel_err(out, ref)
+    tol = TOLERANCE[dtype]
+    assert err <= tol, f"{what}: relative error {err:.3e} > tolerance {tol:.1e} for {dtype}"
+
+
+_BASE_SEED = int(os.environ.get("ATTNKERN_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"attnkern test seed: ATTNKERN_TEST_SEED={_BASE_SEED}; backends: {dispatch.available_backends()}"
+
+
+@pytest.fixture
+def seed(request):
+    """A fresh seed per test (reproducible via ATTNKERN_TEST_SEED), applied to torch."""
+    s = (_BASE_SEED + hash(request.node.nodeid)) % (2**31)
+    torch.manual_seed(s)
+    return s
+
+
+def device_backends(device: str):
+    """Fused backends to test on `device` (math is the oracle, not a subject)."""
+    return [b for b in dispatch.available_backends(device) if b != "math"]
+
+
+def cpu_tensor_backends():
+    return device_backends("cpu")
+
+
+@dataclass
+class Case:
+    """One attention problem in torch layout (B, H, L, E)."""
+
+    batch: int = 2
+    heads_q: int = 2
+    heads_kv: int = 2
+    len_q: int = 67
+    len_k: int = 67
+    head_dim: int = 64
+    head_dim_v: Optional[int] = None
+    causal: bool = False
+    window: Optional[Tuple[int, int]] = None
+    mask: Optional[str] = None  # None | "bool" | "float" | "bool-bcast" | "float-bcast"
+    dropout_p: float = 0.0
+    three_d: bool = False
+    layout: str = "contiguous"  # "contiguous" | "transposed" (BLHD memory) | "strided" (sliced)
+    id: str = field(default="")
+
+    def __post_init__(self):
+        if self.head_dim_v is None:
+            self.head_dim_v = self.head_dim
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "transposed":  # (B, H, L, E) view of (B, L, H, E) memory
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    if layout == "strided":  # every other element of a wider buffer along the last dim
+        wide = torch.empty(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu", requires_grad: bool = True):
+    B, Hq, Hkv, L, S, E, Ev = (case.batch, case.heads_q, case.heads_kv, case.len_q, case.len_k, case.head_dim,
+                               case.head_dim_v)
+    q = torch.randn(B, Hq, L, E, dtype=torch.float64)
+    k = torch.randn(B, Hkv, S, E, dtype=torch.float64)
+    v = torch.randn(B, Hkv, S, Ev, dtype=torch.float64)
+    tensors = [_layout(t.to(dtype), case.layout).to(device) for t in (q, k, v)]
+    if case.three_d:
+        assert B == 1
+        tensors = [t[0] for t in tensors]
+    mask = None
+    if case.mask is not None:
+        shape = (B, Hq, L, S) if not case.mask.endswith("bcast") else (1, 1, L, S) if Hq > 1 else (B, 1, 1, S)
+        if case.mask.startswith("bool"):
+            mask = torch.rand(shape) > 0.25
+            mask[..., 0, :] = False  # one fully masked row: must give 0, never NaN
+        else:
+            mask = torch.randn(shape, dtype=torch.float64).to(dtype)
+        if case.three_d:
+            mask = mask[0]
+        mask = mask.to(device)
+    if requires_grad:
+        for t in tensors:
+            t.requires_grad_(True)
+    return tensors[0], tensors[1], tensors[2], mask
+
+
+def reference_forward_backward(case: Case, q, k, v, mask, grad_out, seed: int, mask_grad: bool = False):
+    """float64 oracle: outputs and gradients through attnkern.reference (backend='math')."""
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_(True) for t in (q, k, v))
+    m64 = None
+    if mask is not None:
+        m64 = mask.detach().cpu()
+        if m64.is_floating_point():
+            m64 = m64.double().requires_grad_(mask_grad)
+    torch.manual_seed(seed)
+    out = attnkern.scaled_dot_product_attention(
+        q64, k64, v64, attn_mask=m64, dropout_p=case.dropout_p, is_causal=case.causal,
+        enable_gqa=case.heads_q != case.heads_kv, window_size=case.window, backend="math",
+    )
+    inputs = [q64, k64, v64] + ([m64] if mask_grad else [])
+    grads = torch.autograd.grad(out, inputs, grad_out.detach().double().cpu())
+    return out, grads

@@ -1,0 +1,212 @@
+"""The parity matrix: every fused backend against the float64 reference, forward and backward.
+
+Backends are those available for CPU tensors here (the CPU kernels; Triton too under
+TRITON_INTERPRET=1, see test_triton_interp.py for its reduced matrix). On a GPU machine the
+same matrix runs for CUDA tensors (marked gpu).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnkern
+from conftest import (
+    Case,
+    assert_close,
+    device_backends,
+    make_inputs,
+    reference_forward_backward,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+CASES = [
+    Case(id="dense"),
+    Case(len_q=33, len_k=100, id="L<S"),
+    Case(len_q=100, len_k=33, id="L>S"),
+    Case(len_q=1, len_k=77, id="L=1"),
+    Case(len_q=1, len_k=1, id="L=S=1"),
+    Case(causal=True, id="causal"),
+    Case(causal=True, len_q=40, len_k=130, id="causal-L<S"),
+    Case(causal=True, len_q=130, len_k=40, id="causal-L>S"),
+    Case(window=(0, 0), len_q=150, len_k=150, id="window(0,0)"),
+    Case(window=(3, 5), len_q=150, len_k=170, id="window(3,5)"),
+    Case(window=(256, 0), len_q=300, len_k=300, batch=1, id="window(256,0)"),
+    Case(window=(-1, 17), len_q=150, len_k=130, id="window(-1,17)"),
+    Case(window=(3, 5), causal=True, len_q=150, len_k=150, id="window(3,5)+causal"),
+    Case(mask="bool", len_q=70, len_k=90, id="mask-bool"),
+    Case(mask="float", len_q=70, len_k=90, id="mask-float"),
+    Case(mask="bool-bcast", len_q=70, len_k=90, id="mask-bool-bcast"),
+    Case(mask="float-bcast", len_q=70, len_k=90, id="mask-float-bcast"),
+    Case(mask="bool", window=(10, 10), causal=True, len_q=90, len_k=90, id="mask+window+causal"),
+    Case(heads_q=4, heads_kv=2, id="gqa"),
+    Case(heads_q=6, heads_kv=1, causal=True, len_q=50, len_k=90, id="mqa-causal"),
+    Case(batch=1, three_d=True, heads_q=3, heads_kv=3, id="3d"),
+    Case(layout="transposed", causal=True, id="transposed"),
+    Case(layout="strided", heads_q=4, heads_kv=2, id="strided"),
+    Case(head_dim=40, head_dim_v=72, id="E40-Ev72"),
+]
+HEAD_DIMS = [16, 17, 33, 40, 72, 80, 100, 128, 160, 256]
+
+
+def run_case(case: Case, dtype, backend, seed, device="cpu", mask_grad=False):
+    q, k, v, mask = make_inputs(case, dtype, device)
+    if mask_grad:
+        mask.requires_grad_(True)
+    torch.manual_seed(seed)
+    out = attnkern.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=case.dropout_p, is_causal=case.causal,
+        enable_gqa=case.heads_q != case.heads_kv, window_size=case.window, backend=backend,
+    )
+    grad_out = torch.randn_like(out)
+    inputs = [q, k, v] + ([mask] if mask_grad else [])
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_out, ref_grads = reference_forward_backward(case, q, k, v, mask, grad_out, seed, mask_grad=mask_grad)
+    assert_close(out, ref_out, dtype, "out")
+    for name, g, r in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
+        assert g.dtype == inputs[0].dtype if name != "dmask" else True
+        assert_close(g, r, dtype, name)
+    return out, grads
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_parity(case, dtype, backend, seed):
+    run_case(case, dtype, backend, seed)
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_head_dims(head_dim, dtype, backend, seed):
+    run_case(Case(head_dim=head_dim, len_q=45, len_k=70, causal=head_dim % 2 == 0, id=""), dtype, backend, seed)
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ["full", "bcast"])
+def test_float_mask_gradient(shape, dtype, backend, seed):
+    case = Case(mask="float" if shape == "full" else "float-bcast", len_q=50, len_k=60, causal=True, id="")
+    run_case(case, dtype, backend, seed, mask_grad=True)
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_matches_reference(p, dtype, backend, seed):
+    """Same torch seed -> the same Philox dropout pattern as the reference, forward and backward."""
+    run_case(Case(dropout_p=p, heads_q=4, heads_kv=2, len_q=70, len_k=90, id=""), dtype, backend, seed)
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+def test_dropout_statistics_and_reproducibility(backend, seed):
+    # with v = one-hot columns the output row i equals the kept, rescaled attention weights
+    L, S, p = 64, 256, 0.3
+    q = torch.zeros(1, 1, L, 8)  # uniform attention: every weight is 1/S
+    k = torch.randn(1, 1, S, 8)
+    v = torch.eye(S).view(1, 1, S, S)
+    torch.manual_seed(seed)
+    a = attnkern.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    torch.manual_seed(seed)
+    b = attnkern.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    c = attnkern.scaled_dot_product_attention(q, k, v, dropout_p=p, backend=backend)
+    assert torch.equal(a, b), "same seed must reproduce the same dropout mask"
+    assert not torch.equal(a, c), "a new draw must give a new mask"
+    kept = (a > 0).double().mean().item()
+    # 16384 Bernoulli(0.7) draws: std ~0.0036, so 0.02 is > 5 sigma
+    assert abs(kept - (1 - p)) < 0.02, f"kept fraction {kept:.4f}, expected {1 - p}"
+    expected = 1.0 / (S * (1 - p))
+    assert torch.allclose(a[a > 0], torch.full_like(a[a > 0], expected), rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "len_q,len_k,causal,window",
+    [(40, 90, True, (-1, -1)), (90, 40, True, (-1, -1)), (70, 70, False, (8, 0)), (50, 120, False, (4, 4)),
+     (120, 50, True, (16, -1))],
+)
+def test_flash_attn_func_bottom_right(len_q, len_k, causal, window, dtype, backend, seed):
+    """flash_attn_func: (B, L, H, D) layout, bottom-right alignment, GQA, LSE."""
+    B, H, Hkv, D = 2, 4, 2, 64
+    q = torch.randn(B, len_q, H, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, len_k, Hkv, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, len_k, Hkv, D, dtype=dtype, requires_grad=True)
+    out, lse = attnkern.flash_attn_func(q, k, v, causal=causal, window_size=window, return_lse=True, backend=backend)
+    assert out.shape == (B, len_q, H, D) and lse.shape == (B, H, len_q) and lse.dtype == torch.float32
+    g_out = torch.randn_like(out)
+    g_lse = torch.randn_like(lse)
+    finite = torch.isfinite(lse)
+    loss = (out * g_out).sum() + (lse.where(finite, 0) * g_lse).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    ref_out, ref_lse = attnkern.flash_attn_func(q64, k64, v64, causal=causal, window_size=window, return_lse=True,
+                                                backend="math")
+    assert torch.equal(torch.isfinite(ref_lse), finite), "rows without keys must have lse -inf"
+    ref_loss = (ref_out * g_out.double()).sum() + (ref_lse.where(finite, 0) * g_lse.double()).sum()
+    ref_grads = torch.autograd.grad(ref_loss, (q64, k64, v64))
+    assert_close(out, ref_out, dtype, "out")
+    assert_close(lse.where(finite, 0), ref_lse.where(finite, 0), torch.float32 if dtype == torch.float32 else dtype,
+                 "lse")
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(g, r, dtype, name)
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+def test_fully_masked_rows_give_zero_and_finite_gradients(backend, seed):
+    L, S = 20, 30
+    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for n in (L, S, S))
+    mask = torch.rand(1, 2, L, S) > 0.5
+    mask[:, :, 3] = False
+    float_mask = torch.zeros(1, 2, L, S).masked_fill(~mask, float("-inf"))
+    for m in (mask, float_mask):
+        out = attnkern.scaled_dot_product_attention(q, k, v, attn_mask=m, backend=backend)
+        assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        assert all(torch.isfinite(g).all() for g in grads)
+        assert torch.equal(grads[0][:, :, 3], torch.zeros_like(grads[0][:, :, 3]))
+    # bottom-right causal with L > S: the first L - S rows see no key, LSE -inf
+    qf = torch.randn(1, 10, 2, 16, requires_grad=True)
+    kf, vf = torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16)
+    out, lse = attnkern.flash_attn_func(qf, kf, vf, causal=True, return_lse=True, backend=backend)
+    assert torch.equal(out[:, :6], torch.zeros_like(out[:, :6]))
+    assert torch.isneginf(lse[:, :, :6]).all() and torch.isfinite(lse[:, :, 6:]).all()
+    (g,) = torch.autograd.grad(out.sum(), qf)
+    assert torch.equal(g[:, :6], torch.zeros_like(g[:, :6]))
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+@pytest.mark.parametrize("len_q,len_k", [(0, 10), (10, 0), (0, 0)])
+def test_empty_sequences(len_q, len_k, backend):
+    q = torch.randn(2, 3, len_q, 16, requires_grad=True)
+    k = torch.randn(2, 3, len_k, 16, requires_grad=True)
+    v = torch.randn(2, 3, len_k, 24, requires_grad=True)
+    out = attnkern.scaled_dot_product_attention(q, k, v, backend=backend)
+    assert out.shape == (2, 3, len_q, 24)
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    for g, t in zip(grads, (q, k, v)):
+        assert g is None or (g.shape == t.shape and torch.equal(g, torch.zeros_like(g)))
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+def test_output_layout_follows_query(backend):
+    """flash layout in -> flash layout out (no hidden copies); torch layout -> contiguous."""
+    q, k, v = (torch.randn(2, 50, 4, 32) for _ in range(3))
+    out = attnkern.flash_attn_func(q, k, v, backend=backend)
+    assert out.is_contiguous()
+    q2, k2, v2 = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out2 = attnkern.scaled_dot_product_attention(q2, k2, v2, backend=backend)
+    assert out2.is_contiguous()
+    torch.testing.assert_close(out, out2.transpose(1, 2))
+
+
+def test_auto_never_fails_where_math_succeeds(seed):
+    q = torch.randn(1, 2, 9, 8, dtype=torch.float64)
+    out = attnkern.scaled_dot_product_attention(q, q, q)  # float64: no fused backend takes it
+    ref = attnkern.scaled_dot_product_attention(q, q, q, backend="math")
+    assert torch.equal(out, ref)
+    assert "math" in attnkern.available_backends()
