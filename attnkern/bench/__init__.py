@@ -1,0 +1,1 @@
+"""Benchmark and memory tools (the ``attnkern bench`` / ``attnkern memory`` commands)."""
