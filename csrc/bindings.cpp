@@ -3,7 +3,10 @@
 // same ops from the separate CUDA extension (cuda/bindings_cuda.cpp).
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#if !defined(ATTNKERN_NO_PYTHON)
 #include <torch/extension.h>
+#endif
 
 #include <limits>
 
@@ -124,9 +127,11 @@ TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
   m.impl("bwd", &attnkern::bwd_cpu);
 }
 
+#if !defined(ATTNKERN_NO_PYTHON)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "attnkern C++ extension: CPU kernels and op schemas";
   m.def("version", [] { return std::string(ATTNKERN_VERSION); });
   m.def("cpu_isa", [] { return std::string(attnkern::cpu::select_kernels().isa); },
         "SIMD instruction set the CPU kernels use on this machine");
 }
+#endif  // ATTNKERN_NO_PYTHON
