@@ -76,14 +76,15 @@ struct VecAVX2 {
     __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     return {_mm256_andnot_ps(tiny, r)};
   }
-  static ATTNKERN_VEC_INLINE VecAVX2 load_bf16(const uint16_t* p, int n = kWidth) {
+  // eight 16-bit values, zero-filled past n (AVX2 has no masked 16-bit load)
+  static ATTNKERN_VEC_INLINE __m128i load_u16(const uint16_t* p, int n) {
+    if (n >= kWidth) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    const uint16_t* src = p;
-    if (n < kWidth) {
-      for (int i = 0; i < n; ++i) tmp[i] = p[i];
-      src = tmp;
-    }
-    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    for (int i = 0; i < n; ++i) tmp[i] = p[i];
+    return _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+  }
+  static ATTNKERN_VEC_INLINE VecAVX2 load_bf16(const uint16_t* p, int n = kWidth) {
+    __m256i w = _mm256_cvtepu16_epi32(load_u16(p, n));
     return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16))};
   }
   ATTNKERN_VEC_INLINE void store_bf16(uint16_t* p, int n = kWidth) const {
@@ -92,13 +93,7 @@ struct VecAVX2 {
     for (int i = 0; i < n; ++i) p[i] = attnkern::float_to_bf16(tmp[i]);
   }
   static ATTNKERN_VEC_INLINE VecAVX2 load_fp16(const uint16_t* p, int n = kWidth) {
-    alignas(16) uint16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    const uint16_t* src = p;
-    if (n < kWidth) {
-      for (int i = 0; i < n; ++i) tmp[i] = p[i];
-      src = tmp;
-    }
-    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)))};
+    return {_mm256_cvtph_ps(load_u16(p, n))};
   }
   ATTNKERN_VEC_INLINE void store_fp16(uint16_t* p, int n = kWidth) const {
     __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
