@@ -9,16 +9,18 @@
 
 namespace attnkern::cpu {
 
-// Query rows per tile: a multiple of every ISA's vector width, so the per-row softmax
-// statistics are whole vectors.
+// Query rows per tile: multiples of every ISA's vector width, so the per-row softmax
+// statistics are whole vectors. The forward uses the narrow tile for short queries.
 constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockQNarrow = 16;
 
 struct KernelTable {
   const char* isa;
-  // Forward of query block `q_block` (rows q_block*kBlockQ ...) of query head (b, h):
-  // writes those rows of o and lse.
-  void (*forward_item)(const AttnParams& p, int64_t b, int64_t h, int64_t q_block, int64_t block_k, float* scratch);
-  size_t (*forward_scratch_floats)(const AttnParams& p, int64_t block_k);
+  // Forward of query block `q_block` (rows q_block*block_q ...) of query head (b, h), with
+  // block_q kBlockQ or kBlockQNarrow: writes those rows of o and lse.
+  void (*forward_item)(const AttnParams& p, int64_t b, int64_t h, int64_t q_block, int64_t block_q, int64_t block_k,
+                       float* scratch);
+  size_t (*forward_scratch_floats)(const AttnParams& p, int64_t block_q, int64_t block_k);
   // Backward for keys [key_begin, key_end) of kv head (b, hkv) against every query head of
   // its group: writes those rows of dk and dv, and adds into dq_acc (fp32, (B, Hq, L, E)
   // contiguous, unscaled) the contribution of these keys. Items with disjoint key ranges
