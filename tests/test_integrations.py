@@ -145,9 +145,12 @@ def test_patch_falls_back_to_torch(kernel_calls, clean_patch_state):
         # heads that need enable_gqa: attnkern's checks reject it, torch raises its own error
         with pytest.raises(RuntimeError):
             F.scaled_dot_product_attention(q, k, v)
+        # torch.func transforms: attnkern's ops have no vmap rule
+        batched = torch.func.vmap(lambda x: F.scaled_dot_product_attention(x, x, x))(q[None])
     assert kernel_calls == []
-    assert sum(patch_module.stats.fell_back.values()) == 3 and patch_module.stats.routed == 0
+    assert sum(patch_module.stats.fell_back.values()) == 4 and patch_module.stats.routed == 0
     assert torch.equal(out64, sdpa_bound_before_patching(q64, k64, v64, enable_gqa=True))
+    assert_close(batched[0], F.scaled_dot_product_attention(q, q, q), F32, "vmap")
 
 
 def test_patch_explicit_backend(monkeypatch, clean_patch_state):
@@ -932,3 +935,25 @@ def test_hf_register_errors(hf):
         hf_module.register(backend="quick")
     with pytest.raises(ValueError, match="name"):
         hf_module.register(name="")
+
+
+def test_hf_model_compiles_fullgraph(hf, seed):
+    transformers, _, _ = hf
+    model = _tiny(transformers, "mistral")
+    model.set_attn_implementation("attnkern")
+    ids = torch.randint(0, 128, (2, 24))
+    padding = torch.ones_like(ids)
+    padding[1, :4] = 0
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm
+
+    with torch.no_grad():
+        ref = model(ids, attention_mask=padding, use_cache=False).logits
+        torch._dynamo.reset()
+        out = torch.compile(model, fullgraph=True, backend=capture)(ids, attention_mask=padding, use_cache=False).logits
+        torch._dynamo.reset()
+    assert len(graphs) == 1 and graphs[0].count("attnkern.fwd.default") == 2
+    assert_close(out, ref, F32, "compiled HF model")

@@ -28,11 +28,12 @@ the original attribute returns when the last user on any thread is gone.
 
 A call goes to attnkern when attnkern's argument checks accept it and a fused backend's
 row in the capability table serves it; anything else (a mask together with
-``is_causal``, tensor subclasses, nested or sparse tensors, shapes attnkern rejects,
-devices or dtypes no fused backend runs) goes to torch's implementation unchanged, so
-errors are torch's own. With ``backend="auto"`` the float64 reference (``math``) is never
-chosen: torch's own kernel is the better fallback. ``stats`` counts both outcomes.
-Under ``torch.compile`` the routing is decided while tracing and the counters do not move.
+``is_causal``, tensor subclasses, nested or sparse tensors, tensors inside ``torch.func``
+transforms, shapes attnkern rejects, devices or dtypes no fused backend runs) goes to
+torch's implementation unchanged, so errors are torch's own. With ``backend="auto"`` the
+float64 reference (``math``) is never chosen: torch's own kernel is the better fallback.
+``stats`` counts both outcomes. Under ``torch.compile`` the routing is decided while
+tracing (and guarded), and the counters do not move.
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ def _unservable(query, key, value, attn_mask, is_causal) -> Optional[str]:
             return f"argument of type {type(t).__name__} (tensor subclasses stay with torch)"
         if t.is_nested or t.layout != torch.strided:
             return "nested or non-strided tensor"
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            # attnkern's ops have no vmap rule and their autograd is not functorch-ready
+            return "tensor inside a torch.func transform (vmap, grad, ...)"
     if attn_mask is not None and is_causal:
         return "attn_mask together with is_causal (torch rejects it)"
     if query.numel() == 0 or key.numel() == 0 or value.numel() == 0:
