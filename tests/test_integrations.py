@@ -131,6 +131,7 @@ def test_patch_nesting_and_window(seed, kernel_calls, clean_patch_state):
     assert len(kernel_calls) == 4
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback, not ours
 def test_patch_falls_back_to_torch(kernel_calls, clean_patch_state):
     q, k, v = _sdpa_inputs(requires_grad=False)
     mask = torch.rand(2, 1, 33, 41) > 0.3
@@ -277,6 +278,7 @@ def test_patch_disables_cpp_fast_paths(kind, fast_fn, seed, monkeypatch, kernel_
     assert_close(out[keep], ref[keep], F32, "eval output")
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_patch_transformer_encoder_nested_fast_path(seed, monkeypatch, kernel_calls, clean_patch_state):
     torch.manual_seed(seed)
     layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
@@ -469,6 +471,7 @@ def test_mha_inside_transformer_encoder_layer_eval(seed, monkeypatch, kernel_cal
     assert_close(out, ref, F32, "encoder layer with a windowed attnkern MultiheadAttention")
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_mha_errors():
     m = attnkern.nn.MultiheadAttention(32, 4, batch_first=True)
     x = torch.randn(2, 10, 32)

@@ -115,8 +115,9 @@ def _unservable(query, key, value, attn_mask, is_causal) -> Optional[str]:
             return f"argument of type {type(t).__name__} (tensor subclasses stay with torch)"
         if t.is_nested or t.layout != torch.strided:
             return "nested or non-strided tensor"
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(t):
             # attnkern's ops have no vmap rule and their autograd is not functorch-ready
+            # (dynamo cannot trace this check; torch.func inside a compiled region is not covered)
             return "tensor inside a torch.func transform (vmap, grad, ...)"
     if attn_mask is not None and is_causal:
         return "attn_mask together with is_causal (torch rejects it)"
