@@ -6,11 +6,12 @@
 
 For each attention implementation it runs a forward (eval, no grad) and a training step
 (forward + backward on the causal-LM loss) on the same weights and tokens, and reports:
-the relative error of the logits and of the gradients against "eager", the median time,
-the ratio to "sdpa" measured in the same run, and the peak memory the step added
-(CUDA: ``torch.cuda.max_memory_allocated``; CPU: the rise of the process's peak resident
-set, after returning freed heap to the OS and resetting the peak through
-/proc/self/clear_refs). Timings and memory describe this machine only.
+the relative error of the logits and of the gradients against "eager", the median time
+(the implementations are timed in rotation, so drift in the machine's speed hits all
+alike), the ratio to "sdpa", and the peak memory the step added (CUDA:
+``torch.cuda.max_memory_allocated``; CPU: the rise of the process's peak resident set,
+after returning freed heap to the OS and resetting the peak through /proc/self/clear_refs).
+Timings and memory describe this machine only.
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def parse_args():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--window", type=int, default=256, help="sliding window of the random config (0: none)")
-    p.add_argument("--layers", type=int, default=4, help="layers of the random config")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions (median reported)")
+    p.add_argument("--layers", type=int, default=2, help="layers of the random config")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (median reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--backend", default="auto", help="attnkern backend")
     p.add_argument("--seed", type=int, default=0)
@@ -114,19 +115,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, args):
-    for _ in range(args.warmup):
+def time_once(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def peak_of(fn, device):
+    with PeakMemory(device) as mem:
         fn()
-    times = []
-    for _ in range(args.reps):
-        sync(args.device)
-        start = time.perf_counter()
-        fn()
-        sync(args.device)
-        times.append(time.perf_counter() - start)
-    with PeakMemory(args.device) as mem:
-        fn()
-    return statistics.median(times), mem.peak
+    return mem.peak
 
 
 def rel(a, b):
@@ -149,30 +149,38 @@ def main():
           f"(q/kv), sliding window {window}, batch {args.batch}, seq {args.seq}, {dtype}, device {args.device}, "
           f"torch {torch.__version__}, attnkern backends {attnkern.available_backends()}")
 
+    def forward():
+        model.eval()
+        with torch.no_grad():
+            return model(ids).logits.float()
+
+    def train_step():
+        model.train()  # attention dropout is 0 in the random config; a checkpoint's is kept
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+
+    # parity and peak memory, one implementation at a time (eager first: it is the reference)
     results, reference = {}, {}
     for impl in ("eager",) + tuple(i for i in IMPLS if i != "eager"):
         model.set_attn_implementation(impl)
-        model.eval()
-        with torch.no_grad():
-            logits = model(ids).logits.float()
-
-            def forward():
-                model(ids)
-
-            fwd_time, fwd_mem = timed(forward, args)
-        model.train()  # attention dropout is 0 in the random config; a checkpoint's is kept
-
-        def train_step():
-            model.zero_grad(set_to_none=True)
-            model(ids, labels=ids).loss.backward()
-
-        train_time, train_mem = timed(train_step, args)
-        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        logits, grads = forward(), train_step()
         if impl == "eager":
             reference = {"logits": logits, "grads": grads}
-        results[impl] = dict(fwd=fwd_time, fwd_mem=fwd_mem, train=train_time, train_mem=train_mem,
-                             logits_err=rel(logits, reference["logits"]), grad_err=rel(grads, reference["grads"]))
+        results[impl] = dict(logits_err=rel(logits, reference["logits"]), grad_err=rel(grads, reference["grads"]),
+                             fwd_mem=peak_of(forward, args.device), train_mem=peak_of(train_step, args.device),
+                             fwd=[], train=[])
         model.zero_grad(set_to_none=True)
+    # timings in rotation, so a machine that speeds up or slows down affects every implementation alike
+    for rep in range(args.warmup + args.reps):
+        for impl in IMPLS:
+            model.set_attn_implementation(impl)
+            fwd, train = time_once(forward, args.device), time_once(train_step, args.device)
+            if rep >= args.warmup:
+                results[impl]["fwd"].append(fwd)
+                results[impl]["train"].append(train)
+    for r in results.values():
+        r["fwd"], r["train"] = statistics.median(r["fwd"]), statistics.median(r["train"])
 
     base = results["sdpa"]
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:.1f}"
