@@ -195,8 +195,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             zeros = k.new_zeros(batch, heads, 1, head_dim)
             k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros.to(v.dtype)], dim=2)
         if extra_keys:  # the appended keys are attended by every query
-            pad = lambda m: None if m is None else F.pad(m, (0, extra_keys), value=False if m.dtype == torch.bool else 0.0)
-            attn_mask, key_padding_mask = pad(attn_mask), pad(key_padding_mask)
+            attn_mask, key_padding_mask = (
+                None if m is None else F.pad(m, (0, extra_keys), value=False if m.dtype == torch.bool else 0.0)
+                for m in (attn_mask, key_padding_mask)
+            )
         mask = _torch_mask_to_additive_or_allowed((attn_mask, key_padding_mask), q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
@@ -291,7 +293,8 @@ def _seq2seq_inputs(query, keys, values, key_padding_mask):
             raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got {key_padding_mask.dtype}")
         if tuple(key_padding_mask.shape) != tuple(keys.shape[:2]):
             raise ValueError(
-                f"key_padding_mask must have shape (N, S) = {tuple(keys.shape[:2])}, got {tuple(key_padding_mask.shape)}"
+                f"key_padding_mask must have shape (N, S) = {tuple(keys.shape[:2])}, "
+                f"got {tuple(key_padding_mask.shape)}"
             )
         allowed = ~key_padding_mask.unsqueeze(1)
     return query, keys, values, allowed, single

@@ -228,13 +228,18 @@ def _make_attention_function(backend: str):
             return _eager_fallback(feature, module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                    kwargs)
         if kwargs.get("cache") is not None:
-            raise NotImplementedError("attn_implementation='attnkern' does not support paged (continuous-batching) caches")
+            raise NotImplementedError(
+                "attn_implementation='attnkern' does not support paged (continuous-batching) caches"
+            )
         len_q, len_k = query.shape[-2], key.shape[-2]
         window, bottom_right, mask = None, False, None
         if isinstance(attention_mask, BandMask):
             if attention_mask.kv_length != len_k:
-                raise ValueError(f"attnkern mask was built for {attention_mask.kv_length} keys but the layer has {len_k}")
-            window, bottom_right = (attention_mask.window_left, attention_mask.window_right), attention_mask.bottom_right
+                raise ValueError(
+                    f"attnkern mask was built for {attention_mask.kv_length} keys but the layer has {len_k}"
+                )
+            window = (attention_mask.window_left, attention_mask.window_right)
+            bottom_right = attention_mask.bottom_right
             if attention_mask.padding is not None:
                 mask = attention_mask.padding[:, None, None, :]
         elif attention_mask is None:
