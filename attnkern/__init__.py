@@ -5,16 +5,24 @@ Public API:
     flash_attn_func               drop-in for flash-attn's flash_attn_func (bottom-right alignment)
     local_attention               sliding-window attention in torch's layout
     available_backends            backends usable on this machine
+    patch / unpatch               route torch.nn.functional.scaled_dot_product_attention to attnkern
+    nn                            MultiheadAttention, LocalSelfAttention, AdditiveAttention, LuongAttention
+    integrations.hf               attn_implementation="attnkern" for Hugging Face transformers
 """
 
 from ._version import __version__
 from .dispatch import available_backends
 from .functional import flash_attn_func, local_attention, scaled_dot_product_attention
+from .integrations.patch import patch, unpatch
+from . import nn
 
 __all__ = [
     "__version__",
     "available_backends",
     "flash_attn_func",
     "local_attention",
+    "nn",
+    "patch",
     "scaled_dot_product_attention",
+    "unpatch",
 ]
