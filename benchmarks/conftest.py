@@ -125,6 +125,13 @@ def _case_of(info: dict) -> Optional[Case]:
         return None
 
 
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Results get committed: keep the host name out of them, name the torch build instead."""
+    machine_info.pop("node", None)
+    machine_info["torch"] = torch.__version__
+    machine_info["bench_device"] = device()
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
     """Speed-ups vs the default baseline for every entry, whichever order the tests ran in."""
     names = [b["extra_info"].get("backend") for b in output_json.get("benchmarks", [])]

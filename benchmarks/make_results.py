@@ -92,7 +92,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def device_line(device: Any) -> str:
     if isinstance(device, dict):
-        extras = [f"{k} {device[k]}" for k in ("capability", "threads", "attnkern_isa", "memory_gib") if device.get(k)]
+        extras = [f"{k} {device[k]}" for k in ("capability", "threads", "attnkern_isa", "memory_gib", "loadavg_1m")
+                  if device.get(k)]
         return f"{device.get('name', '?')} ({device.get('type', '?')}" + (", " + ", ".join(extras) if extras else "") + ")"
     return str(device)
 
@@ -196,6 +197,8 @@ def describe(path: str) -> Optional[dict]:
         kind = doc.get("kind", "bench")
         body = read_attnkern_memory(doc) if kind == "memory" else read_attnkern_bench(doc)
         title = f"{device_line(device)}: attnkern {kind} --{doc.get('preset', '?')}"
+        if doc.get("note"):
+            body = f"Note: {doc['note']}\n\n{body}"
         return {"kind": kind, "date": doc.get("date", ""), "title": title, "body": body,
                 "gpu": device.get("type") == "cuda", "versions": doc.get("versions", {})}
     if "benchmarks" in doc and "machine_info" in doc:

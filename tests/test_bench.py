@@ -367,3 +367,21 @@ def test_make_results_reads_every_layout(tmp_path):
 
 def test_committed_results_md_is_generated():
     assert _make_results().main(["--check"]) == 0, "run python benchmarks/make_results.py"
+
+
+def test_progress_bar_draws_and_clears():
+    import io
+
+    from attnkern.bench.progress import Progress
+
+    stream = io.StringIO()
+    bar = Progress(4, enabled=True, stream=stream)
+    bar.advance("first case")
+    bar.advance("second case")
+    text = stream.getvalue()
+    assert "2/4" in text and "second case" in text and "[" in text
+    bar.close()
+    assert stream.getvalue().endswith("\r")
+    silent = io.StringIO()
+    Progress(4, stream=silent).advance("x")  # not a terminal: nothing drawn
+    assert silent.getvalue() == ""

@@ -164,13 +164,11 @@ def quick(device: str) -> Preset:
     cases += grid(dtypes, [d], [(b, h, h)], [(top, top)], [(True, None)], ["fwd"])
     cases += grid(dtypes, [d], [(b, h, h // 4)], [(lengths[1], lengths[1])], [(True, None)], ["fwd"])
     cases += grid(dtypes, [d], [(b, h, h)], [(lengths[1], lengths[1])], [(False, None), (True, win)], ["fwd+bwd"])
-    exclude = {}
+    exclude = {"attnkern-math": "the float64-capable oracle is not a contender; run --standard or --backends "
+                                "attnkern-math"}
     if device == "cpu":
-        exclude = {
-            "flex": "FlexAttention on CPU compiles every shape with Inductor (seconds each); "
-                    "run --standard or --backends flex",
-            "attnkern-math": "the float64-capable oracle is not a contender; run --standard or --backends attnkern-math",
-        }
+        exclude["flex"] = ("FlexAttention on CPU compiles every shape with Inductor (seconds each); "
+                           "run --standard or --backends flex")
     return Preset("quick", cases, budget_s=0.5 if device == "cpu" else 0.3, min_reps=5, max_reps=50,
                   warmup_s=0.05, exclude=exclude)
 

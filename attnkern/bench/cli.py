@@ -122,6 +122,7 @@ def _common(p: argparse.ArgumentParser, presets: Sequence[str]) -> None:
     p.add_argument("--csv", metavar="PATH", help="write the result rows as CSV")
     p.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
+    p.add_argument("--note", help="free text stored with the results (e.g. what else ran on the machine)")
 
 
 def build_parser() -> argparse.ArgumentParser:

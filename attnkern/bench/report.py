@@ -10,6 +10,7 @@ write, and what benchmarks/make_results.py reads first)::
       "device": {"type": "cpu" | "cuda", "name": str, "threads": int, ...},
       "versions": {"attnkern": str, "torch": str, "python": str, "triton": str | null, ...},
       "settings": {...},                      # the command line, as parsed
+      "note": str,                             # --note: free text about the run (optional)
       "peak_tflops": {"bfloat16": float, ...}, # bench: the same run's matmul peak per dtype
       "peak_matmul_n": {"bfloat16": int, ...}, # bench: the n of the n x n x n matmul that gave it
       "baseline": str | null,                  # bench: the subject speed-ups are relative to
@@ -63,6 +64,8 @@ def device_info(device: str) -> dict:
     else:
         info.update(name=cpu_name(), cpus=os.cpu_count(),
                     attnkern_isa=ops._C.cpu_isa() if ops._C is not None else None)
+        if hasattr(os, "getloadavg"):  # other work on a shared machine shows here
+            info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     return info
 
 
@@ -88,6 +91,8 @@ def document(kind: str, device: str, settings: dict, results: List[dict], **extr
         "versions": versions(),
         "settings": settings,
     }
+    if settings.get("note"):
+        doc["note"] = settings["note"]
     doc.update(extra)
     doc["results"] = results
     return doc
@@ -170,7 +175,8 @@ def bench_table(rows: Sequence[dict], baseline: Optional[str]) -> str:
 def header(doc: dict) -> str:
     dev, ver = doc["device"], doc["versions"]
     parts = [f"device: {dev.get('name')} ({dev['type']}, {dev.get('threads')} threads"
-             + (f", attnkern ISA {dev['attnkern_isa']}" if dev.get("attnkern_isa") else "") + ")",
+             + (f", attnkern ISA {dev['attnkern_isa']}" if dev.get("attnkern_isa") else "")
+             + (f", load average {dev['loadavg_1m']}" if "loadavg_1m" in dev else "") + ")",
              "versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v)]
     peaks, sizes = doc.get("peak_tflops") or {}, doc.get("peak_matmul_n") or {}
     if peaks:

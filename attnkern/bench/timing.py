@@ -164,8 +164,8 @@ def _warm_up(runner: Runner, device: str, warmup_s: float):
     calls, start = 0, time.perf_counter()
     while calls < 2 or (time.perf_counter() - start < warmup_s and calls < 1000):
         runner.once(calls + 1)
+        _sync(device)  # else a GPU queue could fill with far more work than warmup_s
         calls += 1
-    _sync(device)
     return first, (time.perf_counter() - start) / calls
 
 
