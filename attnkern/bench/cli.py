@@ -205,6 +205,14 @@ def _subjects(args, device: str, preset: Preset) -> Tuple[List[Subject], Dict[st
     return runnable, unavailable, excluded
 
 
+def _prepare(args, device: str, presets):
+    """Threads, preset, cases and subjects of a bench or memory run."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = presets[args.preset or "quick"](device)
+    return (preset, _grid_from_args(args, preset)) + _subjects(args, device, preset)
+
+
 def _list_subjects(device: str) -> int:
     from .report import format_table
 
@@ -264,11 +272,7 @@ def bench(args) -> int:
     device = _device(args)
     if args.list:
         return _list_subjects(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = cases_mod.PRESETS[args.preset or "quick"](device)
-    cases = _grid_from_args(args, preset)
-    subjects, unavailable, excluded = _subjects(args, device, preset)
+    preset, cases, subjects, unavailable, excluded = _prepare(args, device, cases_mod.PRESETS)
     names = [s.name for s in subjects]
     baseline = args.baseline or default_baseline(device, names)
     if args.baseline and args.baseline not in names:
@@ -317,11 +321,7 @@ def memory(args) -> int:
     device = _device(args)
     if args.list:
         return _list_subjects(device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = cases_mod.MEMORY_PRESETS[args.preset or "quick"](device)
-    cases = _grid_from_args(args, preset)
-    subjects, unavailable, excluded = _subjects(args, device, preset)
+    preset, cases, subjects, unavailable, excluded = _prepare(args, device, cases_mod.MEMORY_PRESETS)
     start = time.perf_counter()
     doc = report.document("memory", device, _settings_dict(args), [], preset=preset.name, unavailable=unavailable,
                           method="torch.cuda.max_memory_allocated" if device == "cuda"

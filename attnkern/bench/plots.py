@@ -37,10 +37,13 @@ def _grid(plt, count: int, width: float = 5.0, height: float = 3.6):
     return fig, list(axes.flat)
 
 
-def _save(fig, path: str) -> str:
+def _save(plt, fig, path: str, title: str = "", suptitle: bool = True) -> str:
+    if title and suptitle:
+        fig.suptitle(title, fontsize=10)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
 
 
@@ -74,11 +77,7 @@ def plot_throughput(rows: Sequence[dict], path: str, title: str = "") -> Optiona
         ax.set_title(label, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
 
 
 def plot_speedup(rows: Sequence[dict], path: str, baseline: Optional[str], title: str = "") -> Optional[str]:
@@ -114,9 +113,7 @@ def plot_speedup(rows: Sequence[dict], path: str, baseline: Optional[str], title
     ax.legend(fontsize=8, loc="lower right")
     if title:
         ax.set_title(title, fontsize=10)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title, suptitle=False)
 
 
 def plot_memory(rows: Sequence[dict], fits: Sequence[dict], path: str, title: str = "") -> Optional[str]:
@@ -146,8 +143,4 @@ def plot_memory(rows: Sequence[dict], fits: Sequence[dict], path: str, title: st
         ax.set_title(series, fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    path = _save(fig, path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, title)
