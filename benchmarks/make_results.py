@@ -110,10 +110,17 @@ def skipped_summary(rows: Sequence[dict]) -> str:
             reasons[key] = reasons.get(key, 0) + 1
     if not reasons:
         return ""
-    lines = ["Not timed:", ""]
+    lines = ["Skipped cases:", ""]
     lines += [f"- {backend} ({status}, {n} case{'s' if n > 1 else ''}): {reason}"
               for (backend, status, reason), n in reasons.items()]
     return "\n".join(lines)
+
+
+def not_run(doc: dict) -> str:
+    lines = [f"- {name}: {reason}" for name, reason in (doc.get("unavailable") or {}).items()]
+    lines += [f"- {name}: left out by --{doc.get('preset')}: {reason}" for name, reason in
+              (doc.get("left_out") or {}).items()]
+    return "\n".join(["Not run:", ""] + lines) if lines else ""
 
 
 def read_attnkern_bench(doc: dict) -> str:
@@ -196,6 +203,8 @@ def describe(path: str) -> Optional[dict]:
         device = doc.get("device", {})
         kind = doc.get("kind", "bench")
         body = read_attnkern_memory(doc) if kind == "memory" else read_attnkern_bench(doc)
+        if not_run(doc):
+            body += "\n\n" + not_run(doc)
         title = f"{device_line(device)}: attnkern {kind} --{doc.get('preset', '?')}"
         if doc.get("note"):
             body = f"Note: {doc['note']}\n\n{body}"

@@ -11,10 +11,12 @@ write, and what benchmarks/make_results.py reads first)::
       "versions": {"attnkern": str, "torch": str, "python": str, "triton": str | null, ...},
       "settings": {...},                      # the command line, as parsed
       "note": str,                             # --note: free text about the run (optional)
-      "peak_tflops": {"bfloat16": float, ...}, # bench: the same run's matmul peak per dtype
+      "peak_tflops": {"bfloat16": float, ...}, # bench: matmul peak per dtype, best of a measurement
+                                               #   at the start and one at the end of the run
       "peak_matmul_n": {"bfloat16": int, ...}, # bench: the n of the n x n x n matmul that gave it
       "baseline": str | null,                  # bench: the subject speed-ups are relative to
       "unavailable": {backend: reason},        # subjects that cannot run on this device at all
+      "left_out": {backend: reason},           # subjects the preset does not run (--backends NAME runs them)
       "results": [row, ...],
       "fits": [...]                            # memory: growth exponents
     }
@@ -184,4 +186,6 @@ def header(doc: dict) -> str:
             f"{k} {v:.3f} TFLOP/s (n={sizes.get(k, '?')})" for k, v in peaks.items()))
     for name, reason in (doc.get("unavailable") or {}).items():
         parts.append(f"unavailable: {name}: {reason}")
+    for name, reason in (doc.get("left_out") or {}).items():
+        parts.append(f"left out by --{doc.get('preset')}: {name}: {reason}")
     return "\n".join(parts)

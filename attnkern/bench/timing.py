@@ -270,13 +270,13 @@ def _sample(runner: Runner, device: str, graph, inner: int, call: int):
 
 
 def matmul_peak_tflops(dtype: torch.dtype, device: str, max_n: int = 8192, target_s: float = 0.05,
-                       reps: int = 5) -> Dict[str, float]:
-    """Best TFLOP/s of an n x n x n matmul, n doubled until one call takes ``target_s``.
+                       reps: int = 5, start_n: int = 256) -> Dict[str, float]:
+    """Best TFLOP/s of an n x n x n matmul, n doubled from ``start_n`` until one call takes ``target_s``.
 
     Growing n from small keeps this short where a dtype is slow (float16 GEMM on many CPUs
     runs at well under 1 GFLOP/s).
     """
-    n = 256
+    n = start_n
     while True:
         a = torch.randn(n, n, device=device, dtype=torch.float32).to(dtype)
         b = torch.randn(n, n, device=device, dtype=torch.float32).to(dtype)
