@@ -105,7 +105,10 @@ def plot_speedup(rows: Sequence[dict], path: str, baseline: Optional[str], title
     ax.axvline(1.0, color="black", linewidth=0.8)
     values = [x for v in cases.values() for x in v.values()]
     if max(values) / min(values) > 20:  # one window case would flatten every other bar
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}x"))
     ax.set_yticks([i + 0.4 - bar / 2 for i in range(len(labels))])
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
