@@ -269,6 +269,12 @@ def test_bench_quick_writes_json_csv_and_plots(tmp_path, capsys):
     check_png(tmp_path / "plots" / "bench-speedup.png")
     shown = capsys.readouterr().out
     assert "attnkern-cpu" in shown and "vs sdpa-flash" in shown
+    # the saved run can be shown and plotted again without measuring
+    assert cli.main(["bench", "--from-json", str(out), "--plot", str(tmp_path / "again")]) == 0
+    check_png(tmp_path / "again" / "bench-speedup.png")
+    assert capsys.readouterr().out.splitlines()[0].startswith("case")
+    with pytest.raises(SystemExit, match="not an attnkern-bench/1 memory file"):
+        cli.main(["memory", "--from-json", str(out)])
 
 
 @needs_cpu_backend

@@ -123,6 +123,8 @@ def _common(p: argparse.ArgumentParser, presets: Sequence[str]) -> None:
     p.add_argument("--plot", metavar="DIR", help="write PNG charts into DIR (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (it shows only on a terminal anyway)")
     p.add_argument("--note", help="free text stored with the results (e.g. what else ran on the machine)")
+    p.add_argument("--from-json", metavar="PATH",
+                   help="measure nothing: show (and --plot, --csv) the results of an earlier --json run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +215,21 @@ def _prepare(args, device: str, presets):
     return (preset, _grid_from_args(args, preset)) + _subjects(args, device, preset)
 
 
+def _load(path: str, kind: str) -> dict:
+    import json
+
+    from .report import SCHEMA
+
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"attnkern: --from-json {path}: {exc}")
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA or doc.get("kind") != kind:
+        raise SystemExit(f"attnkern: --from-json {path} is not an {SCHEMA} {kind} file")
+    return doc
+
+
 def _list_subjects(device: str) -> int:
     from .report import format_table
 
@@ -269,6 +286,8 @@ def bench(args) -> int:
     from .sweep import add_ratios, run_sweep
     from .timing import TimingSettings, matmul_peak_tflops
 
+    if args.from_json:
+        return show_bench(_load(args.from_json, "bench"), args)
     device = _device(args)
     if args.list:
         return _list_subjects(device)
@@ -304,16 +323,28 @@ def bench(args) -> int:
     add_ratios(rows, baseline, doc["peak_tflops"])
     doc["results"] = rows
     doc["wall_s"] = round(time.perf_counter() - start, 2)
+    return show_bench(doc, args)
+
+
+def _title(doc: dict, detail: str) -> str:
+    return f"{doc['device'].get('name')} ({doc['device'].get('type')}), {detail}"
+
+
+def show_bench(doc: dict, args) -> int:
+    """Table, plots and files of a bench document (just measured, or read with --from-json)."""
+    from . import report
+
+    rows, baseline = doc["results"], doc.get("baseline")
     print(report.bench_table(rows, baseline))
     print("%peak is against the matmul peak, best of the start and the end of the run: "
-          + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in doc["peak_tflops"].items()))
+          + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in (doc.get("peak_tflops") or {}).items()))
     print(f"{sum(r['status'] == 'ok' for r in rows)} timed, {sum(r['status'] == 'skip' for r in rows)} skipped, "
-          f"{sum(r['status'] == 'error' for r in rows)} errors in {doc['wall_s']:.1f} s")
+          f"{sum(r['status'] == 'error' for r in rows)} errors in {doc.get('wall_s', 0):.1f} s")
     plots = []
     if args.plot:
         from .plots import plot_speedup, plot_throughput
 
-        title = f"{doc['device']['name']} ({device}), torch {torch.__version__}"
+        title = _title(doc, f"torch {doc['versions'].get('torch')}")
         plots = _plot_or_say("bench", lambda: [
             plot_throughput(rows, os.path.join(args.plot, "bench-throughput.png"), title),
             plot_speedup(rows, os.path.join(args.plot, "bench-speedup.png"), baseline, title)])
@@ -324,6 +355,8 @@ def memory(args) -> int:
     from . import report
     from .memory import fits, run_memory
 
+    if args.from_json:
+        return show_memory(_load(args.from_json, "memory"), args)
     device = _device(args)
     if args.list:
         return _list_subjects(device)
@@ -343,6 +376,12 @@ def memory(args) -> int:
     growth = fits(rows)
     doc["results"], doc["fits"] = rows, growth
     doc["wall_s"] = round(time.perf_counter() - start, 2)
+    return show_memory(doc, args)
+
+
+def show_memory(doc: dict, args) -> int:
+    """Tables, plot and files of a memory document (just measured, or read with --from-json)."""
+    rows, growth = doc["results"], doc.get("fits", [])
     print(memory_table(rows))
     print()
     print(fits_table(growth))
@@ -350,7 +389,7 @@ def memory(args) -> int:
     if args.plot:
         from .plots import plot_memory
 
-        title = f"{doc['device']['name']} ({device}), {doc['method']}"
+        title = _title(doc, doc.get("method", ""))
         plots = _plot_or_say("memory", lambda: [plot_memory(rows, growth, os.path.join(args.plot, "memory.png"), title)])
     return _finish(doc, rows, args, plots)
 
