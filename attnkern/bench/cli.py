@@ -208,7 +208,7 @@ def _subjects(args, device: str, preset: Preset) -> Tuple[List[Subject], Dict[st
 
 
 def _prepare(args, device: str, presets):
-    """Threads, preset, cases and subjects of a bench or memory run."""
+    """(preset, cases, subjects, unavailable, left_out) of a bench or memory run; sets the threads."""
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = presets[args.preset or "quick"](device)
@@ -281,17 +281,12 @@ def _finish(doc: dict, rows: List[dict], args, plots: List[str]) -> int:
 # commands
 
 
-def bench(args) -> int:
+def bench(args, device: str, preset: Preset, cases: List[Case], subjects: List[Subject],
+          unavailable: Dict[str, str], left_out: Dict[str, str]) -> int:
     from . import report
     from .sweep import add_ratios, run_sweep
     from .timing import TimingSettings, matmul_peak_tflops
 
-    if args.from_json:
-        return show_bench(_load(args.from_json, "bench"), args)
-    device = _device(args)
-    if args.list:
-        return _list_subjects(device)
-    preset, cases, subjects, unavailable, left_out = _prepare(args, device, cases_mod.PRESETS)
     names = [s.name for s in subjects]
     baseline = args.baseline or default_baseline(device, names)
     if args.baseline and args.baseline not in names:
@@ -351,16 +346,11 @@ def show_bench(doc: dict, args) -> int:
     return _finish(doc, rows, args, plots)
 
 
-def memory(args) -> int:
+def memory(args, device: str, preset: Preset, cases: List[Case], subjects: List[Subject],
+           unavailable: Dict[str, str], left_out: Dict[str, str]) -> int:
     from . import report
     from .memory import fits, run_memory
 
-    if args.from_json:
-        return show_memory(_load(args.from_json, "memory"), args)
-    device = _device(args)
-    if args.list:
-        return _list_subjects(device)
-    preset, cases, subjects, unavailable, left_out = _prepare(args, device, cases_mod.MEMORY_PRESETS)
     start = time.perf_counter()
     doc = report.document("memory", device, _settings_dict(args), [], preset=preset.name, unavailable=unavailable,
                           left_out=left_out,
@@ -425,7 +415,14 @@ def fits_table(growth: Sequence[dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    return bench(args) if args.command == "bench" else memory(args)
+    show, measure, presets = {"bench": (show_bench, bench, cases_mod.PRESETS),
+                              "memory": (show_memory, memory, cases_mod.MEMORY_PRESETS)}[args.command]
+    if args.from_json:
+        return show(_load(args.from_json, args.command), args)
+    device = _device(args)
+    if args.list:
+        return _list_subjects(device)
+    return measure(args, device, *_prepare(args, device, presets))
 
 
 if __name__ == "__main__":
