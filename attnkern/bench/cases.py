@@ -1,0 +1,263 @@
+"""The benchmark grid: one :class:`Case` per attention problem, and the named presets.
+
+A case is one call shape in torch's layout (B, H, L, E) with top-left alignment (the
+meaning of torch's ``is_causal`` and of attnkern's ``scaled_dot_product_attention``), so
+every backend in a sweep is asked the same question.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from .._semantics import Problem, normalize_window
+from .flops import MODE_FACTOR, attention_flops
+
+DTYPES: Dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
+MODES = tuple(MODE_FACTOR)
+
+
+def dtype_name(name: str) -> str:
+    key = DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or fp32/fp16/bf16), got {name!r}")
+    return key
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmarked call. ``window`` is (left, right) as attnkern takes it, or None."""
+
+    dtype: str
+    batch: int
+    heads_q: int
+    heads_kv: int
+    len_q: int
+    len_k: int
+    head_dim: int
+    causal: bool = False
+    window: Optional[Tuple[int, int]] = None
+    mode: str = "fwd"
+    head_dim_v: Optional[int] = None
+    model: str = ""  # preset shape name (e.g. "llama3-8b"), for labels only
+
+    def __post_init__(self):
+        if self.head_dim_v is None:
+            object.__setattr__(self, "head_dim_v", self.head_dim)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.heads_kv <= 0 or self.heads_q % self.heads_kv:
+            raise ValueError(f"heads_q {self.heads_q} must be a multiple of heads_kv {self.heads_kv}")
+        normalize_window(self.window, self.causal)  # raises on a malformed window
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def band(self) -> Tuple[int, int]:
+        """(left, right) with causality folded in, -1 unbounded."""
+        return normalize_window(self.window, self.causal)
+
+    @property
+    def gqa(self) -> bool:
+        return self.heads_q != self.heads_kv
+
+    @property
+    def masking(self) -> str:
+        """Short description of the band: dense, causal, or the window."""
+        if self.window is None:
+            return "causal" if self.causal else "dense"
+        left, right = self.band
+        return f"{'causal ' if self.causal else ''}win({left},{right})"
+
+    def flops(self) -> float:
+        return attention_flops(self.batch, self.heads_q, self.len_q, self.len_k, self.head_dim, self.head_dim_v,
+                               self.causal, self.window, False, self.mode)
+
+    def problem(self, device_type: str) -> Problem:
+        left, right = self.band
+        return Problem(
+            batch=self.batch, heads_q=self.heads_q, heads_kv=self.heads_kv, len_q=self.len_q, len_k=self.len_k,
+            head_dim=self.head_dim, head_dim_v=self.head_dim_v, scale=self.head_dim ** -0.5, window_left=left,
+            window_right=right, bottom_right=False, dropout_p=0.0, mask_kind=None, dtype=self.torch_dtype,
+            device_type=device_type,
+        )
+
+    def shape_label(self) -> str:
+        heads = f"H{self.heads_q}" + (f"/{self.heads_kv}" if self.gqa else "")
+        seq = f"L{self.len_q}" + (f" S{self.len_k}" if self.len_k != self.len_q else "")
+        dims = f"D{self.head_dim}" + (f"/{self.head_dim_v}" if self.head_dim_v != self.head_dim else "")
+        prefix = f"{self.model} " if self.model else ""
+        return f"{prefix}B{self.batch} {heads} {seq} {dims}"
+
+    def label(self) -> str:
+        return f"{self.dtype} {self.shape_label()} {self.masking} {self.mode}"
+
+    def series_key(self) -> Tuple:
+        """Everything but the sequence lengths: the cases one throughput-vs-length line joins."""
+        return (self.dtype, self.batch, self.heads_q, self.heads_kv, self.head_dim, self.head_dim_v, self.causal,
+                self.window, self.mode, self.model, self.len_k == self.len_q)
+
+    def series_label(self) -> str:
+        heads = f"H{self.heads_q}" + (f"/{self.heads_kv}" if self.gqa else "")
+        prefix = f"{self.model} " if self.model else ""
+        return f"{prefix}{self.dtype} B{self.batch} {heads} D{self.head_dim} {self.masking} {self.mode}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["window"] = list(self.window) if self.window is not None else None
+        return d
+
+
+def grid(dtypes: Iterable[str], head_dims: Iterable[int], batch_heads: Iterable[Tuple[int, int, int]],
+         seqlens: Iterable[Tuple[int, int]], bands: Iterable[Tuple[bool, Optional[Tuple[int, int]]]],
+         modes: Iterable[str], model: str = "") -> List[Case]:
+    """Cartesian product; ``batch_heads`` holds (batch, heads_q, heads_kv), ``bands`` (causal, window)."""
+    cases = []
+    for dt, d, (b, hq, hkv), (lq, lk), (causal, window), mode in itertools.product(
+            dtypes, head_dims, batch_heads, seqlens, bands, modes):
+        cases.append(Case(dt, b, hq, hkv, lq, lk, d, causal, window, mode, model=model))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------
+# presets
+
+
+@dataclass
+class Preset:
+    """Cases plus the timing budget and backends that suit them."""
+
+    name: str
+    cases: List[Case]
+    budget_s: float  # measuring time per case, shared by its backends
+    min_reps: int
+    max_reps: int
+    warmup_s: float
+    exclude: Dict[str, str] = field(default_factory=dict)  # backend -> reason it sits this preset out
+
+
+def _squares(lengths: Sequence[int]) -> List[Tuple[int, int]]:
+    return [(n, n) for n in lengths]
+
+
+def quick(device: str) -> Preset:
+    """A first look in well under a minute on a 2-core CPU (a few seconds on a GPU)."""
+    if device == "cuda":
+        dtypes, b, h, lengths, win = ["bfloat16"], 4, 16, [1024, 2048, 4096], (512, 0)
+        d = 128
+    else:
+        dtypes, b, h, lengths, win = ["float32"], 1, 8, [512, 1024, 2048], (256, 0)
+        d = 64
+    top = lengths[-1]
+    cases = grid(dtypes, [d], [(b, h, h)], _squares(lengths), [(False, None), (True, win)], ["fwd"])
+    cases += grid(dtypes, [d], [(b, h, h)], [(top, top)], [(True, None)], ["fwd"])
+    cases += grid(dtypes, [d], [(b, h, h // 4)], [(lengths[1], lengths[1])], [(True, None)], ["fwd"])
+    cases += grid(dtypes, [d], [(b, h, h)], [(lengths[1], lengths[1])], [(False, None), (True, win)], ["fwd+bwd"])
+    exclude = {"attnkern-math": "the float64-capable oracle is not a contender; run --standard or --backends "
+                                "attnkern-math"}
+    if device == "cpu":
+        exclude["flex"] = ("FlexAttention on CPU compiles every shape with Inductor (seconds each); "
+                           "run --standard or --backends flex")
+    return Preset("quick", cases, budget_s=0.5 if device == "cpu" else 0.3, min_reps=5, max_reps=50,
+                  warmup_s=0.05, exclude=exclude)
+
+
+def standard(device: str) -> Preset:
+    """The full grid: dtypes, head dims, lengths, causal, windows, GQA, fwd / bwd / fwd+bwd."""
+    if device == "cuda":
+        dtypes, head_dims, lengths, tokens = ["bfloat16", "float16"], [64, 128], [512, 1024, 2048, 4096, 8192, 16384], 16384
+        heads = {64: 32, 128: 16}
+        windows = [(256, 0), (1024, 1024)]
+    else:
+        dtypes, head_dims, lengths, tokens = ["float32", "bfloat16"], [64, 128], [256, 512, 1024, 2048, 4096], 4096
+        heads = {64: 8, 128: 4}
+        windows = [(256, 0), (128, 128)]
+    bands = [(False, None), (True, None)] + [(w[1] == 0, w) for w in windows]
+    cases = []
+    for d in head_dims:
+        h = heads[d]
+        for n in lengths:
+            b = max(1, tokens // n)  # constant tokens per batch, as FlashAttention's benchmarks do
+            cases += grid(dtypes, [d], [(b, h, h)], [(n, n)], bands, MODES)
+        mid = lengths[len(lengths) // 2]
+        cases += grid(dtypes, [d], [(max(1, tokens // mid), h, max(1, h // 4))], [(mid, mid)],
+                      [(True, None)], MODES)
+        cases += grid(dtypes, [d], [(1, h, h)], [(lengths[0], lengths[-1])], [(False, None)], ["fwd"])  # L != S
+    return Preset("standard", cases, budget_s=2.0 if device == "cpu" else 0.5, min_reps=7, max_reps=200,
+                  warmup_s=0.2)
+
+
+# (heads_q, heads_kv, head_dim, causal, window) of common decoder models
+MODELS = {
+    "llama3-8b": (32, 8, 128, True, None),
+    "mistral-7b": (32, 8, 128, True, (4095, 0)),  # sliding_window 4096: key j > i - 4096
+    "gpt2": (12, 12, 64, True, None),
+}
+
+
+def llm(device: str) -> Preset:
+    """Attention shapes of Llama-3-8B, Mistral-7B (sliding window 4096) and GPT-2."""
+    if device == "cuda":
+        lengths = {"llama3-8b": [2048, 4096, 8192], "mistral-7b": [4096, 8192, 16384], "gpt2": [1024]}
+        modes, gpt2_batch = ["fwd", "fwd+bwd"], 16
+    else:
+        lengths = {"llama3-8b": [1024, 2048], "mistral-7b": [2048, 8192], "gpt2": [1024]}
+        modes, gpt2_batch = ["fwd"], 4
+    dtype = "bfloat16"
+    cases = []
+    for model, (hq, hkv, d, causal, window) in MODELS.items():
+        b = gpt2_batch if model == "gpt2" else 1
+        cases += grid([dtype], [d], [(b, hq, hkv)], _squares(lengths[model]), [(causal, window)], modes, model=model)
+    return Preset("llm", cases, budget_s=2.0 if device == "cpu" else 0.5, min_reps=5, max_reps=100, warmup_s=0.1)
+
+
+PRESETS = {"quick": quick, "standard": standard, "llm": llm}
+
+
+def case_from_row(row: dict) -> Case:
+    """The case of a result row (rows carry the case's fields, window as a list)."""
+    fields = {k: v for k, v in row.items() if k in Case.__dataclass_fields__}
+    if fields.get("window") is not None:
+        fields["window"] = tuple(fields["window"])
+    return Case(**fields)
+
+
+# ---------------------------------------------------------------------------------------
+# memory presets: one shape, growing length, so the growth exponent can be read off
+
+
+def memory_quick(device: str) -> Preset:
+    if device == "cuda":
+        cases = grid(["bfloat16"], [128], [(1, 16, 16)], _squares([1024, 2048, 4096, 8192]), [(False, None)],
+                     ["fwd", "fwd+bwd"])
+    else:
+        cases = grid(["float32"], [64], [(1, 8, 8)], _squares([256, 512, 1024, 2048]), [(False, None)],
+                     ["fwd", "fwd+bwd"])
+    exclude = {}
+    if device == "cpu":
+        exclude["flex"] = "FlexAttention on CPU compiles every shape with Inductor (seconds each); run --standard"
+    return Preset("quick", cases, budget_s=0, min_reps=1, max_reps=1, warmup_s=0, exclude=exclude)
+
+
+def memory_standard(device: str) -> Preset:
+    if device == "cuda":
+        lengths, dtype, d, h = [1024, 2048, 4096, 8192, 16384, 32768], "bfloat16", 128, 16
+    else:
+        lengths, dtype, d, h = [256, 512, 1024, 2048, 4096], "float32", 64, 8
+    cases = grid([dtype], [d], [(1, h, h)], _squares(lengths), [(False, None), (True, (256, 0))],
+                 ["fwd", "fwd+bwd"])
+    return Preset("standard", cases, budget_s=0, min_reps=1, max_reps=1, warmup_s=0)
+
+
+MEMORY_PRESETS = {"quick": memory_quick, "standard": memory_standard}

@@ -1,0 +1,268 @@
+"""What a sweep times: attnkern's backends and the baselines found on this machine.
+
+A :class:`Subject` answers three questions: can it run on this device at all
+(``unavailable``), can it serve this case (``limits``: attnkern's own rows come straight
+from the capability table in attnkern.dispatch), and how to call it (``build`` returns
+``fn(q, k, v) -> out`` in the subject's layout). Every subject computes the same top-left
+aligned band as attnkern.scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import dispatch
+from .._semantics import band_mask
+from .cases import Case
+
+Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    description: str
+    unavailable: Callable[[str], Optional[str]]  # device type -> reason it cannot run there at all
+    limits: Callable[[Case, str], Optional[str]]  # (case, device type) -> reason it cannot serve the case
+    build: Callable[[Case, str], Fn]
+    layout: str = "bhld"  # "bhld": torch's (B, H, L, D); "blhd": flash-attn's (B, L, H, D)
+    materialises_scores: bool = False  # holds the (L, S) score matrix: bounded by --max-memory
+
+    def why_not(self, case: Case, device: str) -> Optional[str]:
+        return self.unavailable(device) or self.limits(case, device)
+
+
+def _torch_version() -> Tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _module_missing(name: str) -> Optional[str]:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"{name} is not installed ({type(exc).__name__})"
+    return None
+
+
+def _cuda_only(what: str, device: str) -> Optional[str]:
+    return None if device == "cuda" else f"{what} runs on CUDA tensors only"
+
+
+# ---------------------------------------------------------------------------------------
+# attnkern: one subject per row of the capability table
+
+
+def _attnkern_subject(backend: str) -> Subject:
+    cap = dispatch.CAPABILITIES[backend]
+
+    def unavailable(device: str) -> Optional[str]:
+        reason = cap.available()
+        if reason:
+            return reason
+        if device not in cap.devices:
+            return f"backend {backend!r} does not run on {device} tensors"
+        if backend == "triton" and device == "cpu":
+            return "Triton on CPU tensors runs only in its interpreter, whose timings mean nothing"
+        return None
+
+    def build(case: Case, device: str) -> Fn:
+        from ..functional import scaled_dot_product_attention
+
+        def fn(q, k, v):
+            return scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=case.gqa,
+                                                window_size=case.window, backend=backend)
+        return fn
+
+    return Subject(
+        name=f"attnkern-{backend}", description=f"attnkern backend={backend!r}", unavailable=unavailable,
+        limits=lambda case, device: cap.why_not(case.problem(device)), build=build,
+        materialises_scores=backend == "math",
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# torch SDPA, one subject per kernel (torch.nn.attention.sdpa_kernel pins it)
+
+_SDPA_KERNELS = {
+    "math": ("MATH", "torch SDPA math (materialises the scores)"),
+    "flash": ("FLASH_ATTENTION", "torch SDPA flash (on CPU: ATen's CPU flash kernel)"),
+    "efficient": ("EFFICIENT_ATTENTION", "torch SDPA memory-efficient (CUDA)"),
+    "cudnn": ("CUDNN_ATTENTION", "torch SDPA cuDNN (CUDA)"),
+}
+
+
+def _sdpa_subject(kernel: str) -> Subject:
+    enum_name, description = _SDPA_KERNELS[kernel]
+
+    def unavailable(device: str) -> Optional[str]:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: F401
+        except ImportError:
+            return "torch.nn.attention.sdpa_kernel is missing (torch < 2.3)"
+        if not hasattr(SDPBackend, enum_name):
+            return f"this torch has no SDPBackend.{enum_name}"
+        if kernel in ("efficient", "cudnn"):
+            return _cuda_only(f"torch SDPA {kernel!r}", device)
+        return None
+
+    def limits(case: Case, device: str) -> Optional[str]:
+        if case.gqa and _torch_version() < (2, 5):
+            return "torch < 2.5 has no enable_gqa"
+        if case.window is not None and kernel == "flash" and device == "cuda":
+            return "torch's CUDA flash kernel takes no attn_mask, which a window needs"
+        return None
+
+    def build(case: Case, device: str) -> Fn:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        pinned = [getattr(SDPBackend, enum_name)]
+        mask = None
+        if case.window is not None:
+            left, right = case.band
+            mask = band_mask(case.len_q, case.len_k, left, right, 0, device=device)
+        extra = {"enable_gqa": True} if case.gqa else {}
+        is_causal = case.causal and mask is None
+
+        def fn(q, k, v):
+            with sdpa_kernel(pinned):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, **extra)
+        return fn
+
+    return Subject(name=f"sdpa-{kernel}", description=description, unavailable=unavailable, limits=limits,
+                   build=build, materialises_scores=kernel == "math")
+
+
+# ---------------------------------------------------------------------------------------
+# FlexAttention with the equivalent mask_mod
+
+_compiled_flex = None
+
+
+def _flex_unavailable(device: str) -> Optional[str]:
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return "this torch has no FlexAttention (torch < 2.5)"
+    return None
+
+
+def band_mask_mod(left: int, right: int):
+    """FlexAttention mask_mod of the top-left band: key j allowed iff i - left <= j <= i + right."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        back = q_idx - kv_idx  # how far the key lies behind the query
+        if left >= 0 and right >= 0:
+            return (back <= left) & (back >= -right)
+        if left >= 0:
+            return back <= left
+        return back >= -right
+    return mask_mod
+
+
+def _flex_build(case: Case, device: str) -> Fn:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    global _compiled_flex
+    if _compiled_flex is None:
+        # eager FlexAttention materialises the scores; only the compiled kernel is the real contender
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if case.causal or case.window is not None:
+        left, right = case.band
+        block_mask = create_block_mask(band_mask_mod(left, right), None, None, case.len_q, case.len_k, device=device)
+    compiled = _compiled_flex
+
+    def fn(q, k, v):
+        return compiled(q, k, v, block_mask=block_mask, enable_gqa=case.gqa)
+    return fn
+
+
+def _flex_subject() -> Subject:
+    return Subject(name="flex", description="torch FlexAttention (torch.compile) with the band as mask_mod",
+                   unavailable=_flex_unavailable, limits=lambda case, device: None, build=_flex_build)
+
+
+# ---------------------------------------------------------------------------------------
+# flash-attn and xformers, when installed (layout (B, L, H, D))
+
+
+def _bottom_right_differs(case: Case) -> Optional[str]:
+    if (case.causal or case.window is not None) and case.len_q != case.len_k:
+        return "aligns causal/window masks bottom-right; this case is top-left with L != S"
+    return None
+
+
+def _flash_attn_limits(case: Case, device: str) -> Optional[str]:
+    if case.dtype not in ("float16", "bfloat16"):
+        return f"flash-attn takes float16/bfloat16, not {case.dtype}"
+    if max(case.head_dim, case.head_dim_v) > 256:
+        return "flash-attn supports head dims up to 256"
+    reason = _bottom_right_differs(case)
+    return f"flash-attn {reason}" if reason else None
+
+
+def _flash_attn_build(case: Case, device: str) -> Fn:
+    from flash_attn import flash_attn_func
+
+    window = case.band if case.window is not None else (-1, -1)
+
+    def fn(q, k, v):
+        return flash_attn_func(q, k, v, causal=case.causal, window_size=window)
+    return fn
+
+
+def _xformers_limits(case: Case, device: str) -> Optional[str]:
+    if case.gqa:
+        return "xformers takes GQA only in its 5-D (B, M, G, H, K) layout, not wired here"
+    if case.dtype == "float64":
+        return "xformers does not take float64"
+    reason = _bottom_right_differs(case)
+    return f"xformers {reason}" if reason else None
+
+
+def _xformers_build(case: Case, device: str) -> Fn:
+    import xformers.ops as xops
+    from xformers.ops import fmha
+
+    if case.window is not None:
+        left, right = case.band
+        bias = fmha.attn_bias.LocalAttentionFromBottomRightMask(window_left=left, window_right=max(right, 0))
+    elif case.causal:
+        bias = fmha.attn_bias.LowerTriangularMask()
+    else:
+        bias = None
+
+    def fn(q, k, v):
+        return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+    return fn
+
+
+def _external(name: str, module: str, description: str, limits, build) -> Subject:
+    return Subject(name=name, description=description,
+                   unavailable=lambda device: _module_missing(module) or _cuda_only(name, device),
+                   limits=limits, build=build, layout="blhd")
+
+
+def all_subjects() -> Dict[str, Subject]:
+    """Every subject this module knows, available here or not, in report order."""
+    subjects = [_attnkern_subject(b) for b in dispatch.CAPABILITIES]
+    subjects += [_sdpa_subject(k) for k in _SDPA_KERNELS]
+    subjects.append(_flex_subject())
+    subjects.append(_external("flash-attn", "flash_attn", "flash-attn flash_attn_func", _flash_attn_limits,
+                              _flash_attn_build))
+    subjects.append(_external("xformers", "xformers", "xformers memory_efficient_attention", _xformers_limits,
+                              _xformers_build))
+    return {s.name: s for s in subjects}
+
+
+def default_baseline(device: str, names: List[str]) -> Optional[str]:
+    """The torch kernel users would otherwise get: its flash kernel (CPU flash on CPU)."""
+    for candidate in ("sdpa-flash", "sdpa-efficient", "sdpa-math"):
+        if candidate in names:
+            return candidate
+    return names[0] if names else None
