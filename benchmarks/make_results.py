@@ -169,9 +169,14 @@ def read_pytest_benchmark(doc: dict) -> str:
         info, stats = b.get("extra_info", {}), b.get("stats", {})
         speedup = next((f"{v:.2f}x vs {k[len('speedup_vs_'):]}" for k, v in info.items()
                         if k.startswith("speedup_vs_") and v), "")
+        shown = {"tflops", "pct_peak"} | {k for k in info if k.startswith("speedup_vs_")}
+        notes = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in info.items() if k not in shown)
         body.append([b.get("name", "?"), fmt(stats.get("median", 0) * 1e3, ".3f"), fmt(stats.get("iqr", 0) * 1e3, ".3f"),
-                     stats.get("rounds", ""), fmt(info.get("tflops"), ".3f"), fmt(info.get("pct_peak"), ".0f"), speedup])
-    return table(["benchmark", "median ms", "IQR ms", "rounds", "TFLOP/s", "% matmul peak", "speed-up"], body)
+                     stats.get("rounds", ""), fmt(info.get("tflops"), ".3f"), fmt(info.get("pct_peak"), ".0f"), speedup,
+                     notes])
+    return table(["benchmark", "median ms", "IQR ms", "rounds", "TFLOP/s", "% matmul peak", "speed-up", "other figures"],
+                 body)
 
 
 def read_generic(doc: dict) -> str:

@@ -43,8 +43,8 @@ def record(benchmark, ours, theirs, flops, rounds):
         speedup_vs_torch=t_theirs / t_ours,
         attnkern_median_s=t_ours,
         torch_median_s=t_theirs,
-        attnkern_gflops=flops / t_ours / 1e9,
-        torch_gflops=flops / t_theirs / 1e9,
+        tflops=flops / t_ours / 1e12,
+        torch_tflops=flops / t_theirs / 1e12,
         threads=torch.get_num_threads(),
     )
     benchmark.pedantic(ours, rounds=rounds, warmup_rounds=1)
