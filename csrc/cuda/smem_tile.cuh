@@ -1,0 +1,118 @@
+// Shared-memory tiles of 16-bit elements: the swizzled layout, the cp.async loader and the
+// ldmatrix fragment loads of the m16n8k16 operands.
+//
+// A (kRows x kD) tile is stored as panels of 64 columns (128-byte rows); a head dim that is an
+// odd multiple of 32 (32, 96) ends in one 32-column panel. Inside a panel the 16-byte chunk c of
+// row r sits at chunk c ^ (r & 7) (64-column panels) or c ^ ((r >> 1) & 3) (32-column panels).
+// ldmatrix reads one chunk from each of 8 consecutive rows and cp.async writes consecutive
+// chunks of a row; with the swizzle both touch 8 distinct 16-byte bank groups, so neither
+// conflicts. tests/test_cuda_layout.py replays this index math on the CPU.
+#pragma once
+
+#include "ptx.cuh"
+
+namespace attnkern {
+namespace cuda {
+
+template <int kRows_, int kD_>
+struct SmemTile {
+  static constexpr int kRows = kRows_;
+  static constexpr int kD = kD_;
+  static constexpr int kChunks = kD / 8;  // 16-byte chunks per row
+  static constexpr int kFullPanels = kD / 64;
+  static constexpr int kTailChunks = (kD % 64) / 8;
+  static_assert(kD % 32 == 0, "head dims are bucketed to multiples of 32");
+  static_assert(kRows % 16 == 0, "tiles are whole mma row blocks");
+  static constexpr int kElems = kRows * kD;
+  static constexpr int kBytes = kElems * 2;  // a multiple of 1024: tiles keep 128-byte alignment
+
+  // byte offset of chunk `chunk` (columns 8*chunk .. 8*chunk+7) of row `row`
+  __device__ static __forceinline__ uint32_t offset(int row, int chunk) {
+    if (kTailChunks == 0 || chunk < kFullPanels * 8) {
+      const int panel = chunk >> 3, c = chunk & 7;
+      return panel * (kRows * 128) + row * 128 + ((c ^ (row & 7)) << 4);
+    }
+    const int c = chunk - kFullPanels * 8;
+    return kFullPanels * (kRows * 128) + row * 64 + ((c ^ ((row >> 1) & 3)) << 4);
+  }
+
+  // A lane's ldmatrix address for (row, chunk lane_chunk in {0, 1}), in a full and in the tail
+  // panel. Every other even chunk and every row 8*n further is then one XOR and one add away
+  // (at()): for a 128-byte aligned tile the swizzled chunk bits are bits 4-6 of the address
+  // itself, and adding multiples of 8 rows leaves the swizzle unchanged. This keeps the
+  // unrolled loops from holding a register per fragment address.
+  struct Lane {
+    uint32_t full, tail;
+  };
+  __device__ static __forceinline__ Lane lane(uint32_t tile_addr, int row, int lane_chunk) {
+    return {tile_addr + row * 128 + ((lane_chunk ^ (row & 7)) << 4),
+            tile_addr + kFullPanels * (kRows * 128) + row * 64 + ((lane_chunk ^ ((row >> 1) & 3)) << 4)};
+  }
+  // address of chunk + lane_chunk, row + row_add; `chunk` even and `row_add` a multiple of 8
+  __device__ static __forceinline__ uint32_t at(const Lane& l, int chunk, int row_add) {
+    if (kTailChunks == 0 || chunk < kFullPanels * 8)
+      return (l.full ^ ((chunk & 7) << 4)) + (chunk >> 3) * (kRows * 128) + row_add * 128;
+    return (l.tail ^ (((chunk - kFullPanels * 8) & 3) << 4)) + row_add * 64;
+  }
+};
+
+// Issue cp.async copies of a tile whose row r is at rows + r * row_stride (zero-filled for rows
+// at or past rows_valid and for chunks at or past cols_valid, a multiple of 8). `any` is a
+// mapped address for the zero-fill copies.
+template <class Tile, int kThreads, typename T>
+__device__ __forceinline__ void load_rows_async(uint32_t tile_addr, const T* rows, int64_t row_stride,
+                                                int64_t rows_valid, int cols_valid, const T* any) {
+  constexpr int kTotal = Tile::kRows * Tile::kChunks;
+  constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+  const int tid = static_cast<int>(threadIdx.x);
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int id = it * kThreads + tid;
+    if (kTotal % kThreads == 0 || id < kTotal) {
+      const int r = id / Tile::kChunks, c = id % Tile::kChunks;
+      const bool valid = r < rows_valid && c * 8 < cols_valid;
+      cp_async_16(tile_addr + Tile::offset(r, c), valid ? rows + r * row_stride + c * 8 : any, valid);
+    }
+  }
+}
+
+// Same for tiles whose rows are not evenly strided: `row_ptr(r)` gives row r's address or nullptr.
+template <class Tile, int kThreads, typename T, class RowPtr>
+__device__ __forceinline__ void load_tile_async(uint32_t tile_addr, RowPtr row_ptr, int cols_valid, const T* any) {
+  constexpr int kTotal = Tile::kRows * Tile::kChunks;
+  constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
+#pragma unroll
+  for (int it = 0; it < kIters; ++it) {
+    const int id = it * kThreads + static_cast<int>(threadIdx.x);
+    if (kTotal % kThreads == 0 || id < kTotal) {
+      const int r = id / Tile::kChunks, c = id % Tile::kChunks;
+      const T* row = row_ptr(r);
+      const bool valid = row != nullptr && c * 8 < cols_valid;
+      cp_async_16(tile_addr + Tile::offset(r, c), valid ? row + c * 8 : any, valid);
+    }
+  }
+}
+
+// Lane addresses of the three operand roles of m16n8k16 (ldmatrix.x4: lanes 8m..8m+7 give the
+// row addresses of matrix m, and one chunk is 8 columns = one n-tile):
+//  A, rows row0..row0+15, chunks c, c+1: matrices (rows 0-7, c), (8-15, c), (0-7, c+1),
+//     (8-15, c+1) are a0..a3;
+//  B stored n x k (K in S = Q K^T), rows n0..n0+15, chunks c, c+1: matrices (n 0-7, c),
+//     (0-7, c+1), (8-15, c), (8-15, c+1) are b0, b1 of n-tile n0/8 and b0, b1 of the next;
+//  B stored k x n (V in O = P V), rows k0..k0+15, chunks c, c+1, transposing load: matrices
+//     (k 0-7, c), (8-15, c), (0-7, c+1), (8-15, c+1) are b0, b1 of n-tile c and of n-tile c+1.
+template <class Tile>
+__device__ __forceinline__ typename Tile::Lane lane_a(uint32_t tile_addr, int row0, int lane) {
+  return Tile::lane(tile_addr, row0 + (lane & 15), lane >> 4);
+}
+template <class Tile>
+__device__ __forceinline__ typename Tile::Lane lane_b_nk(uint32_t tile_addr, int n0, int lane) {
+  return Tile::lane(tile_addr, n0 + (lane & 7) + ((lane >> 4) << 3), (lane >> 3) & 1);
+}
+template <class Tile>
+__device__ __forceinline__ typename Tile::Lane lane_b_kn(uint32_t tile_addr, int k0, int lane) {
+  return Tile::lane(tile_addr, k0 + (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
+}
+
+}  // namespace cuda
+}  // namespace attnkern
