@@ -2,7 +2,11 @@
 // (bindings_cuda.cpp) are the only file that knows about tensors.
 #pragma once
 
+#if defined(ATTNKERN_CUDA_EMULATOR)
+#include "emulator/cuda_emu.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include <cstdint>
 #include <string>

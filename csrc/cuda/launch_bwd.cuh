@@ -4,20 +4,10 @@
 #pragma once
 
 #include "bwd_kernel.cuh"
+#include "launch_kernel.cuh"
 
 namespace attnkern {
 namespace cuda {
-
-template <class Cfg, class Kernel>
-cudaError_t launch_bwd_kernel(Kernel kernel, const AttnParams& p, dim3 grid, cudaStream_t stream) {
-  if (Cfg::kSmemBytes > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
-  return cudaGetLastError();
-}
 
 template <int kD, typename T, bool kFeatures>
 cudaError_t run_bwd_passes(const AttnParams& p, cudaStream_t stream) {
@@ -28,23 +18,22 @@ cudaError_t run_bwd_passes(const AttnParams& p, cudaStream_t stream) {
                      static_cast<unsigned>(p.heads_kv), batch);
   cudaError_t err;
   if constexpr (KV::kSplitPasses) {
-    err = launch_bwd_kernel<KV>(bwd_kv_kernel<KV, T, kFeatures, true, false>, p, kv_grid, stream);
+    err = launch_kernel(bwd_kv_kernel<KV, T, kFeatures, true, false>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p);
     if (err != cudaSuccess) return err;
-    err = launch_bwd_kernel<KV>(bwd_kv_kernel<KV, T, kFeatures, false, true>, p, kv_grid, stream);
+    err = launch_kernel(bwd_kv_kernel<KV, T, kFeatures, false, true>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p);
   } else {
-    err = launch_bwd_kernel<KV>(bwd_kv_kernel<KV, T, kFeatures, true, true>, p, kv_grid, stream);
+    err = launch_kernel(bwd_kv_kernel<KV, T, kFeatures, true, true>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p);
   }
   if (err != cudaSuccess) return err;
   const dim3 q_grid(static_cast<unsigned>((p.len_q + Q::kBlockM - 1) / Q::kBlockM), static_cast<unsigned>(p.heads_q),
                     batch);
-  return launch_bwd_kernel<Q>(bwd_q_kernel<Q, T, kFeatures>, p, q_grid, stream);
+  return launch_kernel(bwd_q_kernel<Q, T, kFeatures>, q_grid, Q::kThreads, Q::kSmemBytes, stream, p);
 }
 
 template <int kD, typename T>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads_q * p.len_q;
-  delta_kernel<T><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
+  const cudaError_t err = launch_kernel(delta_kernel<T>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
   if (err != cudaSuccess) return err;
   if (p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f) return run_bwd_passes<kD, T, true>(p, stream);
   return run_bwd_passes<kD, T, false>(p, stream);

@@ -3,21 +3,10 @@
 #pragma once
 
 #include "fwd_kernel.cuh"
+#include "launch_kernel.cuh"
 
 namespace attnkern {
 namespace cuda {
-
-template <class Cfg, typename T, bool kFeatures, bool kPacked>
-cudaError_t launch_fwd_kernel(const AttnParams& p, const FwdSplit& split, dim3 grid, cudaStream_t stream) {
-  auto kernel = fwd_kernel<Cfg, T, kFeatures, kPacked>;
-  if (Cfg::kSmemBytes > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmemBytes);
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p, split);
-  return cudaGetLastError();
-}
 
 template <int kD, typename T>
 cudaError_t run_fwd(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
@@ -27,18 +16,20 @@ cudaError_t run_fwd(const AttnParams& p, const FwdSplit& split, cudaStream_t str
     const int64_t rows = (p.heads_q / p.heads_kv) * p.len_q;
     const dim3 grid(static_cast<unsigned>((rows + Cfg::kBlockM - 1) / Cfg::kBlockM * split.num_splits),
                     static_cast<unsigned>(p.heads_kv), batch);
-    cudaError_t err = launch_fwd_kernel<Cfg, T, false, true>(p, split, grid, stream);
+    const cudaError_t err =
+        launch_kernel(fwd_kernel<Cfg, T, false, true>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, split);
     if (err != cudaSuccess || split.num_splits == 1) return err;
     const int64_t out_rows = p.batch * p.heads_q * p.len_q;
-    merge_splits_kernel<T><<<static_cast<unsigned>((out_rows + 3) / 4), 128, 0, stream>>>(p, split);
-    return cudaGetLastError();
+    return launch_kernel(merge_splits_kernel<T>, dim3(static_cast<unsigned>((out_rows + 3) / 4)), 128, 0, stream, p,
+                         split);
   }
   using Cfg = typename FwdTraits<kD>::Cfg;
   const dim3 grid(static_cast<unsigned>((p.len_q + Cfg::kBlockM - 1) / Cfg::kBlockM), static_cast<unsigned>(p.heads_q),
                   batch);
-  FwdSplit whole;  // the prefill path never splits
-  if (p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f) return launch_fwd_kernel<Cfg, T, true, false>(p, whole, grid, stream);
-  return launch_fwd_kernel<Cfg, T, false, false>(p, whole, grid, stream);
+  const FwdSplit whole;  // the prefill path never splits
+  if (p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f)
+    return launch_kernel(fwd_kernel<Cfg, T, true, false>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, whole);
+  return launch_kernel(fwd_kernel<Cfg, T, false, false>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, whole);
 }
 
 }  // namespace cuda

@@ -1,13 +1,19 @@
 // Thin wrappers over the sm80 instructions the kernels are built from: cp.async, ldmatrix and
 // mma.sync m16n8k16 (fp16/bf16 in, fp32 accumulate). Inline PTX so the kernels need no
-// CUTLASS and the instruction each line issues is plain to see.
+// CUTLASS and the instruction each line issues is plain to see; emulator/ptx_emu.h provides the
+// same functions for the CPU emulator.
 #pragma once
 
+#if !defined(ATTNKERN_CUDA_EMULATOR)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 
 #include <cstdint>
 
+#if defined(ATTNKERN_CUDA_EMULATOR)
+#include "emulator/ptx_emu.h"  // the same functions, run by the CPU emulator
+#else
 namespace attnkern {
 namespace cuda {
 
@@ -46,6 +52,31 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
                : "r"(addr));
 }
 
+// d += a * b for one m16n8k16 tile: fp16 or bf16 inputs, fp32 accumulators. Fragments: a0..a3 are
+// A(g, 2t..2t+1), A(g+8, 2t..), A(g, 2t+8..), A(g+8, 2t+8..); b0, b1 are B(2t..2t+1, g),
+// B(2t+8.., g); d0..d3 are D(g, 2t..2t+1), D(g+8, 2t..2t+1), with g = lane / 4, t = lane % 4.
+__device__ __forceinline__ void mma_16816_f16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void mma_16816_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+}  // namespace cuda
+}  // namespace attnkern
+#endif
+
+namespace attnkern {
+namespace cuda {
+
 // Element-type specifics: the mma opcode and packing two floats into one 32-bit register
 // (the lower-indexed element in the low half, as the fragments expect).
 template <typename T>
@@ -58,11 +89,7 @@ struct Elem<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_16816_f16(d, a, b0, b1);
   }
 };
 
@@ -73,11 +100,7 @@ struct Elem<__nv_bfloat16> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   __device__ static __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    mma_16816_bf16(d, a, b0, b1);
   }
 };
 
