@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 import sysconfig
 import tempfile
@@ -121,6 +122,37 @@ def test_why_not_states_what_is_served():
     assert "up to 256" in why(257, 64, "bfloat16") and "(257, 64)" in why(257, 64, "bfloat16")
     assert "up to 256" in why(64, 320, "float16")
     assert ">= 1" in why(0, 64, "float16")
+
+
+@needs_cuda_ext
+def test_sass_has_tensor_core_code_for_every_arch():
+    """cuobjdump of the built extension: HMMA.16816 (fp32 accumulate), ldmatrix and cp.async in
+    every attention kernel, for every arch of TORCH_CUDA_ARCH_LIST, and no register spills."""
+    spec = importlib.util.spec_from_file_location("attnkern_check_sass", os.path.join(CUDA_DIR, "check_sass.py"))
+    check_sass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_sass)
+    tool = check_sass.find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's bundled copy)")
+    report = check_sass.inspect(ops._C_cuda.__file__, tool)
+    archs = [a for a in re.split(r"[;\s]+", ops._C_cuda.archs()) if a]
+    wanted = {"sm_" + a.replace(".", "").replace("+PTX", "") for a in archs}
+    assert wanted <= set(report), f"archs in the binary {sorted(report)}, build list {sorted(wanted)}"
+    assert check_sass.check(report) == []
+    assert all(c["HGMMA"] == 0 for per in report.values() for c in per.values())  # no wgmma path yet
+
+
+def test_gpu_bench_cuda_lists_its_cases(capsys):
+    spec = importlib.util.spec_from_file_location("gpu_bench_cuda", os.path.join(ROOT, "benchmarks", "gpu_bench_cuda.py"))
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look themselves up there
+    spec.loader.exec_module(bench)
+    assert bench.main(["--dry-run"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("dense-d128-L16384-S16384-full", "window-d64-L65536-S65536-w1023-0", "decode-d128-L1-S32768-full"):
+        assert name in listed
+    decode = [c for c in bench.plan(False, "decode")][0]
+    assert (decode.heads_q // decode.heads_kv, decode.batch, decode.len_q) == (8, 16, 1)
 
 
 @needs_cuda_ext

@@ -2,10 +2,10 @@
 // kernels read them from here, and the instantiation files only name a bucket and a dtype.
 //
 // Budget: at most 99 KB of shared memory per CTA so the sm80 build also runs on sm86/sm89,
-// which have 99 KB (A100 has 163 KB, H100 227 KB). The shapes were picked so that ptxas (CUDA
-// 13, sm_80 and sm_90a) reports no spills for any kernel (scripts: csrc/cuda/check_sass.py);
-// two 16-row blocks per warp spill from head dim 64 up, so those use 8 warps of one block.
-// They are not tuned on a GPU yet.
+// which have 99 KB (A100 has 163 KB, H100 227 KB). The shapes were picked so that no kernel
+// spills registers to local memory with CUDA 13 on sm_80 and sm_90a (csrc/cuda/check_sass.py
+// checks it); two 16-row blocks per warp spill from head dim 64 up, so those use 8 warps of one
+// block each. They are not tuned on a GPU yet.
 #pragma once
 
 #include "smem_tile.cuh"
