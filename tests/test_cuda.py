@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import os
 import re
@@ -178,7 +179,8 @@ def test_dispatch_row_consults_the_extension():
 def emu():
     from torch.utils.cpp_extension import load
 
-    tag = sysconfig.get_config_var("SOABI") or "py"
+    # one build folder per checkout and Python ABI; ninja rebuilds when a header changes
+    tag = f"{sysconfig.get_config_var('SOABI') or 'py'}_{hashlib.sha1(ROOT.encode()).hexdigest()[:8]}"
     build_dir = os.environ.get("ATTNKERN_EMU_BUILD_DIR", os.path.join(tempfile.gettempdir(), f"attnkern_cuda_emu_{tag}"))
     os.makedirs(build_dir, exist_ok=True)
     return load(

@@ -36,7 +36,8 @@ __global__ void __launch_bounds__(128) delta_kernel(const __grid_constant__ Attn
   const int64_t i = row % p.len_q, bh = row / p.len_q;
   const int64_t b = bh / p.heads_q, hq = bh % p.heads_q;
   const T* const o = static_cast<const T*>(p.o) + b * p.o_stride[0] + hq * p.o_stride[1] + i * p.o_stride[2];
-  const T* const d = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1] + i * p.dout_stride[2];
+  const T* const d =
+      static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1] + i * p.dout_stride[2];
   float acc = 0.f;
   for (int c = lane; c < p.head_dim_v; c += 32) acc += to_float(o[c]) * to_float(d[c]);
 #pragma unroll
@@ -57,6 +58,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
   // [K][V][stage 0: Q, dO, log2 LSE, delta][stage 1] ...
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t sK = smem_addr(smem_raw);
+  check_smem_base(smem_addr(smem_raw));
   const uint32_t sV = sK + KTile::kBytes;
   const uint32_t sStages = sV + KTile::kBytes;
   unsigned char* const stage_bytes = smem_raw + 2 * KTile::kBytes;
@@ -290,6 +292,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t sQ = smem_addr(smem_raw);
+  check_smem_base(smem_addr(smem_raw));
   const uint32_t sdO = sQ + QTile::kBytes;
   const uint32_t sKV = sdO + QTile::kBytes;
 
@@ -297,7 +300,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
   const int64_t b = blockIdx.z;
   const int hq = blockIdx.y;
   const int hkv = hq / static_cast<int>(p.heads_q / p.heads_kv);
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  // the last query blocks meet the most keys under a causal band: start them first
+  const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
   const int64_t m_end = min(m0 + kBlockM, p.len_q);
   const ScoreRules<kFeatures> rules(p);
   const Band& band = rules.band;

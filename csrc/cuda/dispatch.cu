@@ -30,11 +30,16 @@ Launchers find(int head_dim, DType dtype) {
 template <template <int> class Traits>
 int decode_block(int bucket, bool rows) {
   switch (bucket) {
-    case 32: return rows ? Traits<32>::Cfg::kBlockM : Traits<32>::Cfg::kBlockN;
-    case 64: return rows ? Traits<64>::Cfg::kBlockM : Traits<64>::Cfg::kBlockN;
-    case 96: return rows ? Traits<96>::Cfg::kBlockM : Traits<96>::Cfg::kBlockN;
-    case 128: return rows ? Traits<128>::Cfg::kBlockM : Traits<128>::Cfg::kBlockN;
-    default: return rows ? Traits<256>::Cfg::kBlockM : Traits<256>::Cfg::kBlockN;
+    case 32:
+      return rows ? Traits<32>::Cfg::kBlockM : Traits<32>::Cfg::kBlockN;
+    case 64:
+      return rows ? Traits<64>::Cfg::kBlockM : Traits<64>::Cfg::kBlockN;
+    case 96:
+      return rows ? Traits<96>::Cfg::kBlockM : Traits<96>::Cfg::kBlockN;
+    case 128:
+      return rows ? Traits<128>::Cfg::kBlockM : Traits<128>::Cfg::kBlockN;
+    default:
+      return rows ? Traits<256>::Cfg::kBlockM : Traits<256>::Cfg::kBlockN;
   }
 }
 

@@ -66,7 +66,8 @@ struct RowWriter {
   __device__ __forceinline__ void out2(int hq, int64_t i, int col, float v0, float v1) const {
     if (split.num_splits > 1) {
       const int64_t rows = p.batch * p.heads_q * p.len_q;
-      float2* dst = reinterpret_cast<float2*>(split.o_partial + ((split_idx * rows + row_index(hq, i)) * p.head_dim_v + col));
+      float2* dst =
+          reinterpret_cast<float2*>(split.o_partial + ((split_idx * rows + row_index(hq, i)) * p.head_dim_v + col));
       *dst = make_float2(v0, v1);
     } else {
       T* dst = static_cast<T*>(p.o) + b * p.o_stride[0] + hq * p.o_stride[1] + i * p.o_stride[2] + col;
@@ -89,13 +90,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   using KTile = typename Cfg::KTile;
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kWarpN = Cfg::kWarpN;
   constexpr int kMT = Cfg::kWarpMTiles, kStages = Cfg::kStages, kThreads = Cfg::kThreads;
-  constexpr int kNT = kWarpN / 8;  // n-tiles of a warp's S
-  constexpr int kDT = kD / 8;      // n-tiles of a warp's O
+  constexpr int kNT = kWarpN / 8;                      // n-tiles of a warp's S
+  constexpr int kDT = kD / 8;                          // n-tiles of a warp's O
   constexpr uint32_t kStageBytes = 2 * KTile::kBytes;  // K then V
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t sQ = smem_addr(smem_raw);
   const uint32_t sKV = sQ + QTile::kBytes;
+  check_smem_base(smem_addr(smem_raw));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int row_warp = warp / Cfg::kKeySplit, key_slice = warp % Cfg::kKeySplit;
@@ -111,7 +113,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   } else {
     split_idx = 0;
     hkv = blockIdx.y / group;
-    rows = {p.len_q, static_cast<int64_t>(blockIdx.x) * kBlockM, p.len_q, static_cast<int>(blockIdx.y)};
+    // the last query blocks meet the most keys under a causal band: start them first
+    rows = {p.len_q, static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM, p.len_q, static_cast<int>(blockIdx.y)};
   }
   const ScoreRules<kFeatures> rules(p);
   const Band& band = rules.band;
@@ -145,8 +148,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         },
         static_cast<int>(p.head_dim), q_batch);
   } else {
-    load_rows_async<QTile, kThreads>(sQ, q_batch + rows.hq0 * p.q_stride[1] + rows.row0 * p.q_stride[2],
-                                     p.q_stride[2], p.len_q - rows.row0, static_cast<int>(p.head_dim), q_batch);
+    load_rows_async<QTile, kThreads>(sQ, q_batch + rows.hq0 * p.q_stride[1] + rows.row0 * p.q_stride[2], p.q_stride[2],
+                                     p.len_q - rows.row0, static_cast<int>(p.head_dim), q_batch);
   }
   cp_async_commit();
 
@@ -176,6 +179,16 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int64_t warp_key_lo = warp_has_rows ? band.lo(warp_lo) : 0;
   const int64_t warp_key_hi = warp_has_rows ? band.hi(warp_hi - 1) : 0;
   auto local_row = [&](int mt, int h) { return warp_row0 + mt * 16 + (lane >> 2) + 8 * h; };
+  int64_t row_q[kMT][2];  // query index and head of this thread's rows (a division when packed)
+  int row_hq[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = local_row(mt, h);
+      row_q[mt][h] = rows.valid(r) ? rows.query(r) : p.len_q;  // len_q: a padding row, no keys
+      row_hq[mt][h] = rows.head(r);
+    }
 
   const typename QTile::Lane q_lane = lane_a<QTile>(sQ, warp_row0, lane);
   const typename KTile::Lane k_lane = lane_b_nk<KTile>(sKV, slice, lane);
@@ -235,11 +248,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int r = local_row(mt, h);
-        const int64_t i = rows.query(r);
-        const int hq = rows.head(r);
+        const int64_t i = row_q[mt][h];
+        const int hq = row_hq[mt][h];
         int lo = 0, hi = kWarpN;
-        if (rules.checked(edge)) rules.query_window(rows.valid(r) ? i : p.len_q, key0, kWarpN, lo, hi);
+        if (rules.checked(edge)) rules.query_window(i, key0, kWarpN, lo, hi);
         const int64_t mask_row = rules.mask_offset(b, hq, i, key0);
         float mx = -INFINITY;
 #pragma unroll
@@ -318,10 +330,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float l = quad_sum(row_sum[mt][h]);
-        const int r = local_row(mt, h);
-        if (!rows.valid(r)) continue;
-        const int hq = rows.head(r);
-        const int64_t i = rows.query(r);
+        if (!rows.valid(local_row(mt, h))) continue;
+        const int hq = row_hq[mt][h];
+        const int64_t i = row_q[mt][h];
         const float inv = l > 0.f ? keep_scale / l : 0.f;
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) {
@@ -334,7 +345,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     // key-split warps: each writes its normalised rows and LSE, then the CTA merges the slices
     __syncthreads();  // every warp is done with the K/V stages, which now hold the merge buffers
     float* const merge_o = reinterpret_cast<float*>(smem_raw + QTile::kBytes);  // [slice][row][kD]
-    float* const merge_lse = merge_o + Cfg::kKeySplit * kBlockM * kD;         // [slice][row]
+    float* const merge_lse = merge_o + Cfg::kKeySplit * kBlockM * kD;           // [slice][row]
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -383,8 +394,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 // Merges split-KV partials: out = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s).
 // One warp per (b, hq, i) row.
 template <typename T>
-__global__ void __launch_bounds__(128) merge_splits_kernel(const __grid_constant__ AttnParams p,
-                                                           const __grid_constant__ FwdSplit split) {
+__global__ void __launch_bounds__(128)
+    merge_splits_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ FwdSplit split) {
   const int64_t rows = p.batch * p.heads_q * p.len_q;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;

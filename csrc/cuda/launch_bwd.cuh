@@ -33,7 +33,8 @@ cudaError_t run_bwd_passes(const AttnParams& p, cudaStream_t stream) {
 template <int kD, typename T>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.heads_q * p.len_q;
-  const cudaError_t err = launch_kernel(delta_kernel<T>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
+  const cudaError_t err =
+      launch_kernel(delta_kernel<T>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
   if (err != cudaSuccess) return err;
   if (p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f) return run_bwd_passes<kD, T, true>(p, stream);
   return run_bwd_passes<kD, T, false>(p, stream);

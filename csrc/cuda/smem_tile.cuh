@@ -56,6 +56,12 @@ struct SmemTile {
   }
 };
 
+// The XOR addressing of SmemTile::at needs 128-byte aligned tiles, hence a 128-byte aligned
+// dynamic shared memory base (it is 1024-aligned on sm80+); fail loudly if that ever changes.
+__device__ __forceinline__ void check_smem_base(uint32_t base) {
+  if (base & 127u) __trap();
+}
+
 // Issue cp.async copies of a tile whose row r is at rows + r * row_stride (zero-filled for rows
 // at or past rows_valid and for chunks at or past cols_valid, a multiple of 8). `any` is a
 // mapped address for the zero-fill copies.

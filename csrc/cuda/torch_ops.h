@@ -50,8 +50,8 @@ inline std::string why_not(int64_t head_dim, int64_t head_dim_v, const std::stri
     return "backend 'cuda' supports float16 and bfloat16, not " + dtype;
   }
   if (head_dim < 1 || head_dim_v < 1)
-    return "backend 'cuda' needs head dims >= 1, got (" + std::to_string(head_dim) + ", " +
-           std::to_string(head_dim_v) + ")";
+    return "backend 'cuda' needs head dims >= 1, got (" + std::to_string(head_dim) + ", " + std::to_string(head_dim_v) +
+           ")";
   if (std::max(head_dim, head_dim_v) > kMaxHeadDim)
     return "backend 'cuda' supports head dims up to " + std::to_string(kMaxHeadDim) + ", got (" +
            std::to_string(head_dim) + ", " + std::to_string(head_dim_v) + ")";
@@ -65,13 +65,13 @@ inline std::string why_not(int64_t head_dim, int64_t head_dim_v, const std::stri
 // Checks of the kernels' limits after the shared ones of check_and_fill_inputs; `op` names the op.
 inline void check_kernel_limits(const AttnParams& p, const at::Tensor& q, const char* op) {
   const std::string reason = why_not(p.head_dim, p.head_dim_v, dtype_name(p.dtype));
-  TORCH_CHECK_VALUE(reason.empty(), op, ": query/key/value of dtype ", q.scalar_type(), " and head dims (",
-                    p.head_dim, ", ", p.head_dim_v, "): ", reason);
+  TORCH_CHECK_VALUE(reason.empty(), op, ": query/key/value of dtype ", q.scalar_type(), " and head dims (", p.head_dim,
+                    ", ", p.head_dim_v, "): ", reason);
   TORCH_CHECK_VALUE(p.batch <= kMaxGridYZ, op, ": batch (product of leading dims) must be <= ", kMaxGridYZ,
                     " for the CUDA kernels, got ", p.batch);
   TORCH_CHECK_VALUE(p.heads_q <= kMaxGridYZ, op, ": query heads must be <= ", kMaxGridYZ, ", got ", p.heads_q);
-  TORCH_CHECK_VALUE(p.len_q < std::numeric_limits<int32_t>::max() && p.len_k < std::numeric_limits<int32_t>::max(),
-                    op, ": sequence lengths must be < 2^31, got L=", p.len_q, ", S=", p.len_k);
+  TORCH_CHECK_VALUE(p.len_q < std::numeric_limits<int32_t>::max() && p.len_k < std::numeric_limits<int32_t>::max(), op,
+                    ": sequence lengths must be < 2^31, got L=", p.len_q, ", S=", p.len_k);
 }
 
 // The kernels read and write rows in 16-byte chunks: unit stride on the head dim, a head dim
@@ -118,8 +118,8 @@ inline void set_output(void*& ptr, int64_t* strides, const at::Tensor& t) {
 struct Device {
   int sm_count;
   cudaStream_t stream;
-  void (*check)(cudaError_t err, const char* op);    // raise on a launch error
-  void (*on_launch)(const AttnParams& p);            // called right before the kernels, may be null
+  void (*check)(cudaError_t err, const char* op);  // raise on a launch error
+  void (*on_launch)(const AttnParams& p);          // called right before the kernels, may be null
 };
 
 // attnkern::fwd on checked inputs: p filled by check_and_fill_inputs and check_kernel_limits passed.

@@ -81,6 +81,8 @@ struct Index {
 };
 inline const Index& thread_index();
 inline const Index& block_index();
+inline const Index& grid_dim();
+[[noreturn]] inline void trap();
 inline void syncthreads();
 inline float shfl_xor(float v, int lane_mask);
 
@@ -94,5 +96,7 @@ using std::min;
 
 #define threadIdx (::attnkern::emu::thread_index())
 #define blockIdx (::attnkern::emu::block_index())
+#define gridDim (::attnkern::emu::grid_dim())
+inline void __trap() { ::attnkern::emu::trap(); }
 inline void __syncthreads() { ::attnkern::emu::syncthreads(); }
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) { return ::attnkern::emu::shfl_xor(v, lane_mask); }

@@ -119,9 +119,9 @@ pybind11::dict stats() {
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                       const std::optional<at::Tensor>& mask,
-                                       const std::optional<at::Tensor>& rng_seed, double scale, int64_t window_left,
-                                       int64_t window_right, bool bottom_right, double dropout_p, int sm_count) {
+                                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng_seed,
+                                       double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+                                       double dropout_p, int sm_count) {
   AttnParams p;
   check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
   cuda_ops::check_kernel_limits(p, q, "emulated attnkern::fwd");
@@ -153,7 +153,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stats", &attnkern::stats, "counters since set_options: CTAs, barriers, instructions, ldmatrix bank conflicts");
   m.def("why_not", &attnkern::cuda_ops::why_not);
   m.def("decode_num_splits", [](int64_t len_q, int64_t heads_q, int64_t heads_kv, int64_t len_k, int64_t head_dim,
-                                 int64_t batch, int sm_count) {
+                                int64_t batch, int sm_count) {
     attnkern::AttnParams p;
     p.batch = batch;
     p.len_q = len_q;

@@ -9,8 +9,7 @@ namespace attnkern {
 namespace cuda {
 
 template <class Kernel, class... Args>
-cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t,
-                          const Args&... args) {
+cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, int smem_bytes, cudaStream_t, const Args&... args) {
   const std::function<void()> body = [&] { kernel(args...); };
   emu::run_grid(grid, threads, smem_bytes, body);
   return cudaSuccess;

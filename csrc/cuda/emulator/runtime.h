@@ -90,6 +90,7 @@ struct State {
   uint32_t smem_bytes = 0;
   int nthreads = 0;
   Index block{0, 0, 0};
+  Index grid{1, 1, 1};
   std::vector<Thread> threads;
   std::vector<Warp> warps;
   ucontext_t scheduler;
@@ -116,6 +117,8 @@ inline State& state() {
 
 inline const Index& thread_index() { return state().current->index; }
 inline const Index& block_index() { return state().block; }
+inline const Index& grid_dim() { return state().grid; }
+inline void trap() { fail("__trap()"); }
 
 inline void yield() {
   State& s = state();
@@ -170,14 +173,16 @@ inline float shfl_xor(float v, int lane_mask) {
   Lane in{};
   in.in_u[0] = static_cast<uint32_t>(lane_mask);
   in.in_f[0] = v;
-  return collective(Op::kShuffle, in, [](Warp& w) {
-           ++state().stats.shuffles;
-           for (int l = 0; l < 32; ++l) {
-             const uint32_t m = w.lane[l].in_u[0];
-             if (m != w.lane[0].in_u[0] || m >= 32) fail("__shfl_xor_sync with lanes giving different masks");
-             w.lane[l].out_f[0] = w.lane[l ^ m].in_f[0];
-           }
-         })
+  return collective(Op::kShuffle, in,
+                    [](Warp& w) {
+                      ++state().stats.shuffles;
+                      for (int l = 0; l < 32; ++l) {
+                        const uint32_t m = w.lane[l].in_u[0];
+                        if (m != w.lane[0].in_u[0] || m >= 32)
+                          fail("__shfl_xor_sync with lanes giving different masks");
+                        w.lane[l].out_f[0] = w.lane[l ^ m].in_f[0];
+                      }
+                    })
       .out_f[0];
 }
 
@@ -296,11 +301,12 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   in.in_u[5] = b1;
   const Lane out = collective(bf16 ? Op::kMmaBf16 : Op::kMmaF16, in, [bf16](Warp& w) {
     ++state().stats.mma;
-    auto elem = [&](uint32_t word, int half) { return half_bits_to_float(static_cast<uint16_t>(word >> (16 * half)), bf16); };
+    auto elem = [&](uint32_t word, int half) {
+      return half_bits_to_float(static_cast<uint16_t>(word >> (16 * half)), bf16);
+    };
     float A[16][16], B[16][8];
     for (int r = 0; r < 16; ++r)
-      for (int k = 0; k < 16; ++k)
-        A[r][k] = elem(w.lane[(r % 8) * 4 + (k % 8) / 2].in_u[(r / 8) + 2 * (k / 8)], k % 2);
+      for (int k = 0; k < 16; ++k) A[r][k] = elem(w.lane[(r % 8) * 4 + (k % 8) / 2].in_u[(r / 8) + 2 * (k / 8)], k % 2);
     for (int k = 0; k < 16; ++k)
       for (int n = 0; n < 8; ++n) B[k][n] = elem(w.lane[n * 4 + (k % 8) / 2].in_u[4 + k / 8], k % 2);
     for (int r = 0; r < 16; ++r)
@@ -396,6 +402,7 @@ inline void run_grid(dim3 grid, int threads, int smem_bytes, const std::function
     }
   }
   s.warps.assign(threads / 32, Warp{});
+  s.grid = {grid.x, grid.y, grid.z};
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
