@@ -2,6 +2,7 @@
 
 Environment:
   ATTNKERN_NO_CUDA=1        skip the CUDA extension even where it could be built
+  ATTNKERN_REQUIRE_CUDA=1   fail instead of skipping the CUDA extension (CI: every CUDA source must compile)
   TORCH_CUDA_ARCH_LIST      CUDA archs, default "8.0;9.0a"
   ATTNKERN_CUDA_HDIMS       head-dim buckets to instantiate, e.g. "64,128" (default: all)
   ATTNKERN_CUDA_DTYPES      dtypes to instantiate, e.g. "bf16" (default: fp16,bf16)
@@ -99,6 +100,8 @@ def cuda_extension():
 
 ext_modules = [cpu_extension()]
 skip = cuda_reason_to_skip()
+if skip is not None and os.environ.get("ATTNKERN_REQUIRE_CUDA", "0") == "1":
+    sys.exit(f"attnkern: ATTNKERN_REQUIRE_CUDA=1 but the CUDA extension cannot be built ({skip})")
 if skip is None:
     ext_modules.append(cuda_extension())
     print(f"attnkern: building the CUDA extension for archs {os.environ['TORCH_CUDA_ARCH_LIST']}")

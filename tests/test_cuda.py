@@ -96,6 +96,12 @@ def test_build_restriction_by_environment(monkeypatch):
         bs.sources(ROOT)
 
 
+@pytest.mark.skipif(os.environ.get("ATTNKERN_REQUIRE_CUDA", "0") != "1", reason="ATTNKERN_REQUIRE_CUDA not set")
+def test_cuda_extension_present_when_required():
+    """CI sets ATTNKERN_REQUIRE_CUDA=1 for the install and the tests: a missing extension fails."""
+    assert ops._C_cuda is not None, ops.CUDA_IMPORT_ERROR
+
+
 @needs_cuda_ext
 def test_build_info():
     ext = ops._C_cuda

@@ -87,10 +87,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
 
   const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
   const T* const v_head = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
-  load_rows_async<KTile, kThreads>(sK, k_head + n0 * p.k_stride[2], p.k_stride[2], p.len_k - n0,
-                                   static_cast<int>(p.head_dim), k_head);
-  load_rows_async<KTile, kThreads>(sV, v_head + n0 * p.v_stride[2], p.v_stride[2], p.len_k - n0,
-                                   static_cast<int>(p.head_dim_v), v_head);
+  load_kv_block<KTile, kThreads>(sK, p, k_head, v_head, n0);  // V lands at sV = sK + KTile::kBytes
   cp_async_commit();
 
   const T* const q_batch = static_cast<const T*>(p.q) + b * p.q_stride[0];
@@ -196,18 +193,15 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
     if constexpr (kDoDV) {
 #pragma unroll
       for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
-        uint32_t a[4];
-        a[0] = Elem<T>::pack(st[2 * k2][0] * kept(2 * k2, 0), st[2 * k2][1] * kept(2 * k2, 1));
-        a[1] = Elem<T>::pack(st[2 * k2][2] * kept(2 * k2, 2), st[2 * k2][3] * kept(2 * k2, 3));
-        a[2] = Elem<T>::pack(st[2 * k2 + 1][0] * kept(2 * k2 + 1, 0), st[2 * k2 + 1][1] * kept(2 * k2 + 1, 1));
-        a[3] = Elem<T>::pack(st[2 * k2 + 1][2] * kept(2 * k2 + 1, 2), st[2 * k2 + 1][3] * kept(2 * k2 + 1, 3));
+        float lo[4], hi[4];
 #pragma unroll
-        for (int d2 = 0; d2 < kD / 16; ++d2) {
-          uint32_t bo[4];
-          ldmatrix_x4_trans(bo, QTile::at(q_kn, 2 * d2, 16 * k2) + do_off);
-          Elem<T>::mma(acc_dv[2 * d2], a, bo[0], bo[1]);
-          Elem<T>::mma(acc_dv[2 * d2 + 1], a, bo[2], bo[3]);
+        for (int e = 0; e < 4; ++e) {
+          lo[e] = st[2 * k2][e] * kept(2 * k2, e);
+          hi[e] = st[2 * k2 + 1][e] * kept(2 * k2 + 1, e);
         }
+        uint32_t a[4];
+        acc_to_a<T>(a, lo, hi);
+        mma_a_tile_kn<QTile, T>(acc_dv, a, q_kn, 16 * k2, do_off);
       }
     }
 
@@ -241,17 +235,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
 #pragma unroll
       for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
         uint32_t a[4];
-        a[0] = Elem<T>::pack(dpt[2 * k2][0], dpt[2 * k2][1]);
-        a[1] = Elem<T>::pack(dpt[2 * k2][2], dpt[2 * k2][3]);
-        a[2] = Elem<T>::pack(dpt[2 * k2 + 1][0], dpt[2 * k2 + 1][1]);
-        a[3] = Elem<T>::pack(dpt[2 * k2 + 1][2], dpt[2 * k2 + 1][3]);
-#pragma unroll
-        for (int d2 = 0; d2 < kD / 16; ++d2) {
-          uint32_t bq[4];
-          ldmatrix_x4_trans(bq, QTile::at(q_kn, 2 * d2, 16 * k2) + q_off);
-          Elem<T>::mma(acc_dk[2 * d2], a, bq[0], bq[1]);
-          Elem<T>::mma(acc_dk[2 * d2 + 1], a, bq[2], bq[3]);
-        }
+        acc_to_a<T>(a, dpt[2 * k2], dpt[2 * k2 + 1]);
+        mma_a_tile_kn<QTile, T>(acc_dk, a, q_kn, 16 * k2, q_off);
       }
     }
   }
@@ -326,12 +311,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
   const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
   const T* const v_head = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
   auto load_kv = [&](int64_t blk, int stage) {
-    const int64_t n0 = key_first + blk * kBlockN;
-    const uint32_t dst = sKV + stage * kStageBytes;
-    load_rows_async<KTile, kThreads>(dst, k_head + n0 * p.k_stride[2], p.k_stride[2], p.len_k - n0,
-                                     static_cast<int>(p.head_dim), k_head);
-    load_rows_async<KTile, kThreads>(dst + KTile::kBytes, v_head + n0 * p.v_stride[2], p.v_stride[2], p.len_k - n0,
-                                     static_cast<int>(p.head_dim_v), v_head);
+    load_kv_block<KTile, kThreads>(sKV + stage * kStageBytes, p, k_head, v_head, key_first + blk * kBlockN);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -432,17 +412,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
 #pragma unroll
     for (int k2 = 0; k2 < kNT / 2; ++k2) {
       uint32_t a[4];
-      a[0] = Elem<T>::pack(s[2 * k2][0], s[2 * k2][1]);
-      a[1] = Elem<T>::pack(s[2 * k2][2], s[2 * k2][3]);
-      a[2] = Elem<T>::pack(s[2 * k2 + 1][0], s[2 * k2 + 1][1]);
-      a[3] = Elem<T>::pack(s[2 * k2 + 1][2], s[2 * k2 + 1][3]);
-#pragma unroll
-      for (int d2 = 0; d2 < kD / 16; ++d2) {
-        uint32_t bk[4];
-        ldmatrix_x4_trans(bk, KTile::at(k_kn, 2 * d2, 16 * k2) + k_off);
-        Elem<T>::mma(acc_dq[2 * d2], a, bk[0], bk[1]);
-        Elem<T>::mma(acc_dq[2 * d2 + 1], a, bk[2], bk[3]);
-      }
+      acc_to_a<T>(a, s[2 * k2], s[2 * k2 + 1]);
+      mma_a_tile_kn<KTile, T>(acc_dq, a, k_kn, 16 * k2, k_off);
     }
   }
   cp_async_wait<0>();

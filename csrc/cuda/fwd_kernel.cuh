@@ -156,12 +156,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
   const T* const v_head = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
   auto load_kv = [&](int64_t blk, int stage) {
-    const int64_t n0 = key_first + blk * kBlockN;
-    const uint32_t dst = sKV + stage * kStageBytes;
-    load_rows_async<KTile, kThreads>(dst, k_head + n0 * p.k_stride[2], p.k_stride[2], p.len_k - n0,
-                                     static_cast<int>(p.head_dim), k_head);
-    load_rows_async<KTile, kThreads>(dst + KTile::kBytes, v_head + n0 * p.v_stride[2], p.v_stride[2], p.len_k - n0,
-                                     static_cast<int>(p.head_dim_v), v_head);
+    load_kv_block<KTile, kThreads>(sKV + stage * kStageBytes, p, k_head, v_head, key_first + blk * kBlockN);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -295,17 +290,12 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         }
       }
 
-    // O += P V: the S accumulators of n-tiles 2k2, 2k2 + 1 are exactly the A fragment of P
+    // O += P V, P straight from the S accumulators (one V fragment serves every 16-row block)
 #pragma unroll
     for (int k2 = 0; k2 < kWarpN / 16; ++k2) {
       uint32_t a[kMT][4];
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        a[mt][0] = Elem<T>::pack(s[mt][2 * k2][0], s[mt][2 * k2][1]);
-        a[mt][1] = Elem<T>::pack(s[mt][2 * k2][2], s[mt][2 * k2][3]);
-        a[mt][2] = Elem<T>::pack(s[mt][2 * k2 + 1][0], s[mt][2 * k2 + 1][1]);
-        a[mt][3] = Elem<T>::pack(s[mt][2 * k2 + 1][2], s[mt][2 * k2 + 1][3]);
-      }
+      for (int mt = 0; mt < kMT; ++mt) acc_to_a<T>(a[mt], s[mt][2 * k2], s[mt][2 * k2 + 1]);
 #pragma unroll
       for (int d2 = 0; d2 < kD / 16; ++d2) {
         uint32_t bv[4];

@@ -9,6 +9,7 @@
 // conflicts. tests/test_cuda_layout.py replays this index math on the CPU.
 #pragma once
 
+#include "../params.h"
 #include "ptx.cuh"
 
 namespace attnkern {
@@ -118,6 +119,43 @@ __device__ __forceinline__ typename Tile::Lane lane_b_nk(uint32_t tile_addr, int
 template <class Tile>
 __device__ __forceinline__ typename Tile::Lane lane_b_kn(uint32_t tile_addr, int k0, int lane) {
   return Tile::lane(tile_addr, k0 + (lane & 7) + (((lane >> 3) & 1) << 3), lane >> 4);
+}
+
+// The accumulators of n-tiles 2k and 2k + 1 (16 rows x 16 columns) are, packed, the A operand
+// of an mma whose k-block is those 16 columns: C and A fragments share rows g, g + 8 and
+// columns 2t, 2t + 1 (+ 8). This is how P, P^T and dS feed the next product from registers.
+template <typename T>
+__device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+  a[0] = Elem<T>::pack(lo[0], lo[1]);
+  a[1] = Elem<T>::pack(lo[2], lo[3]);
+  a[2] = Elem<T>::pack(hi[0], hi[1]);
+  a[3] = Elem<T>::pack(hi[2], hi[3]);
+}
+
+// acc (16 x kD) += a (16 x 16) * B, with B rows k0 .. k0 + 15 of a tile stored k x n (V, dO, Q,
+// K as the right operand), read by the transposing ldmatrix; `lane` from lane_b_kn, `off` the
+// tile's byte offset from where `lane` was taken.
+template <class Tile, typename T, int kDT>
+__device__ __forceinline__ void mma_a_tile_kn(float (&acc)[kDT][4], const uint32_t (&a)[4],
+                                              const typename Tile::Lane& lane, int k0, uint32_t off) {
+#pragma unroll
+  for (int d2 = 0; d2 < kDT / 2; ++d2) {
+    uint32_t b[4];
+    ldmatrix_x4_trans(b, Tile::at(lane, 2 * d2, k0) + off);
+    Elem<T>::mma(acc[2 * d2], a, b[0], b[1]);
+    Elem<T>::mma(acc[2 * d2 + 1], a, b[2], b[3]);
+  }
+}
+
+// cp.async of key block n0 .. n0 + rows - 1 of K and V (rows past len_k zero-filled) into the
+// K and V tiles at dst and dst + Tile::kBytes
+template <class Tile, int kThreads, typename T>
+__device__ __forceinline__ void load_kv_block(uint32_t dst, const AttnParams& p, const T* k_head, const T* v_head,
+                                              int64_t n0) {
+  load_rows_async<Tile, kThreads>(dst, k_head + n0 * p.k_stride[2], p.k_stride[2], p.len_k - n0,
+                                  static_cast<int>(p.head_dim), k_head);
+  load_rows_async<Tile, kThreads>(dst + Tile::kBytes, v_head + n0 * p.v_stride[2], p.v_stride[2], p.len_k - n0,
+                                  static_cast<int>(p.head_dim_v), v_head);
 }
 
 }  // namespace cuda
