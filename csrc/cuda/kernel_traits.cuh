@@ -2,10 +2,13 @@
 // kernels read them from here, and the instantiation files only name a bucket and a dtype.
 //
 // Budget: at most 99 KB of shared memory per CTA so the sm80 build also runs on sm86/sm89,
-// which have 99 KB (A100 has 163 KB, H100 227 KB). The shapes were picked so that no kernel
-// spills registers to local memory with CUDA 13 on sm_80 and sm_90a (csrc/cuda/check_sass.py
-// checks it); two 16-row blocks per warp spill from head dim 64 up, so those use 8 warps of one
-// block each. They are not tuned on a GPU yet.
+// which have 99 KB (A100 has 163 KB, H100 227 KB). No kernel may spill registers to local
+// memory with CUDA 13 on sm_80 or sm_90a (csrc/cuda/check_sass.py checks it). Within that, the
+// forward prefers two 16-row blocks per warp: each K/V fragment loaded by ldmatrix then feeds
+// two mma instead of one, halving the shared-memory traffic per mma, the resource mma.sync
+// attention kernels tend to run out of first (FlashAttention-2 gives a warp 32 rows for this).
+// Head dim 128 cannot afford it without spilling on sm_90a, so it runs 8 warps of one block.
+// None of this is tuned on a GPU yet.
 #pragma once
 
 #include "smem_tile.cuh"
@@ -51,11 +54,11 @@ struct FwdTraits<32> {
 };
 template <>
 struct FwdTraits<64> {
-  using Cfg = FwdConfig<64, 8, 1, 1, 64, 2>;
+  using Cfg = FwdConfig<64, 4, 2, 1, 32, 3>;
 };
 template <>
 struct FwdTraits<96> {
-  using Cfg = FwdConfig<96, 8, 1, 1, 64, 2>;
+  using Cfg = FwdConfig<96, 4, 2, 1, 32, 3>;
 };
 template <>
 struct FwdTraits<128> {
