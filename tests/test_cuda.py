@@ -232,7 +232,14 @@ def emulate(emu, case: Case, dtype, seed, mask_grad=False, sm_count=4, late_copi
     ref_out, ref_lse = reference.attention(*inputs[:3], m64, *sem, seed64)
     ref_grads = torch.autograd.grad(ref_out, inputs, grad_out.double()) if backward else ()
 
-    assert out.dtype == dtype and lse.dtype == torch.float32
+    # shapes, dtypes and strides as the fake kernels (torch.compile) promise them
+    fake_out, fake_lse = ops._fake_fwd(qc, kc, vc, mc, rng, *sem)
+    assert (out.shape, out.stride(), out.dtype) == (fake_out.shape, fake_out.stride(), fake_out.dtype)
+    assert (lse.shape, lse.stride(), lse.dtype) == (fake_lse.shape, fake_lse.stride(), fake_lse.dtype)
+    if backward:
+        fakes = ops._fake_bwd(grad_out, None, qc, kc, vc, out, lse, mc, rng, *sem, mask_grad)
+        for g, f in zip(grads, fakes):
+            assert (g.shape, g.stride(), g.dtype) == (f.shape, f.stride(), f.dtype)
     assert_close(out, ref_out, dtype, "out")
     finite = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), finite), "rows without keys must have LSE -inf, the others finite"
@@ -444,6 +451,20 @@ def test_gpu_backward_is_deterministic(seed):
     second = torch.autograd.grad(out, (q, k, v), grad)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("mask", [None, "float"])
+def test_gpu_opcheck(mask):
+    """torch.library.opcheck: schema, fake tensors (shapes and strides), autograd registration."""
+    q = torch.randn(1, 4, 40, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 2, 50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 2, 50, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    m = None if mask is None else torch.randn(1, 4, 40, 50, device="cuda", dtype=torch.float32, requires_grad=True)
+    torch.library.opcheck(torch.ops.attnkern.fwd.default, (q, k, v, m, None, 0.125, 8, 0, True, 0.0))
+    qf = q.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(True)  # flash memory order
+    torch.library.opcheck(torch.ops.attnkern.fwd.default, (qf, k, v, None, None, 0.125, -1, -1, False, 0.0))
 
 
 @gpu
