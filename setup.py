@@ -2,8 +2,11 @@
 
 Environment:
   ATTNKERN_NO_CUDA=1        skip the CUDA extension even where it could be built
+  ATTNKERN_REQUIRE_CUDA=1   fail instead of skipping the CUDA extension (CI: every CUDA source must compile)
   TORCH_CUDA_ARCH_LIST      CUDA archs, default "8.0;9.0a"
-  ATTNKERN_CUDA_HDIMS       head dims to instantiate, e.g. "64,128" (default: all)
+  ATTNKERN_CUDA_HDIMS       head-dim buckets to instantiate, e.g. "64,128" (default: all)
+  ATTNKERN_CUDA_DTYPES      dtypes to instantiate, e.g. "bf16" (default: fp16,bf16)
+  ATTNKERN_CUDA_PTXAS_VERBOSE=1  print registers/spills of every CUDA kernel
   MAX_JOBS                  parallel compile jobs (torch's ninja build)
 """
 
@@ -90,13 +93,15 @@ def cuda_extension():
     nvcc_flags = [
         "-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo",
         f'-DATTNKERN_VERSION="{VERSION}"', f'-DATTNKERN_CUDA_ARCHS="{archs}"',
-    ] + build_sources.nvcc_defines()
+    ] + build_sources.nvcc_defines() + build_sources.nvcc_flags()
     cxx = CXX_FLAGS + [f'-DATTNKERN_CUDA_ARCHS="{archs}"'] + build_sources.nvcc_defines()
     return CUDAExtension("attnkern._C_cuda", sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags})
 
 
 ext_modules = [cpu_extension()]
 skip = cuda_reason_to_skip()
+if skip is not None and os.environ.get("ATTNKERN_REQUIRE_CUDA", "0") == "1":
+    sys.exit(f"attnkern: ATTNKERN_REQUIRE_CUDA=1 but the CUDA extension cannot be built ({skip})")
 if skip is None:
     ext_modules.append(cuda_extension())
     print(f"attnkern: building the CUDA extension for archs {os.environ['TORCH_CUDA_ARCH_LIST']}")

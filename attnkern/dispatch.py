@@ -74,7 +74,8 @@ def _cuda_available() -> Optional[str]:
         return ops.CUDA_IMPORT_ERROR or "CUDA extension not built"
     if not torch.cuda.is_available():
         return "no CUDA device"
-    return None
+    # compute capability >= 8.0 and a kernel image for it in this build (cached by the extension)
+    return ops._C_cuda.device_why_not(torch.cuda.current_device()) or None
 
 
 def _triton_available() -> Optional[str]:
@@ -96,13 +97,16 @@ def _triton_device_ok(problem: Problem) -> Optional[str]:
 
 
 def _cuda_extra(problem: Problem) -> Optional[str]:
-    check = getattr(ops._C_cuda, "why_not", None) if ops._C_cuda is not None else None
-    if check is None:
+    """The compiled head-dim buckets and dtypes (csrc/cuda/torch_ops.h why_not is the one rule)."""
+    if ops._C_cuda is None:
         return None
-    return check(problem.head_dim, problem.head_dim_v, str(problem.dtype).replace("torch.", "")) or None
+    return ops._C_cuda.why_not(problem.head_dim, problem.head_dim_v, str(problem.dtype).replace("torch.", "")) or None
 
 
 CAPABILITIES: Dict[str, Capability] = {
+    # csrc/cuda: sm80+ (mma.sync kernels: Ampere, Ada, Hopper), fp16/bf16, any head dims <= 256 with
+    # E != Ev (served by the next compiled bucket of 32/64/96/128/256, zero-padded), GQA, windows in
+    # both alignments, bool/float masks with broadcast, dropout; split-KV forward for L <= 16.
     "cuda": Capability(
         name="cuda", devices=("cuda",), dtypes=HALF_DTYPES, max_head_dim=256, dropout=True, float_mask=True,
         bool_mask=True, available=_cuda_available, extra=_cuda_extra,

@@ -1,0 +1,168 @@
+"""What the CUDA extension's machine code contains, per arch and kernel, without a GPU.
+
+    python csrc/cuda/check_sass.py [PATH_TO_C_CUDA_SO] [--json OUT.json]
+
+Reads ``cuobjdump -res-usage`` (registers, local memory = spills) and ``cuobjdump -sass``
+(instruction counts) of every kernel in the fat binary and checks that:
+  * every arch of the build has code for each kernel family (fwd, decode, bwd_kv, bwd_q);
+  * the attention kernels issue tensor-core HMMA.16816 with fp32 accumulate, ldmatrix (LDSM)
+    and cp.async (LDGSTS);
+  * no kernel uses local memory (register spills), except those listed in ALLOWED_SPILLS.
+Exit status 1 if a check fails. cuobjdump comes from the CUDA toolkit or, where the toolkit
+lacks it, from Triton's bundled copy. HGMMA (Hopper wgmma) is counted too: there is no wgmma
+path yet, so its count is expected to be 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from typing import Dict, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+COUNTED = ("HMMA", "HGMMA", "LDSM", "LDGSTS", "BAR", "SHFL", "LDL", "STL")
+FAMILIES = {  # kernel family -> demangled-name test
+    "fwd": lambda n: n.startswith("fwd_kernel") and n.endswith("false>"),
+    "decode": lambda n: n.startswith("fwd_kernel") and n.endswith("true>"),
+    "bwd_kv": lambda n: n.startswith("bwd_kv_kernel"),
+    "bwd_q": lambda n: n.startswith("bwd_q_kernel"),
+}
+MATRIX_FAMILIES = tuple(FAMILIES)
+# (arch, demangled kernel name) pairs allowed to use local memory; none with CUDA 13
+ALLOWED_SPILLS = set()
+
+
+def find_cuobjdump() -> Optional[str]:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "cuobjdump")):
+            return os.path.join(home, "bin", "cuobjdump")
+    try:
+        import triton
+
+        bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(bundled):
+            return bundled
+    except ImportError:
+        pass
+    return None
+
+
+def find_extension() -> Optional[str]:
+    hits = sorted(glob.glob(os.path.join(ROOT, "attnkern", "_C_cuda*.so")))
+    return hits[0] if hits else None
+
+
+def demangle(names):
+    names = list(names)
+    if not names or shutil.which("c++filt") is None:
+        return {n: n for n in names}
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    short = {}
+    for raw, pretty in zip(names, out.splitlines()):
+        pretty = re.sub(r"\battnkern::cuda::", "", pretty)
+        pretty = re.sub(r"\((attnkern::)?AttnParams.*$", "", pretty)
+        short[raw] = pretty.replace("void ", "", 1)
+    return short
+
+
+def inspect(so: str, cuobjdump: str) -> Dict:
+    """{arch: {kernel: {"REG": n, "LOCAL": n, "STACK": n, "HMMA": n, ...}}}"""
+    kernels: Dict[str, Dict[str, Dict[str, int]]] = defaultdict(dict)
+    arch = None
+    res = subprocess.run([cuobjdump, "-res-usage", so], capture_output=True, text=True, check=True).stdout
+    name = None
+    for line in res.splitlines():
+        m = re.match(r"\s*arch = (\S+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.match(r"\s*Function (\S+):", line)
+        if m:
+            name = m.group(1)
+        m = re.match(r"\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", line)
+        if m and name:
+            kernels[arch].setdefault(name, {k: 0 for k in COUNTED}).update(
+                REG=int(m.group(1)), STACK=int(m.group(2)), LOCAL=int(m.group(3)))
+            name = None
+    proc = subprocess.Popen([cuobjdump, "-sass", so], stdout=subprocess.PIPE, text=True)
+    current = None
+    opcode = re.compile(r"^\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]+)?")
+    for line in proc.stdout:
+        m = re.match(r"\s*arch = (\S+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            current = kernels[arch].setdefault(m.group(1), {k: 0 for k in COUNTED})
+            continue
+        m = opcode.match(line)
+        if m and current is not None:
+            op, suffix = m.group(1), m.group(2) or ""
+            if op in COUNTED:
+                current[op] += 1
+            if op == "HMMA" and ".16816.F32" in suffix:
+                current["HMMA.16816.F32"] = current.get("HMMA.16816.F32", 0) + 1
+    proc.wait()
+    if proc.returncode:
+        raise RuntimeError(f"cuobjdump -sass failed with status {proc.returncode}")
+    names = demangle({n for per_arch in kernels.values() for n in per_arch})
+    return {a: {names[n]: c for n, c in per_arch.items()} for a, per_arch in kernels.items()}
+
+
+def check(report: Dict) -> list:
+    problems = []
+    for arch, per_kernel in sorted(report.items()):
+        for family, belongs in FAMILIES.items():
+            members = {n: c for n, c in per_kernel.items() if belongs(n)}
+            if not members:
+                problems.append(f"{arch}: no {family} kernel")
+            for name, c in members.items():
+                if family in MATRIX_FAMILIES:
+                    for op in ("HMMA.16816.F32", "LDSM", "LDGSTS"):
+                        if c.get(op, 0) == 0:
+                            problems.append(f"{arch} {name}: no {op}")
+        for name, c in per_kernel.items():
+            if c.get("LOCAL", 0) > 0 and (arch, name) not in ALLOWED_SPILLS:
+                problems.append(f"{arch} {name}: {c['LOCAL']} bytes of local memory (spills)")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("so", nargs="?", help="the built attnkern/_C_cuda*.so (default: the in-place build)")
+    parser.add_argument("--json", help="write the per-arch, per-kernel report here")
+    args = parser.parse_args(argv)
+    so = args.so or find_extension()
+    tool = find_cuobjdump()
+    if so is None or tool is None:
+        print(f"check_sass: need the built extension ({so}) and cuobjdump ({tool})", file=sys.stderr)
+        return 2
+    report = inspect(so, tool)
+    for arch, per_kernel in sorted(report.items()):
+        print(f"== {arch}")
+        for name, c in sorted(per_kernel.items()):
+            counts = " ".join(f"{k}={c.get(k, 0)}" for k in ("REG", "LOCAL", "HMMA", "HGMMA", "LDSM", "LDGSTS", "BAR"))
+            print(f"  {counts}  {name}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, sort_keys=True)
+    problems = check(report)
+    for p in problems:
+        print("PROBLEM:", p)
+    print("check_sass:", "ok" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+// Host-side dispatch: the registry the instantiation files fill at load time, bucket choice,
+// the decode-path decision and its split count. No kernels here.
+#include <algorithm>
+#include <map>
+#include <utility>
+
+#include "kernel_traits.cuh"
+#include "launch.h"
+
+namespace attnkern {
+namespace cuda {
+namespace {
+
+struct Launchers {
+  FwdLauncher fwd = nullptr;
+  BwdLauncher bwd = nullptr;
+};
+
+// ordered by (head dim, dtype): bucket search walks head dims upwards
+std::map<std::pair<int, int>, Launchers>& registry() {
+  static std::map<std::pair<int, int>, Launchers> table;
+  return table;
+}
+
+Launchers find(int head_dim, DType dtype) {
+  auto it = registry().find({head_dim, static_cast<int>(dtype)});
+  return it == registry().end() ? Launchers{} : it->second;
+}
+
+template <template <int> class Traits>
+int decode_block(int bucket, bool rows) {
+  switch (bucket) {
+    case 32:
+      return rows ? Traits<32>::Cfg::kBlockM : Traits<32>::Cfg::kBlockN;
+    case 64:
+      return rows ? Traits<64>::Cfg::kBlockM : Traits<64>::Cfg::kBlockN;
+    case 96:
+      return rows ? Traits<96>::Cfg::kBlockM : Traits<96>::Cfg::kBlockN;
+    case 128:
+      return rows ? Traits<128>::Cfg::kBlockM : Traits<128>::Cfg::kBlockN;
+    default:
+      return rows ? Traits<256>::Cfg::kBlockM : Traits<256>::Cfg::kBlockN;
+  }
+}
+
+__global__ void probe_kernel() {}
+
+}  // namespace
+
+bool has_kernel_image() {
+  cudaFuncAttributes attr;
+  const bool ok = cudaFuncGetAttributes(&attr, probe_kernel) == cudaSuccess;
+  cudaGetLastError();  // clear a sticky "no kernel image" error
+  return ok;
+}
+
+bool register_forward(int head_dim, DType dtype, FwdLauncher launcher) {
+  registry()[{head_dim, static_cast<int>(dtype)}].fwd = launcher;
+  return true;
+}
+
+bool register_backward(int head_dim, DType dtype, BwdLauncher launcher) {
+  registry()[{head_dim, static_cast<int>(dtype)}].bwd = launcher;
+  return true;
+}
+
+std::vector<Instance> compiled_instances() {
+  std::vector<Instance> out;
+  for (const auto& [key, l] : registry())
+    if (l.fwd != nullptr && l.bwd != nullptr) out.push_back({key.first, static_cast<DType>(key.second)});
+  return out;
+}
+
+int head_dim_bucket(int64_t head_dim, int64_t head_dim_v, DType dtype) {
+  const int64_t need = std::max(head_dim, head_dim_v);
+  for (const Instance& inst : compiled_instances())
+    if (inst.dtype == dtype && inst.head_dim >= need) return inst.head_dim;
+  return 0;
+}
+
+bool takes_decode_path(const AttnParams& p) {
+  return p.len_q <= kDecodeMaxLenQ && p.mask_kind == MaskKind::kNone && p.dropout_p == 0.f;
+}
+
+int decode_num_splits(const AttnParams& p, int sm_count) {
+  const int bucket = head_dim_bucket(p.head_dim, p.head_dim_v, p.dtype);
+  if (!takes_decode_path(p) || bucket == 0) return 1;
+  const int64_t block_m = decode_block<DecodeTraits>(bucket, true);
+  const int64_t block_n = decode_block<DecodeTraits>(bucket, false);
+  const int64_t tiles = ((p.heads_q / p.heads_kv) * p.len_q + block_m - 1) / block_m;
+  const int64_t ctas = p.batch * p.heads_kv * tiles;
+  const int64_t key_blocks = (p.len_k + block_n - 1) / block_n;
+  // about three CTAs per SM keep enough K/V loads in flight to saturate HBM; a split should
+  // still own a few key blocks so the merge stays cheap
+  const int64_t want = (3 * static_cast<int64_t>(sm_count) + ctas - 1) / ctas;
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(128, key_blocks / 4));
+  return static_cast<int>(std::clamp<int64_t>(want, 1, most));
+}
+
+cudaError_t forward(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
+  const Launchers l = find(head_dim_bucket(p.head_dim, p.head_dim_v, p.dtype), p.dtype);
+  return l.fwd == nullptr ? cudaErrorInvalidValue : l.fwd(p, split, stream);
+}
+
+cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
+  const Launchers l = find(head_dim_bucket(p.head_dim, p.head_dim_v, p.dtype), p.dtype);
+  return l.bwd == nullptr ? cudaErrorInvalidValue : l.bwd(p, stream);
+}
+
+}  // namespace cuda
+}  // namespace attnkern

@@ -1,0 +1,167 @@
+// A CPU build of the CUDA backend: the kernels, launchers, dispatch and op glue of csrc/cuda,
+// compiled as C++ with ATTNKERN_CUDA_EMULATOR and run by the fiber emulator (runtime.h) on CPU
+// tensors. tests/test_cuda.py builds it with torch.utils.cpp_extension.load and holds it to
+// the float64 reference; the GPU build is the same source.
+//
+// ATTNKERN_EMU_HDIMS (a compile-time list, default every bucket) trims the instantiations to
+// shorten the build.
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "../dispatch.cu"
+#include "../launch_bwd.cuh"
+#include "../launch_fwd.cuh"
+#include "../torch_ops.h"
+#include "runtime.h"
+
+namespace attnkern {
+namespace cuda {
+
+__attribute__((aligned(128))) unsigned char smem_raw[emu::kSharedCapacity];
+
+namespace {
+
+template <int kD>
+bool register_bucket() {
+  register_forward(kD, DType::kFloat16, &run_fwd<kD, __half>);
+  register_forward(kD, DType::kBFloat16, &run_fwd<kD, __nv_bfloat16>);
+  register_backward(kD, DType::kFloat16, &run_bwd<kD, __half>);
+  register_backward(kD, DType::kBFloat16, &run_bwd<kD, __nv_bfloat16>);
+  return true;
+}
+
+#ifndef ATTNKERN_EMU_HDIMS
+#define ATTNKERN_EMU_HDIMS 32, 64, 96, 128, 256
+#endif
+template <int... kDs>
+bool register_buckets() {
+  return (register_bucket<kDs>() && ...);
+}
+const bool registered = register_buckets<ATTNKERN_EMU_HDIMS>();
+
+}  // namespace
+}  // namespace cuda
+
+namespace {
+
+// cp.async may read exactly the bytes of the launch's tensors, as their shapes and strides span
+// them (rows rounded up to the 16-byte chunks the kernels read)
+emu::Range span(const void* base, const int64_t* strides, std::initializer_list<int64_t> sizes, int64_t row_elems,
+                int64_t elem_bytes) {
+  int64_t last = 0, d = 0;
+  for (int64_t n : sizes) last += (n - 1) * strides[d++];
+  const char* b = static_cast<const char*>(base);
+  return {b, b + (last + (row_elems + 7) / 8 * 8) * elem_bytes};
+}
+
+void allow_reads(const AttnParams& p) {
+  std::vector<emu::Range>& r = emu::state().readable;
+  r.clear();
+  r.push_back(span(p.q, p.q_stride, {p.batch, p.heads_q, p.len_q}, p.head_dim, 2));
+  r.push_back(span(p.k, p.k_stride, {p.batch, p.heads_kv, p.len_k}, p.head_dim, 2));
+  r.push_back(span(p.v, p.v_stride, {p.batch, p.heads_kv, p.len_k}, p.head_dim_v, 2));
+  if (p.dout != nullptr) r.push_back(span(p.dout, p.dout_stride, {p.batch, p.heads_q, p.len_q}, p.head_dim_v, 2));
+}
+
+// Fill what the kernels are about to write with NaN, so an element they skip cannot pass.
+// (0xffff is NaN in fp16 and bf16, 0xffffffff in fp32)
+template <typename Word>
+void poison_rows(void* base, const int64_t* strides, int64_t n0, int64_t n1, int64_t rows, int64_t cols) {
+  if (base == nullptr) return;
+  for (int64_t a = 0; a < n0; ++a)
+    for (int64_t h = 0; h < n1; ++h)
+      for (int64_t r = 0; r < rows; ++r) {
+        Word* row = static_cast<Word*>(base) + a * strides[0] + h * strides[1] + r * strides[2];
+        for (int64_t c = 0; c < cols; ++c) row[c] = static_cast<Word>(~Word{0});
+      }
+}
+
+void poison_outputs(const AttnParams& p) {
+  const int64_t ev8 = (p.head_dim_v + 7) / 8 * 8, e8 = (p.head_dim + 7) / 8 * 8;
+  const int64_t lse_stride[3] = {p.heads_q * p.len_q, p.len_q, 1};
+  if (p.dout == nullptr) {  // forward: o and lse
+    poison_rows<uint16_t>(p.o, p.o_stride, p.batch, p.heads_q, p.len_q, ev8);
+    poison_rows<uint32_t>(p.lse, lse_stride, p.batch, p.heads_q, p.len_q, 1);
+  } else {  // backward: the gradients and the delta workspace
+    poison_rows<uint16_t>(p.dq, p.dq_stride, p.batch, p.heads_q, p.len_q, e8);
+    poison_rows<uint16_t>(p.dk, p.dk_stride, p.batch, p.heads_kv, p.len_k, e8);
+    poison_rows<uint16_t>(p.dv, p.dv_stride, p.batch, p.heads_kv, p.len_k, ev8);
+    poison_rows<uint32_t>(p.delta, lse_stride, p.batch, p.heads_q, p.len_q, 1);
+  }
+}
+
+void before_launch(const AttnParams& p) {
+  allow_reads(p);
+  poison_outputs(p);
+}
+
+void check_launch(cudaError_t err, const char* op) { TORCH_CHECK(err == cudaSuccess, op, ": launch error ", err); }
+
+void set_options(bool late_copies, int order, uint64_t seed) {
+  emu::state().options = {late_copies, order, seed};
+  emu::state().stats = {};
+}
+
+pybind11::dict stats() {
+  const emu::Stats& s = emu::state().stats;
+  pybind11::dict d;
+  d["ctas"] = s.ctas;
+  d["barriers"] = s.barriers;
+  d["cp_async"] = s.cp_async;
+  d["ldmatrix"] = s.ldmatrix;
+  d["ldmatrix_conflicts"] = s.ldmatrix_conflicts;
+  d["mma"] = s.mma;
+  d["shuffles"] = s.shuffles;
+  return d;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng_seed,
+                                       double scale, int64_t window_left, int64_t window_right, bool bottom_right,
+                                       double dropout_p, int sm_count) {
+  AttnParams p;
+  check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
+  cuda_ops::check_kernel_limits(p, q, "emulated attnkern::fwd");
+  return cuda_ops::forward_op(p, q, k, v, {sm_count, nullptr, &check_launch, &before_launch});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& rng_seed, double scale, int64_t window_left, int64_t window_right,
+    bool bottom_right, double dropout_p, bool mask_needs_grad) {
+  AttnParams p;
+  check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
+  check_backward_tensors(p, q, grad_out, out, lse, grad_lse);
+  cuda_ops::check_kernel_limits(p, q, "emulated attnkern::bwd");
+  return cuda_ops::backward_op(p, grad_out, grad_lse, q, k, v, out, lse, mask_needs_grad,
+                               {1, nullptr, &check_launch, &before_launch});
+}
+
+}  // namespace
+}  // namespace attnkern
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "The CUDA backend's kernels run on CPU tensors by a fiber emulator (tests only)";
+  m.def("fwd", &attnkern::fwd, "attnkern::fwd through the emulated CUDA kernels; sm_count sets the split-KV count");
+  m.def("bwd", &attnkern::bwd, "attnkern::bwd through the emulated CUDA kernels");
+  m.def("set_options", &attnkern::set_options, pybind11::arg("late_copies"), pybind11::arg("order"),
+        pybind11::arg("seed"), "cp.async timing, thread order (0 up, 1 down, 2 shuffled); resets the stats");
+  m.def("stats", &attnkern::stats, "counters since set_options: CTAs, barriers, instructions, ldmatrix bank conflicts");
+  m.def("why_not", &attnkern::cuda_ops::why_not);
+  m.def("decode_num_splits", [](int64_t len_q, int64_t heads_q, int64_t heads_kv, int64_t len_k, int64_t head_dim,
+                                int64_t batch, int sm_count) {
+    attnkern::AttnParams p;
+    p.batch = batch;
+    p.len_q = len_q;
+    p.heads_q = heads_q;
+    p.heads_kv = heads_kv;
+    p.len_k = len_k;
+    p.head_dim = p.head_dim_v = head_dim;
+    p.dtype = attnkern::DType::kBFloat16;
+    return attnkern::cuda::decode_num_splits(p, sm_count);
+  });
+}

@@ -1,0 +1,418 @@
+// The sm80 forward (FlashAttention-2 style): a CTA owns a tile of query rows, each warp 16 of
+// them (split-Q: warps never exchange softmax state), and streams the key blocks that meet the
+// tile's band through a cp.async ring of K/V stages. S = Q K^T and O += P V are mma.sync
+// m16n8k16 with ldmatrix operands; the softmax runs online in the exp2 domain.
+//
+// Only key blocks meeting the band are visited, and the per-element band test runs only on
+// blocks that cross the band's edge, so a window of width W costs O(L * W).
+//
+// The same kernel is the split-KV decode path (kPacked): its rows are the (query head, query)
+// pairs of all heads of one kv head, several warps split each key block, and CTAs split the
+// key range; partial outputs are merged by merge_splits_kernel.
+#pragma once
+
+#include <cmath>
+
+#include "kernel_traits.cuh"
+#include "launch.h"
+#include "score.cuh"
+
+namespace attnkern {
+namespace cuda {
+
+// Query rows of a forward CTA: local row r is global row row0 + r of `rows_total`.
+// Unpacked: the rows are the queries of head hq0. Packed: global row x is query x % len_q of
+// head hq0 + x / len_q (hq0 = first query head of the kv head's group).
+template <bool kPacked>
+struct RowMap {
+  int64_t len_q, row0, rows_total;
+  int hq0;
+
+  __device__ __forceinline__ bool valid(int r) const { return row0 + r < rows_total; }
+  __device__ __forceinline__ int64_t query(int r) const { return kPacked ? (row0 + r) % len_q : row0 + r; }
+  __device__ __forceinline__ int head(int r) const {
+    return kPacked ? hq0 + static_cast<int>((row0 + r) / len_q) : hq0;
+  }
+  // [lo, hi): a range of queries that holds those of the valid rows among [r_begin, r_end)
+  __device__ __forceinline__ void query_hull(int r_begin, int r_end, int64_t& lo, int64_t& hi) const {
+    const int64_t a = row0 + r_begin;
+    const int64_t z = min(row0 + r_end, rows_total);
+    if (z <= a) {
+      lo = hi = 0;
+    } else if (!kPacked) {
+      lo = a;
+      hi = z;
+    } else if (a / len_q == (z - 1) / len_q) {
+      lo = a % len_q;
+      hi = (z - 1) % len_q + 1;
+    } else {
+      lo = 0;
+      hi = len_q;
+    }
+  }
+};
+
+// Writes one finished row: the final output (unsplit) or a split's partial output.
+template <typename T>
+struct RowWriter {
+  const AttnParams& p;
+  const FwdSplit& split;
+  int split_idx;
+  int64_t b;
+
+  __device__ __forceinline__ int64_t row_index(int hq, int64_t i) const { return (b * p.heads_q + hq) * p.len_q + i; }
+
+  // columns col, col + 1 (col even, < head_dim_v) of row (hq, i)
+  __device__ __forceinline__ void out2(int hq, int64_t i, int col, float v0, float v1) const {
+    if (split.num_splits > 1) {
+      const int64_t rows = p.batch * p.heads_q * p.len_q;
+      float2* dst =
+          reinterpret_cast<float2*>(split.o_partial + ((split_idx * rows + row_index(hq, i)) * p.head_dim_v + col));
+      *dst = make_float2(v0, v1);
+    } else {
+      T* dst = static_cast<T*>(p.o) + b * p.o_stride[0] + hq * p.o_stride[1] + i * p.o_stride[2] + col;
+      *reinterpret_cast<uint32_t*>(dst) = Elem<T>::pack(v0, v1);
+    }
+  }
+  __device__ __forceinline__ void lse(int hq, int64_t i, float v) const {
+    if (split.num_splits > 1) {
+      split.lse_partial[split_idx * (p.batch * p.heads_q * p.len_q) + row_index(hq, i)] = v;
+    } else {
+      p.lse[row_index(hq, i)] = v;
+    }
+  }
+};
+
+template <class Cfg, typename T, bool kFeatures, bool kPacked>
+__global__ void __launch_bounds__(Cfg::kThreads)
+    fwd_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ FwdSplit split) {
+  using QTile = typename Cfg::QTile;
+  using KTile = typename Cfg::KTile;
+  constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kWarpN = Cfg::kWarpN;
+  constexpr int kMT = Cfg::kWarpMTiles, kStages = Cfg::kStages, kThreads = Cfg::kThreads;
+  constexpr int kNT = kWarpN / 8;                      // n-tiles of a warp's S
+  constexpr int kDT = kD / 8;                          // n-tiles of a warp's O
+  constexpr uint32_t kStageBytes = 2 * KTile::kBytes;  // K then V
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const uint32_t sQ = smem_addr(smem_raw);
+  const uint32_t sKV = sQ + QTile::kBytes;
+  check_smem_base(smem_addr(smem_raw));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int row_warp = warp / Cfg::kKeySplit, key_slice = warp % Cfg::kKeySplit;
+  const int64_t b = blockIdx.z;
+  const int group = static_cast<int>(p.heads_q / p.heads_kv);
+
+  int split_idx, hkv;
+  RowMap<kPacked> rows;
+  if (kPacked) {
+    split_idx = blockIdx.x % split.num_splits;
+    hkv = blockIdx.y;
+    rows = {p.len_q, static_cast<int64_t>(blockIdx.x / split.num_splits) * kBlockM, group * p.len_q, hkv * group};
+  } else {
+    split_idx = 0;
+    hkv = blockIdx.y / group;
+    // the last query blocks meet the most keys under a causal band: start them first
+    rows = {p.len_q, static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM, p.len_q, static_cast<int>(blockIdx.y)};
+  }
+  const ScoreRules<kFeatures> rules(p);
+  const Band& band = rules.band;
+
+  // key blocks [blk_begin, blk_end) of kBlockN keys starting at key_first: those meeting the
+  // band of any row of the tile, cut into num_splits ranges when splitting
+  int64_t cta_lo, cta_hi;
+  rows.query_hull(0, kBlockM, cta_lo, cta_hi);
+  int64_t key_first = 0, n_blocks = 0;
+  if (cta_hi > cta_lo) {
+    const int64_t lo = band.range_lo(cta_lo), hi = band.range_hi(cta_hi);
+    if (hi > lo) {
+      key_first = lo / kBlockN * kBlockN;
+      n_blocks = (hi - key_first + kBlockN - 1) / kBlockN;
+    }
+  }
+  int64_t blk_begin = 0, blk_end = n_blocks;
+  if (kPacked && split.num_splits > 1) {
+    const int64_t per = (n_blocks + split.num_splits - 1) / split.num_splits;
+    blk_begin = min(n_blocks, split_idx * per);
+    blk_end = min(n_blocks, blk_begin + per);
+  }
+
+  // ---- loads: Q once, K/V blocks through the ring
+  const T* const q_batch = static_cast<const T*>(p.q) + b * p.q_stride[0];
+  if constexpr (kPacked) {
+    load_tile_async<QTile, kThreads>(
+        sQ,
+        [&](int r) -> const T* {
+          return rows.valid(r) ? q_batch + rows.head(r) * p.q_stride[1] + rows.query(r) * p.q_stride[2] : nullptr;
+        },
+        static_cast<int>(p.head_dim), q_batch);
+  } else {
+    load_rows_async<QTile, kThreads>(sQ, q_batch + rows.hq0 * p.q_stride[1] + rows.row0 * p.q_stride[2], p.q_stride[2],
+                                     p.len_q - rows.row0, static_cast<int>(p.head_dim), q_batch);
+  }
+  cp_async_commit();
+
+  const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
+  const T* const v_head = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
+  auto load_kv = [&](int64_t blk, int stage) {
+    load_kv_block<KTile, kThreads>(sKV + stage * kStageBytes, p, k_head, v_head, key_first + blk * kBlockN);
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (blk_begin + s < blk_end) load_kv(blk_begin + s, s);
+    cp_async_commit();  // empty groups keep the wait_group arithmetic uniform
+  }
+
+  // ---- this warp's rows and key slice; fragment rows g and g + 8 of 16-row block mt are
+  // local rows warp_row0 + 16 mt + g (+ 8), g = lane / 4
+  const int warp_row0 = row_warp * 16 * kMT;
+  const int slice = key_slice * kWarpN;  // first row of this warp's keys in the K/V tiles
+  int64_t warp_lo, warp_hi;
+  rows.query_hull(warp_row0, warp_row0 + 16 * kMT, warp_lo, warp_hi);
+  const bool warp_has_rows = warp_hi > warp_lo;
+  const int64_t warp_key_lo = warp_has_rows ? band.lo(warp_lo) : 0;
+  const int64_t warp_key_hi = warp_has_rows ? band.hi(warp_hi - 1) : 0;
+  auto local_row = [&](int mt, int h) { return warp_row0 + mt * 16 + (lane >> 2) + 8 * h; };
+  int64_t row_q[kMT][2];  // query index and head of this thread's rows (a division when packed)
+  int row_hq[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = local_row(mt, h);
+      row_q[mt][h] = rows.valid(r) ? rows.query(r) : p.len_q;  // len_q: a padding row, no keys
+      row_hq[mt][h] = rows.head(r);
+    }
+
+  const typename QTile::Lane q_lane = lane_a<QTile>(sQ, warp_row0, lane);
+  const typename KTile::Lane k_lane = lane_b_nk<KTile>(sKV, slice, lane);
+  const typename KTile::Lane v_lane = lane_b_kn<KTile>(sKV + KTile::kBytes, slice, lane);
+
+  float acc_o[kMT][kDT][4];
+  float row_max[kMT][2], row_sum[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+
+  for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+    const int it = static_cast<int>(blk - blk_begin);
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // block `blk` landed for every thread; stage (it - 1) % kStages is free
+    if (blk + kStages - 1 < blk_end) load_kv(blk + kStages - 1, (it + kStages - 1) % kStages);
+    cp_async_commit();
+
+    const int64_t key0 = key_first + blk * kBlockN + slice;
+    if (!warp_has_rows || key0 >= p.len_k || key0 + kWarpN <= warp_key_lo || key0 >= warp_key_hi) continue;
+    const bool edge = key0 + kWarpN > p.len_k || !band.tile_full(warp_lo, warp_hi, key0, key0 + kWarpN);
+    const uint32_t stage_off = (it % kStages) * kStageBytes;
+
+    // S = Q K^T over this warp's rows and key slice
+    float s[kMT][kNT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], QTile::at(q_lane, 2 * kk, 16 * mt));
+#pragma unroll
+      for (int n2 = 0; n2 < kNT / 2; ++n2) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, KTile::at(k_lane, 2 * kk, 16 * n2) + stage_off);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Elem<T>::mma(s[mt][2 * n2], a[mt], bk[0], bk[1]);
+          Elem<T>::mma(s[mt][2 * n2 + 1], a[mt], bk[2], bk[3]);
+        }
+      }
+    }
+
+    // scores, then the online softmax: rescale O and the running sum to the new row max
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t i = row_q[mt][h];
+        const int hq = row_hq[mt][h];
+        int lo = 0, hi = kWarpN;
+        if (rules.checked(edge)) rules.query_window(i, key0, kWarpN, lo, hi);
+        const int64_t mask_row = rules.mask_offset(b, hq, i, key0);
+        float mx = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float& x = s[mt][nt][2 * h + c];
+            x = rules(x, nt * 8 + 2 * (lane & 3) + c, lo, hi, rules.checked(edge), mask_row, p.mask_stride[3]);
+            mx = fmaxf(mx, x);
+          }
+        mx = quad_max(mx);
+        const float m_new = fmaxf(row_max[mt][h], mx);
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet stays at 0
+        const float alpha = exp2f(row_max[mt][h] - m_use);
+        row_max[mt][h] = m_new;
+        row_sum[mt][h] *= alpha;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          acc_o[mt][dt][2 * h] *= alpha;
+          acc_o[mt][dt][2 * h + 1] *= alpha;
+        }
+        float sum = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float& x = s[mt][nt][2 * h + c];
+            x = exp2f(x - m_use);
+            sum += x;
+          }
+        row_sum[mt][h] += sum;  // per-thread partial; the quad's sum is taken once at the end
+        if (rules.dropout()) {  // the sum above is of the undropped weights, as softmax needs
+          const uint32_t bh = static_cast<uint32_t>(b * p.heads_q + hq);
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) {
+            bool k0, k1;
+            rules.keep_pair(bh, i, key0 + nt * 8 + 2 * (lane & 3), k0, k1);
+            if (!k0) s[mt][nt][2 * h] = 0.f;
+            if (!k1) s[mt][nt][2 * h + 1] = 0.f;
+          }
+        }
+      }
+
+    // O += P V, P straight from the S accumulators (one V fragment serves every 16-row block)
+#pragma unroll
+    for (int k2 = 0; k2 < kWarpN / 16; ++k2) {
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) acc_to_a<T>(a[mt], s[mt][2 * k2], s[mt][2 * k2 + 1]);
+#pragma unroll
+      for (int d2 = 0; d2 < kD / 16; ++d2) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, KTile::at(v_lane, 2 * d2, 16 * k2) + stage_off);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          Elem<T>::mma(acc_o[mt][2 * d2], a[mt], bv[0], bv[1]);
+          Elem<T>::mma(acc_o[mt][2 * d2 + 1], a[mt], bv[2], bv[3]);
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: O / l (times 1/(1-p) under dropout), LSE = ln(sum) + max; empty rows 0, -inf
+  cp_async_wait<0>();  // nothing may be in flight into shared memory past this point
+  const float keep_scale = rules.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const RowWriter<T> out{p, split, split_idx, b};
+  const int dv = static_cast<int>(p.head_dim_v);
+  if constexpr (Cfg::kKeySplit == 1) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float l = quad_sum(row_sum[mt][h]);
+        if (!rows.valid(local_row(mt, h))) continue;
+        const int hq = row_hq[mt][h];
+        const int64_t i = row_q[mt][h];
+        const float inv = l > 0.f ? keep_scale / l : 0.f;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          const int col = dt * 8 + 2 * (lane & 3);
+          if (col < dv) out.out2(hq, i, col, acc_o[mt][dt][2 * h] * inv, acc_o[mt][dt][2 * h + 1] * inv);
+        }
+        if ((lane & 3) == 0) out.lse(hq, i, l > 0.f ? (row_max[mt][h] + log2f(l)) * kLn2 : -INFINITY);
+      }
+  } else {
+    // key-split warps: each writes its normalised rows and LSE, then the CTA merges the slices
+    __syncthreads();  // every warp is done with the K/V stages, which now hold the merge buffers
+    float* const merge_o = reinterpret_cast<float*>(smem_raw + QTile::kBytes);  // [slice][row][kD]
+    float* const merge_lse = merge_o + Cfg::kKeySplit * kBlockM * kD;           // [slice][row]
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float l = quad_sum(row_sum[mt][h]);
+        const int r = local_row(mt, h);
+        const float inv = l > 0.f ? keep_scale / l : 0.f;
+        float* const dst = merge_o + (key_slice * kBlockM + r) * kD;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          const int col = dt * 8 + 2 * (lane & 3);
+          dst[col] = acc_o[mt][dt][2 * h] * inv;
+          dst[col + 1] = acc_o[mt][dt][2 * h + 1] * inv;
+        }
+        if ((lane & 3) == 0)
+          merge_lse[key_slice * kBlockM + r] = l > 0.f ? (row_max[mt][h] + log2f(l)) * kLn2 : -INFINITY;
+      }
+    __syncthreads();
+    for (int idx = tid; idx < kBlockM * (kD / 2); idx += kThreads) {
+      const int r = idx / (kD / 2), col = 2 * (idx % (kD / 2));
+      if (!rows.valid(r) || col >= dv) continue;
+      float m = -INFINITY;
+#pragma unroll
+      for (int sl = 0; sl < Cfg::kKeySplit; ++sl) m = fmaxf(m, merge_lse[sl * kBlockM + r]);
+      float v0 = 0.f, v1 = 0.f, total = 0.f;
+      if (m != -INFINITY) {
+#pragma unroll
+        for (int sl = 0; sl < Cfg::kKeySplit; ++sl) {
+          const float w = exp2f((merge_lse[sl * kBlockM + r] - m) * kLog2e);
+          const float* src = merge_o + (sl * kBlockM + r) * kD + col;
+          v0 += w * src[0];
+          v1 += w * src[1];
+          total += w;
+        }
+        v0 /= total;
+        v1 /= total;
+      }
+      const int hq = rows.head(r);
+      const int64_t i = rows.query(r);
+      out.out2(hq, i, col, v0, v1);
+      if (col == 0) out.lse(hq, i, m == -INFINITY ? -INFINITY : m + logf(total));
+    }
+  }
+}
+
+// Merges split-KV partials: out = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s).
+// One warp per (b, hq, i) row.
+template <typename T>
+__global__ void __launch_bounds__(128)
+    merge_splits_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ FwdSplit split) {
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  float m = -INFINITY;
+  for (int s = lane; s < split.num_splits; s += 32) m = fmaxf(m, split.lse_partial[s * rows + row]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float total = 0.f;
+  if (m != -INFINITY)
+    for (int s = 0; s < split.num_splits; ++s) total += __expf(split.lse_partial[s * rows + row] - m);
+  const int64_t i = row % p.len_q, bh = row / p.len_q;
+  const int64_t b = bh / p.heads_q, hq = bh % p.heads_q;
+  T* const o_row = static_cast<T*>(p.o) + b * p.o_stride[0] + hq * p.o_stride[1] + i * p.o_stride[2];
+  for (int col = lane; col < p.head_dim_v; col += 32) {
+    float acc = 0.f;
+    if (m != -INFINITY) {
+      for (int s = 0; s < split.num_splits; ++s) {
+        const float w = __expf(split.lse_partial[s * rows + row] - m);
+        acc += w * split.o_partial[(s * rows + row) * p.head_dim_v + col];
+      }
+      acc /= total;
+    }
+    o_row[col] = from_float<T>(acc);
+  }
+  if (lane == 0) p.lse[row] = m == -INFINITY ? -INFINITY : m + logf(total);
+}
+
+}  // namespace cuda
+}  // namespace attnkern

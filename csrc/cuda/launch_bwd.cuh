@@ -1,0 +1,44 @@
+// Backward launcher for one (head-dim bucket, dtype): delta, then the dK/dV pass (two passes,
+// dK and dV, for head dims whose accumulators do not fit together), then the dQ pass, all on one
+// stream. Instantiated by instantiations/bwd_*.cu.
+#pragma once
+
+#include "bwd_kernel.cuh"
+#include "launch_kernel.cuh"
+
+namespace attnkern {
+namespace cuda {
+
+template <int kD, typename T, bool kFeatures>
+cudaError_t run_bwd_passes(const AttnParams& p, cudaStream_t stream) {
+  using KV = typename BwdTraits<kD>::KV;
+  using Q = typename BwdTraits<kD>::Q;
+  const unsigned batch = static_cast<unsigned>(p.batch);
+  const dim3 kv_grid(static_cast<unsigned>((p.len_k + KV::kBlockN - 1) / KV::kBlockN),
+                     static_cast<unsigned>(p.heads_kv), batch);
+  cudaError_t err;
+  if constexpr (KV::kSplitPasses) {
+    err = launch_kernel(bwd_kv_kernel<KV, T, kFeatures, true, false>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p);
+    if (err != cudaSuccess) return err;
+    err = launch_kernel(bwd_kv_kernel<KV, T, kFeatures, false, true>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p);
+  } else {
+    err = launch_kernel(bwd_kv_kernel<KV, T, kFeatures, true, true>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p);
+  }
+  if (err != cudaSuccess) return err;
+  const dim3 q_grid(static_cast<unsigned>((p.len_q + Q::kBlockM - 1) / Q::kBlockM), static_cast<unsigned>(p.heads_q),
+                    batch);
+  return launch_kernel(bwd_q_kernel<Q, T, kFeatures>, q_grid, Q::kThreads, Q::kSmemBytes, stream, p);
+}
+
+template <int kD, typename T>
+cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  const cudaError_t err =
+      launch_kernel(delta_kernel<T>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
+  if (err != cudaSuccess) return err;
+  if (p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f) return run_bwd_passes<kD, T, true>(p, stream);
+  return run_bwd_passes<kD, T, false>(p, stream);
+}
+
+}  // namespace cuda
+}  // namespace attnkern
