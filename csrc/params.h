@@ -48,10 +48,10 @@ struct AttnParams {
   int64_t dq_stride[3] = {0, 0, 0};
   int64_t dk_stride[3] = {0, 0, 0};
   int64_t dv_stride[3] = {0, 0, 0};
-  float* dmask = nullptr;
+  float* dmask = nullptr;  // optional (B, Hq, L, S) contiguous fp32: d(loss)/d(score incl. mask)
   // workspace filled before the backward's main pass: delta[i] = dot(dout[i], o[i]) - dlse[i],
   // (B, Hq, L) contiguous fp32
-  float* delta = nullptr;  // optional (B, Hq, L, S) contiguous fp32: d(loss)/d(score incl. mask)
+  float* delta = nullptr;
 
   // semantics (see attnkern/_semantics.py)
   float scale = 1.f;
