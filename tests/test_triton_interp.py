@@ -225,8 +225,9 @@ class TestInterpreter:
             op(q, k, v, torch.ones(1, 2, 8, 9, dtype=torch.bool), None, 0.25, -1, -1, False, 0.0)
         with pytest.raises(ValueError, match="rng_seed"):
             op(q, k, v, None, None, 0.25, -1, -1, False, 0.1)
-        with pytest.raises(ValueError, match="head dims"):
-            op(*(torch.randn(1, 1, 4, 300) for _ in range(3)), None, None, 0.1, -1, -1, False, 0.0)
+        for dim in (300, 0):
+            with pytest.raises(ValueError, match="head dims"):
+                op(*(torch.randn(1, 1, 4, dim) for _ in range(3)), None, None, 0.1, -1, -1, False, 0.0)
         with pytest.raises(ValueError, match="multiple of k/v heads"):
             op(torch.randn(1, 3, 8, 16), k, v, None, None, 0.25, -1, -1, False, 0.0)
         with pytest.raises(TypeError, match="share a dtype"):

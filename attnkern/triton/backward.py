@@ -16,8 +16,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .band import key_block_range, key_bounds, query_block_range, segment_bounds
-from .forward import LOG2E, MASK_FLOAT, MASK_NONE, UNSPECIALIZED, load_mask_tile, load_tile, score_tile
+from .band import key_block_range, query_block_range, segment_bounds
+from .forward import LOG2E, UNSPECIALIZED, load_mask_tile, load_tile, score_tile
 from .philox import dropout_keep
 
 
@@ -80,17 +80,9 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, row_base, 
                        True, PAD_DV)
         lse2, delta = _load_row_stats(Lse, Delta, row_base, rows, len_q)
         # scores transposed (keys x queries) so dK and dV come out of plain dots
-        sT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale
-        if MASK_KIND != MASK_NONE:
-            maskT = tl.trans(load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k,
-                                            MASK_KIND))
-            if MASK_KIND == MASK_FLOAT:
-                sT += maskT.to(tl.float32) * LOG2E
-            else:
-                sT = tl.where(maskT != 0, sT, float("-inf"))
-        if EDGE:
-            lo, hi = key_bounds(rows, len_k, offset, left, right)
-            sT = tl.where((cols[:, None] >= lo[None, :]) & (cols[:, None] < hi[None, :]), sT, float("-inf"))
+        maskT = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND, True)
+        sT = score_tile(k, qT, rows, cols, maskT, qk_scale, len_k, offset, left, right, EDGE, MASK_KIND,
+                        DOT_PRECISION, True)
         pT = tl.exp2(sT - lse2[None, :])
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -188,9 +180,10 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_row, dmask_row, rows
                        PAD_D, EDGE)
         vT = load_tile(v_blk + offs_dv[:, None] + offs_n[None, :] * stride_vn, offs_dv < head_dim_v, col_ok,
                        PAD_DV, EDGE)
-        mask_tile = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND)
+        mask_tile = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND,
+                                   False)
         s = score_tile(q, kT, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, EDGE, MASK_KIND,
-                       DOT_PRECISION)
+                       DOT_PRECISION, False)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -224,7 +217,9 @@ def dq_kernel(
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    m0 = tl.program_id(0) * BLOCK_M
+    # last query blocks first: under a causal band they have the most keys, so the longest
+    # programs start first and the short ones fill the tail
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
     h_kv = h // group

@@ -31,18 +31,24 @@ UNSPECIALIZED = ["heads_q", "group", "len_q", "len_k", "head_dim", "head_dim_v",
 
 
 @triton.jit
-def score_tile(q, kT, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, EDGE: tl.constexpr,
-               MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Scores (BLOCK_M, BLOCK_N) in the log2 domain, -inf where a key takes no part.
+def score_tile(a, b, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, EDGE: tl.constexpr,
+               MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Scores ``a @ b`` in the log2 domain, -inf where a key takes no part.
 
-    Shared by the forward and the dQ pass so both see exactly the same scores.
+    (rows x keys) from ``a = Q, b = K^T``; with TRANSPOSED, (keys x rows) from ``a = K, b = Q^T``,
+    the orientation the dK/dV pass needs. The forward and both backward passes score here, so
+    they agree on every masked element. ``mask_tile`` comes from load_mask_tile in the same
+    orientation; EDGE applies the band predicate (edge blocks only).
     """
-    s = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+    s = tl.dot(a, b, input_precision=DOT_PRECISION) * qk_scale
     if MASK_KIND == MASK_FLOAT:
         s += mask_tile.to(tl.float32) * LOG2E
     if EDGE:
         lo, hi = key_bounds(rows, len_k, offset, left, right)
-        s = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), s, float("-inf"))
+        if TRANSPOSED:
+            s = tl.where((cols[:, None] >= lo[None, :]) & (cols[:, None] < hi[None, :]), s, float("-inf"))
+        else:
+            s = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), s, float("-inf"))
     if MASK_KIND == MASK_BOOL:
         s = tl.where(mask_tile != 0, s, float("-inf"))
     return s
@@ -63,13 +69,18 @@ def load_tile(ptrs, ok0, ok1, CHECK0: tl.constexpr, CHECK1: tl.constexpr):
 
 
 @triton.jit
-def load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND: tl.constexpr):
-    """The user mask over rows x cols; ``mask_blk`` points at element (m0, n0). 0 without a mask.
+def load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND: tl.constexpr,
+                   TRANSPOSED: tl.constexpr):
+    """The user mask over rows x cols (cols x rows with TRANSPOSED); 0 without a mask.
 
-    Broadcast dimensions have stride 0, so a (1, 1, L, S) or (B, 1, 1, S) mask is never copied.
+    ``mask_blk`` points at element (m0, n0). Broadcast dimensions have stride 0, so a
+    (1, 1, L, S) or (B, 1, 1, S) mask is read in place, never copied.
     """
     if MASK_KIND == MASK_NONE:
         tile = 0
+    elif TRANSPOSED:
+        ptrs = mask_blk + (cols - n0)[:, None] * stride_mn + (rows - m0)[None, :] * stride_mm
+        tile = tl.load(ptrs, mask=(cols[:, None] < len_k) & (rows[None, :] < len_q), other=0)
     else:
         ptrs = mask_blk + (rows - m0)[:, None] * stride_mm + (cols - n0)[None, :] * stride_mn
         tile = tl.load(ptrs, mask=(rows[:, None] < len_q) & (cols[None, :] < len_k), other=0)
@@ -96,9 +107,10 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, rows, m0, n_start, n
         col_ok = cols < len_k
         kT = load_tile(k_blk + offs_d[:, None] + offs_n[None, :] * stride_kn, offs_d < head_dim, col_ok,
                        PAD_D, EDGE)
-        mask_tile = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND)
+        mask_tile = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND,
+                                   False)
         s = score_tile(q, kT, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, EDGE, MASK_KIND,
-                       DOT_PRECISION)
+                       DOT_PRECISION, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with no key so far keeps m = -inf; subtracting 0 instead avoids inf - inf
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -133,7 +145,9 @@ def fwd_kernel(
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    m0 = tl.program_id(0) * BLOCK_M
+    # last query blocks first: under a causal band they have the most keys, so the longest
+    # programs start first and the short ones fill the tail
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
     h_kv = h // group

@@ -75,8 +75,8 @@ def _check_inputs(op, q, k, v, mask, rng_seed, scale, window_left, window_right,
     if (Hkv == 0 and Hq != 0) or (Hkv > 0 and Hq % Hkv != 0):
         raise ValueError(f"q heads {Hq} must be a multiple of k/v heads {Hkv}")
     max_dim = CAPABILITIES["triton"].max_head_dim
-    if max(E, v.shape[3]) > max_dim:
-        raise ValueError(f"head dims ({E}, {v.shape[3]}) exceed the Triton backend's maximum {max_dim}")
+    if max(E, v.shape[3]) > max_dim or min(E, v.shape[3]) < 1:
+        raise ValueError(f"head dims ({E}, {v.shape[3]}) must be in [1, {max_dim}] for the Triton backend")
     if max(Hq, B) > TRITON_MAX_GRID_DIM:
         raise ValueError(f"the Triton backend supports at most {TRITON_MAX_GRID_DIM} query heads and batch entries, "
                          f"got {Hq} heads, batch {B}")
