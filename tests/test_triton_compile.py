@@ -6,17 +6,20 @@ kernel is compiled ahead of time for both architectures with the specialisations
 16-byte aligned tensors gets, checking that it builds, that its K/V loads are software-
 pipelined (async copies: the fast path), and that its shared memory fits the architecture and
 stays within configs._smem_bytes, the estimate the autotuner prunes with. The sweep over every
-autotune candidate is marked slow.
+autotune candidate (marked slow) also runs ptxas -v on each and bounds its register spills.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia")
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     pytest.skip("kernels are interpreted in this process (TRITON_INTERPRET=1)", allow_module_level=True)
 
@@ -26,6 +29,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from attnkern.triton import backward, configs, forward  # noqa: E402
 
 ARCHS = {"sm90": (90, 227 * 1024), "sm80": (80, 163 * 1024)}
+MAX_SPILL_BYTES = 256
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 KERNELS = {"fwd": forward.fwd_kernel, "dkdv": backward.dkdv_kernel, "dq": backward.dq_kernel}
 TABLES = {"fwd": configs._FWD, "dkdv": configs._BWD_DKDV, "dq": configs._BWD_DQ}
@@ -109,11 +113,27 @@ def test_preprocess_compiles():
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": configs.PREPROCESS["num_warps"]})
 
 
+def _spill_bytes(compiled, arch, tmp_path) -> int:
+    """Spill stores ptxas reports for the kernel's PTX (Triton's own ptxas)."""
+    try:
+        ptxas = triton.knobs.nvidia.ptxas.path
+    except AttributeError:
+        pytest.skip("this Triton does not expose its ptxas")
+    ptx = tmp_path / "kernel.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    target = "sm_90a" if arch == "sm90" else "sm_80"
+    result = subprocess.run([ptxas, f"-arch={target}", "-v", str(ptx), "-o", str(tmp_path / "kernel.cubin")],
+                            capture_output=True, text=True, check=True)
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", result.stderr))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("kind", list(KERNELS))
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_every_autotune_candidate_fits(kind, head_dim, arch):
+def test_every_autotune_candidate_fits(kind, head_dim, arch, tmp_path):
     for config in TABLES[kind][arch][head_dim]:
         compiled = compile_kernel(kind, arch, torch.bfloat16, head_dim, config)
         _check(compiled, kind, arch, torch.bfloat16, head_dim, config)
+        spills = _spill_bytes(compiled, arch, tmp_path)
+        assert spills <= MAX_SPILL_BYTES, f"{kind} {config} on {arch}: ptxas spills {spills} bytes"

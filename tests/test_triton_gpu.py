@@ -121,3 +121,11 @@ def test_backward_is_deterministic(case, seed):
         results.append([out] + list(torch.autograd.grad(out, inputs, torch.randn_like(out))))
     for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), *results):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_autotuned_launch(head_dim, seed, monkeypatch):
+    """With tuning on (gpu_check.sh runs the other tests with one candidate), the chosen config is right too."""
+    monkeypatch.setenv("ATTNKERN_TRITON_AUTOTUNE", "1")
+    case = Case(batch=2, heads_q=4, heads_kv=2, len_q=1024, len_k=1024, head_dim=head_dim, causal=True)
+    run_case(case, torch.bfloat16, BACKEND, seed, device=DEVICE)

@@ -166,6 +166,21 @@ class TestInterpreter:
     def test_output_layout_follows_query(self):
         parity.test_output_layout_follows_query(BACKEND)
 
+    @pytest.mark.parametrize("tile", [(32, 16), (16, 64), (64, 32), (128, 64)], ids=str)
+    @pytest.mark.parametrize(
+        "case",
+        [Case(batch=1, len_q=150, len_k=170, head_dim=16, window=(37, 21), id="window"),
+         Case(batch=1, heads_q=2, heads_kv=1, len_q=90, len_k=200, head_dim=16, causal=True, id="causal-L<S"),
+         Case(batch=1, len_q=200, len_k=90, head_dim=16, window=(50, 0), mask="bool", id="window-L>S-mask")],
+        ids=lambda c: c.id,
+    )
+    def test_other_tile_shapes(self, case, tile, seed, monkeypatch):
+        """The block ranges hold for unequal query/key tiles like the GPU configs' (16x16 elsewhere)."""
+        from attnkern.triton import configs
+
+        monkeypatch.setattr(configs, "INTERPRETER", {"BLOCK_M": tile[0], "BLOCK_N": tile[1]})
+        parity.run_case(case, torch.float32, BACKEND, seed)
+
     @pytest.mark.parametrize(
         "alignment,window",
         [("top-left", (-1, 0)), ("top-left", (4, 4)), ("bottom-right", (4, 0)), ("bottom-right", (4, 4))],
