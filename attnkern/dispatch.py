@@ -90,9 +90,23 @@ def _triton_available() -> Optional[str]:
     return "no CUDA device (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
 
 
-def _triton_device_ok(problem: Problem) -> Optional[str]:
-    if problem.device_type == "cpu" and not _triton_interpreting():
-        return "backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1"
+# the Triton grid puts heads and batch on CUDA grid dims 1 and 2
+TRITON_MAX_GRID_DIM = 65535
+
+
+def _triton_limits(problem: Problem) -> Optional[str]:
+    """Limits of the Triton kernels beyond the row's fields."""
+    if problem.device_type == "cpu":
+        if not _triton_interpreting():
+            return "backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1"
+        if problem.dtype == torch.bfloat16:
+            return "backend 'triton' cannot run bfloat16 under TRITON_INTERPRET=1 (the interpreter's bf16 dot is wrong)"
+    elif torch.cuda.get_device_capability() < (8, 0):
+        return "backend 'triton' needs a GPU of compute capability 8.0 or newer"
+    if min(problem.head_dim, problem.head_dim_v) < 1:
+        return "backend 'triton' needs head dims >= 1"
+    if max(problem.batch, problem.heads_q) > TRITON_MAX_GRID_DIM:
+        return f"backend 'triton' supports at most {TRITON_MAX_GRID_DIM} batch entries and query heads"
     return None
 
 
@@ -111,9 +125,12 @@ CAPABILITIES: Dict[str, Capability] = {
         name="cuda", devices=("cuda",), dtypes=HALF_DTYPES, max_head_dim=256, dropout=True, float_mask=True,
         bool_mask=True, available=_cuda_available, extra=_cuda_extra,
     ),
+    # Triton (attnkern/triton): CUDA tensors on sm80+, fp16/bf16/fp32 (fp32 with exact fp32 dots, not TF32),
+    # any head dims up to 256 (E != Ev allowed), GQA, windows/causal in both alignments, bool and float masks
+    # (with mask gradient), Philox dropout; CPU tensors only under TRITON_INTERPRET=1 and never in bf16.
     "triton": Capability(
         name="triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, max_head_dim=256, dropout=True,
-        float_mask=True, bool_mask=True, available=_triton_available, extra=_triton_device_ok,
+        float_mask=True, bool_mask=True, available=_triton_available, extra=_triton_limits,
     ),
     "cpu": Capability(
         name="cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, max_head_dim=None, dropout=True, float_mask=True,

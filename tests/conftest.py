@@ -101,7 +101,7 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "transposed":  # (B, H, L, E) view of (B, L, H, E) memory
         return t.transpose(1, 2).contiguous().transpose(1, 2)
     if layout == "strided":  # every other element of a wider buffer along the last dim
-        wide = torch.empty(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype)
+        wide = torch.empty(*t.shape[:-1], t.shape[-1] * 2, dtype=t.dtype, device=t.device)
         wide[..., ::2] = t
         return wide[..., ::2]
     return t
@@ -113,7 +113,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu", requires_gr
     q = torch.randn(B, Hq, L, E, dtype=torch.float64)
     k = torch.randn(B, Hkv, S, E, dtype=torch.float64)
     v = torch.randn(B, Hkv, S, Ev, dtype=torch.float64)
-    tensors = [_layout(t.to(dtype), case.layout).to(device) for t in (q, k, v)]
+    # lay out on the target device: .to(device) would make a sliced (non-dense) view contiguous
+    tensors = [_layout(t.to(dtype).to(device), case.layout) for t in (q, k, v)]
     if case.three_d:
         assert B == 1
         tensors = [t[0] for t in tensors]

@@ -1,0 +1,187 @@
+"""Forward kernel: tiled online softmax in the exp2 domain, one program per (query block, head, batch).
+
+Scores are scaled by ``scale * log2(e)`` in one multiply so the softmax uses ``exp2``; the
+running max ``m`` and sum ``l`` live in that domain and the natural-log LSE is recovered
+once at the end as ``(m + log2 l) * ln 2``. The output is divided by ``l`` once, after the
+key loop. Only key blocks that meet the band are visited (attnkern/triton/band.py), and
+only blocks on its edge evaluate the per-element predicate.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .band import key_block_range, key_bounds, segment_bounds
+from .philox import dropout_keep
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# the MASK_KIND specialisation
+MASK_NONE = tl.constexpr(0)
+MASK_BOOL = tl.constexpr(1)
+MASK_FLOAT = tl.constexpr(2)
+MASK_KINDS = {None: MASK_NONE.value, "bool": MASK_BOOL.value, "float": MASK_FLOAT.value}
+
+# Integer arguments Triton must not specialise on (value 1, divisibility by 16): none of them
+# feeds an address that needs alignment, and each specialisation would be another compile.
+UNSPECIALIZED = ["heads_q", "group", "len_q", "len_k", "head_dim", "head_dim_v", "offset", "left", "right",
+                 "seed_lo", "seed_hi", "drop_threshold", "band_kind", "len_q_bucket", "len_k_bucket"]
+
+
+@triton.jit
+def score_tile(a, b, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, EDGE: tl.constexpr,
+               MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Scores ``a @ b`` in the log2 domain, -inf where a key takes no part.
+
+    (rows x keys) from ``a = Q, b = K^T``; with TRANSPOSED, (keys x rows) from ``a = K, b = Q^T``,
+    the orientation the dK/dV pass needs. The forward and both backward passes score here, so
+    they agree on every masked element. ``mask_tile`` comes from load_mask_tile in the same
+    orientation; EDGE applies the band predicate (edge blocks only).
+    """
+    s = tl.dot(a, b, input_precision=DOT_PRECISION) * qk_scale
+    if MASK_KIND == MASK_FLOAT:
+        s += mask_tile.to(tl.float32) * LOG2E
+    if EDGE:
+        lo, hi = key_bounds(rows, len_k, offset, left, right)
+        if TRANSPOSED:
+            s = tl.where((cols[:, None] >= lo[None, :]) & (cols[:, None] < hi[None, :]), s, float("-inf"))
+        else:
+            s = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), s, float("-inf"))
+    if MASK_KIND == MASK_BOOL:
+        s = tl.where(mask_tile != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def load_tile(ptrs, ok0, ok1, CHECK0: tl.constexpr, CHECK1: tl.constexpr):
+    """Load a 2-D tile, bounds-checking only the dimensions that can run past the tensor."""
+    if CHECK0 and CHECK1:
+        tile = tl.load(ptrs, mask=ok0[:, None] & ok1[None, :], other=0.0)
+    elif CHECK0:
+        tile = tl.load(ptrs, mask=ok0[:, None], other=0.0)
+    elif CHECK1:
+        tile = tl.load(ptrs, mask=ok1[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND: tl.constexpr,
+                   TRANSPOSED: tl.constexpr):
+    """The user mask over rows x cols (cols x rows with TRANSPOSED); 0 without a mask.
+
+    ``mask_blk`` points at element (m0, n0). Broadcast dimensions have stride 0, so a
+    (1, 1, L, S) or (B, 1, 1, S) mask is read in place, never copied.
+    """
+    if MASK_KIND == MASK_NONE:
+        tile = 0
+    elif TRANSPOSED:
+        ptrs = mask_blk + (cols - n0)[:, None] * stride_mn + (rows - m0)[None, :] * stride_mm
+        tile = tl.load(ptrs, mask=(cols[:, None] < len_k) & (rows[None, :] < len_q), other=0)
+    else:
+        ptrs = mask_blk + (rows - m0)[:, None] * stride_mm + (cols - n0)[None, :] * stride_mn
+        tile = tl.load(ptrs, mask=(rows[:, None] < len_q) & (cols[None, :] < len_k), other=0)
+    return tile
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, rows, m0, n_start, n_end,
+                stride_kn, stride_vn, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale,
+                head_index, seed_lo, seed_hi, drop_threshold, head_dim, head_dim_v,
+                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+                BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    # 64-bit block pointers advanced per step; in-tile offsets stay 32-bit
+    k_blk = k_base + n_start.to(tl.int64) * stride_kn
+    v_blk = v_base + n_start.to(tl.int64) * stride_vn
+    mask_blk = mask_row + n_start.to(tl.int64) * stride_mn
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + offs_n
+        # interior blocks end inside the sequence: only the padded head dim needs a bound
+        col_ok = cols < len_k
+        kT = load_tile(k_blk + offs_d[:, None] + offs_n[None, :] * stride_kn, offs_d < head_dim, col_ok,
+                       PAD_D, EDGE)
+        mask_tile = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND,
+                                   False)
+        s = score_tile(q, kT, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, EDGE, MASK_KIND,
+                       DOT_PRECISION, False)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row with no key so far keeps m = -inf; subtracting 0 instead avoids inf - inf
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            # dropped weights still count in l (dropout acts after the softmax)
+            p = tl.where(dropout_keep(rows, n0, head_index, seed_lo, seed_hi, drop_threshold, BLOCK_N), p, 0.0)
+        v = load_tile(v_blk + offs_n[:, None] * stride_vn + offs_dv[None, :], col_ok, offs_dv < head_dim_v,
+                      EDGE, PAD_DV)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_blk += BLOCK_N * stride_kn
+        v_blk += BLOCK_N * stride_vn
+        mask_blk += BLOCK_N * stride_mn
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=UNSPECIALIZED)
+def fwd_kernel(
+    Q, K, V, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_ob, stride_oh, stride_om,
+    heads_q, group, len_q, len_k, head_dim, head_dim_v, offset, left, right,
+    qk_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
+    band_kind, len_q_bucket, len_k_bucket,  # autotune keys only
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # last query blocks first: under a causal band they have the most keys, so the longest
+    # programs start first and the short ones fill the tail
+    m0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    h_kv = h // group
+    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = rows < len_q
+
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + m0.to(tl.int64) * stride_qm
+    q = load_tile(q_base + (rows - m0)[:, None] * stride_qm + offs_d[None, :], row_ok, offs_d < head_dim,
+                  True, PAD_D)
+    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+    mask_row = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + m0.to(tl.int64) * stride_mm
+    head_index = b * heads_q + h
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    start, full_lo, full_hi, end = key_block_range(m0, len_q, len_k, offset, left, right, BLOCK_M, BLOCK_N)
+    for segment in tl.static_range(3):
+        n_lo, n_hi = segment_bounds(segment, start, full_lo, full_hi, end)
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, mask_row, rows, m0, n_lo, n_hi, stride_kn, stride_vn, stride_mm,
+            stride_mn, len_q, len_k, offset, left, right, qk_scale, head_index, seed_lo, seed_hi, drop_threshold,
+            head_dim, head_dim_v, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N, segment != 1, MASK_KIND, HAS_DROPOUT,
+            DOT_PRECISION)
+
+    empty = l_i == 0.0  # no key in the band (or every key masked): output 0, LSE -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (drop_scale / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_om
+    tl.store(o_base + (rows - m0)[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    lse_base = Lse + (b.to(tl.int64) * heads_q + h) * len_q
+    tl.store(lse_base + rows, lse, mask=row_ok)
