@@ -9,7 +9,9 @@ runs, each by date. PNGs in ``results/plots/<json stem>/`` are embedded under th
 Three layouts are read:
 
 1. ``attnkern-bench/1`` (``attnkern bench --json`` / ``attnkern memory --json``; schema in
-   attnkern/bench/report.py). The preferred form for GPU runs too.
+   attnkern/bench/report.py). GPU runs too: scripts/gpu_check.sh writes one per gpu-* preset,
+   with the derived tables (ratios to each baseline, errors against float64, time against L,
+   decoding bandwidth) rendered by attnkern.bench.report.summary_tables.
 2. pytest-benchmark output (``pytest benchmarks/ --benchmark-only --benchmark-json=...``):
    top-level ``machine_info`` and ``benchmarks``; attnkern's figures are in ``extra_info``.
 3. Anything else, read tolerantly as a GPU check report (scripts/gpu_check.sh)::
@@ -43,6 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the checkout's attnkern, for the case wording
 
 from attnkern.bench.cases import case_from_row  # noqa: E402
+from attnkern.bench.report import summary_tables  # noqa: E402
 RESULTS_DIR = os.path.join(HERE, "results")
 OUT = os.path.join(HERE, "RESULTS.md")
 
@@ -137,6 +140,10 @@ def read_attnkern_bench(doc: dict) -> str:
             for r in rows if r.get("status") == "ok"]
     out.append(table(["case", "backend", "median ms", "IQR ms", "TFLOP/s", "% matmul peak",
                       f"speed-up vs {baseline}", "rel. error"], body))
+    for title, headers, summary, _ in summary_tables(doc):
+        out.append(f"{title}:\n\n{table(headers, summary)}")
+    if doc.get("cases_done", 0) < doc.get("cases_planned", 0):
+        out.append(f"Run cut short: {doc['cases_done']} of {doc['cases_planned']} cases measured.")
     skipped = skipped_summary(rows)
     if skipped:
         out.append(skipped)

@@ -1,118 +1,139 @@
 #!/usr/bin/env bash
-# Build attnkern, run the GPU tests and the GPU benchmarks on a machine with an NVIDIA GPU
-# (no network needed), and leave a log, the test report and the benchmark JSON in one folder.
+# The GPU check of attnkern, on a machine with an NVIDIA GPU and no network: build, GPU tests,
+# GPU benchmarks, compute-sanitizer. Logs and results go to one folder.
 #
-#   scripts/gpu_check.sh [OUT_DIR] [--phase all|build|test|bench] [--quick] [--only dense|window]
+#   scripts/gpu_check.sh [OUT_DIR] --phase PHASE [--preset NAME] [--dry-run] [-- PYTEST_ARGS...]
 #
-# OUT_DIR defaults to $OUT. Phases run in order; a failing phase is reported and the next one
-# still runs, and the exit status is non-zero if any phase failed. The phases can be run in
-# separate calls (build first) when one call has a time limit.
+# OUT_DIR defaults to $OUT. PHASE is one of
+#   build     python setup.py build_ext --inplace: the CPU and CUDA extensions, every head dim,
+#             for this GPU's arch; a CUDA extension that cannot be built fails the phase
+#   test      pytest -m gpu over tests/ (the Triton and the CUDA GPU tests); PYTEST_ARGS
+#             replace "tests", e.g. -- tests/test_cuda.py
+#   bench     python -m attnkern bench --gpu-dense, --gpu-window, --gpu-decode (only --preset
+#             NAME if given): OUT_DIR/gpu-<card>-<preset>-<date>.json and plots/<same stem>/,
+#             the JSON rewritten after every case. Copy both into benchmarks/results/ and run
+#             python benchmarks/make_results.py
+#   sanitize  csrc/cuda/sanitize.sh OUT_DIR (memcheck, racecheck, synccheck, initcheck)
+#   all       the four, in this order
+# --dry-run prints the commands without running them (no GPU needed).
 #
-# Environment: TORCH_CUDA_ARCH_LIST (default: the GPU's arch, 9.0a on Hopper),
-# ATTNKERN_CUDA_HDIMS (head dims the CUDA extension instantiates, default 64,128),
-# MAX_JOBS (default: number of CPUs), PYTHON (default: python).
+# Where one command may run 10 minutes and a session has about 30, call the phases one at a
+# time, back to back (the machine keeps the in-place build only while it stays warm):
+#   1. scripts/gpu_check.sh "$OUT" --phase build                   # about 1 min on 16 cores
+#   2. scripts/gpu_check.sh "$OUT" --phase test                    # cut off? split it:
+#        ... --phase test -- tests/test_triton_gpu.py, then ... --phase test -- tests/test_cuda.py
+#   3. scripts/gpu_check.sh "$OUT" --phase bench --preset gpu-dense
+#   4. scripts/gpu_check.sh "$OUT" --phase bench --preset gpu-window
+#   5. scripts/gpu_check.sh "$OUT" --phase bench --preset gpu-decode
+#   6. scripts/gpu_check.sh "$OUT" --phase sanitize
+# Each phase stops itself after PHASE_TIMEOUT seconds (default 570), so its log and summary are
+# written inside a 10-minute limit; a bench stopped that way keeps the cases it finished. How
+# long test, bench and sanitize take on a GPU is not known yet: no GPU run so far.
+#
+# Environment: TORCH_CUDA_ARCH_LIST (default: this GPU's arch, 9.0a on Hopper), MAX_JOBS
+# (default: nproc), PYTHON (default: python), PHASE_TIMEOUT.
 set -euo pipefail
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^$/p' "$0" | sed -e '/^set /,$d' -e 's/^# \{0,1\}//'; }
 
 out_dir="${OUT:-}"
-phase="all"
-bench_args=()
+phase=""
+presets=(gpu-dense gpu-window gpu-decode)
+dry_run=0
+pytest_targets=(tests)
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --phase) phase="${2:?--phase needs a value: all, build, test or bench}"; shift 2 ;;
-    --quick) bench_args+=(--quick); shift ;;
-    --only) bench_args+=(--only "${2:?--only needs dense or window}"); shift 2 ;;
+    --phase) phase="${2:?--phase needs a value}"; shift 2 ;;
+    --preset) presets=("${2:?--preset needs a value}"); shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    --) shift; [[ $# -gt 0 ]] && pytest_targets=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
-    -*) echo "gpu_check: unknown option $1" >&2; usage >&2; exit 2 ;;
+    -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
     *) out_dir="$1"; shift ;;
   esac
 done
-case "$phase" in all|build|test|bench) ;; *) echo "gpu_check: --phase must be all, build, test or bench" >&2; exit 2 ;; esac
-if [[ -z "$out_dir" ]]; then
-  echo "gpu_check: give an output folder as the argument or in \$OUT" >&2
-  exit 2
-fi
+case "$phase" in
+  build|test|bench|sanitize) phases=("$phase") ;;
+  all) phases=(build test bench sanitize) ;;
+  *) echo "gpu_check: --phase must be build, test, bench, sanitize or all (got '${phase}')" >&2; exit 2 ;;
+esac
+for p in "${presets[@]}"; do
+  case "$p" in gpu-dense|gpu-window|gpu-decode) ;; *) echo "gpu_check: unknown --preset $p" >&2; exit 2 ;; esac
+done
+[[ -n "$out_dir" ]] || { echo "gpu_check: give an output folder as the argument or in \$OUT" >&2; exit 2; }
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$out_dir"
 out_dir="$(cd "$out_dir" && pwd)"
-log="$out_dir/gpu_check.log"
-summary="$out_dir/gpu_check_summary.txt"
-py="${PYTHON:-python}"
 cd "$repo"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build, whatever else is installed
+py="${PYTHON:-python}"
+log="$out_dir/gpu_check.log"
+failed=0
 
 say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$log"; }
 
-# run_phase NAME CMD...: runs CMD with its output in the log, records the status, never exits
-failed=0
-run_phase() {
+# run NAME CMD...: the command under the phase timeout, output into the log, status into the
+# summary; a failure is recorded, never fatal
+run() {
   local name="$1"; shift
-  say "phase $name: $*"
+  say "$name: $*"
+  [[ $dry_run -eq 1 ]] && return 0
   local start=$SECONDS rc
   set +e
-  "$@" 2>&1 | tee -a "$log"
+  timeout --kill-after=20 "${PHASE_TIMEOUT:-570}" "$@" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   set -e
-  say "phase $name: exit $rc after $((SECONDS - start)) s"
-  echo "$name exit=$rc seconds=$((SECONDS - start))" >> "$summary"
-  if [[ $rc -ne 0 ]]; then failed=1; fi
+  [[ $rc -eq 124 ]] && say "$name: stopped after PHASE_TIMEOUT=${PHASE_TIMEOUT:-570} s"
+  say "$name: exit $rc after $((SECONDS - start)) s"
+  echo "$name exit=$rc seconds=$((SECONDS - start))" >> "$out_dir/gpu_check_summary.txt"
+  [[ $rc -eq 0 ]] || failed=1
 }
 
-say "repo $repo, output $out_dir, phase $phase"
-if ! command -v nvidia-smi > /dev/null 2>&1; then
-  say "nvidia-smi not found: this script needs a machine with an NVIDIA GPU"
-  exit 3
-fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
-if ! "$py" - <<'EOF' 2>&1 | tee -a "$log"; then
-import sys
-import torch
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-try:
-    import triton
-    print(f"triton {triton.__version__}")
-except ImportError:
-    print("triton missing: the Triton backend cannot run")
-if not torch.cuda.is_available():
-    sys.exit("torch sees no CUDA device")
-p = torch.cuda.get_device_properties(0)
-print(f"device {p.name}, compute capability {p.major}.{p.minor}, {p.multi_processor_count} SMs")
-EOF
-  say "torch cannot use the GPU; stopping"
-  exit 3
+if [[ $dry_run -eq 1 ]]; then
+  card="card" arch="${TORCH_CUDA_ARCH_LIST:-<GPU arch>}"
+else
+  if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    say "torch sees no CUDA device; nvidia-smi says: $(nvidia-smi -L 2>&1 | head -n 3)"
+    exit 3
+  fi
+  read -r card arch < <("$py" -c 'import re, torch
+major, minor = torch.cuda.get_device_capability(0)
+name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+print(name, f"{major}.{minor}" + ("a" if major == 9 else ""))')
+  arch="${TORCH_CUDA_ARCH_LIST:-$arch}"
+  say "$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -n 1); torch $("$py" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
 fi
 
-if [[ -z "${TORCH_CUDA_ARCH_LIST:-}" ]]; then
-  TORCH_CUDA_ARCH_LIST="$("$py" -c 'import torch; a, b = torch.cuda.get_device_capability(0); print(f"{a}.{b}" + ("a" if a == 9 else ""))')"
-fi
-export TORCH_CUDA_ARCH_LIST
-export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-if [[ -d csrc/cuda ]]; then
-  export ATTNKERN_CUDA_HDIMS="${ATTNKERN_CUDA_HDIMS:-64,128}"
-fi
+for p in "${phases[@]}"; do
+  case "$p" in
+    build)
+      run build env ATTNKERN_REQUIRE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+        "$py" setup.py build_ext --inplace
+      run build-info "$py" -c 'import attnkern; print("attnkern", attnkern.__version__, attnkern.__file__,
+"backends for CUDA tensors:", attnkern.available_backends("cuda"))' ;;
+    test)
+      # one autotune candidate per Triton kernel: the tests check correctness, and tuning would
+      # compile every candidate of every specialisation
+      run test env ATTNKERN_TRITON_AUTOTUNE=0 "$py" -m pytest "${pytest_targets[@]}" -m gpu -q -rfE \
+        -p no:cacheprovider --junitxml="$out_dir/gpu_tests-$(date -u +%H%M%S).xml" ;;
+    bench)
+      for preset in "${presets[@]}"; do
+        stem="gpu-$card-${preset#gpu-}-$(date -u +%Y-%m-%d)"
+        run "bench $preset" "$py" -m attnkern bench "--$preset" --device cuda --no-progress \
+          --json "$out_dir/$stem.json" --plot "$out_dir/plots/$stem"
+      done ;;
+    sanitize)
+      if [[ -x csrc/cuda/sanitize.sh ]]; then
+        run sanitize csrc/cuda/sanitize.sh "$out_dir"
+      else
+        say "sanitize: csrc/cuda/sanitize.sh not found; skipped"
+      fi ;;
+  esac
+done
 
-if [[ "$phase" == all || "$phase" == build ]]; then
-  say "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS ATTNKERN_CUDA_HDIMS=${ATTNKERN_CUDA_HDIMS:-n/a}"
-  run_phase build "$py" -m pip install --no-build-isolation --no-deps -e .
-  "$py" -c 'import attnkern; print("attnkern", attnkern.__version__, "from", attnkern.__file__);
-print("backends for CUDA tensors:", attnkern.available_backends("cuda"))' 2>&1 | tee -a "$log" || failed=1
-fi
-
-if [[ "$phase" == all || "$phase" == test ]]; then
-  # one autotune candidate per kernel: the tests check correctness, and every specialisation
-  # would otherwise compile each candidate
-  run_phase test env ATTNKERN_TRITON_AUTOTUNE=0 "$py" -m pytest tests -m gpu -q -rfE -p no:cacheprovider \
-    --junitxml="$out_dir/gpu_tests.xml"
-fi
-
-if [[ "$phase" == all || "$phase" == bench ]]; then
-  run_phase bench "$py" benchmarks/gpu_bench.py --out "$out_dir" ${bench_args[@]+"${bench_args[@]}"}
-fi
-
-say "summary: $(tr '\n' ';' < "$summary")"
 if [[ $failed -ne 0 ]]; then
-  say "some phase failed; see $log"
+  say "a phase failed or was stopped; see $log"
   exit 1
 fi
-say "all phases passed; results in $out_dir"
+say "done; results in $out_dir"

@@ -149,17 +149,16 @@ def test_sass_has_tensor_core_code_for_every_arch():
     assert all(c["HGMMA"] == 0 for per in report.values() for c in per.values())  # no wgmma path yet
 
 
-def test_gpu_bench_cuda_lists_its_cases(capsys):
-    spec = importlib.util.spec_from_file_location("gpu_bench_cuda", os.path.join(ROOT, "benchmarks", "gpu_bench_cuda.py"))
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look themselves up there
-    spec.loader.exec_module(bench)
-    assert bench.main(["--dry-run"]) == 0
-    listed = capsys.readouterr().out
-    for name in ("dense-d128-L16384-S16384-full", "window-d64-L65536-S65536-w1023-0", "decode-d128-L1-S32768-full"):
-        assert name in listed
-    decode = [c for c in bench.plan(False, "decode")][0]
-    assert (decode.heads_q // decode.heads_kv, decode.batch, decode.len_q) == (8, 16, 1)
+@needs_cuda_ext
+@pytest.mark.parametrize("preset", ["gpu-dense", "gpu-window", "gpu-decode"])
+def test_gpu_benchmark_cases_are_served(preset):
+    """The CUDA row (the extension's own why_not included) accepts every case of the GPU
+    benchmarks (attnkern bench --gpu-*), so none of them is skipped on a GPU."""
+    from attnkern.bench.cases import PRESETS
+
+    row = dataclasses.replace(dispatch.CAPABILITIES["cuda"], available=lambda: None)
+    for case in PRESETS[preset]("cuda").cases:
+        assert row.why_not(case.problem("cuda")) is None, case.label()
 
 
 @needs_cuda_ext

@@ -84,6 +84,11 @@ class Case:
         return attention_flops(self.batch, self.heads_q, self.len_q, self.len_k, self.head_dim, self.head_dim_v,
                                self.causal, self.window, False, self.mode)
 
+    def kv_bytes(self) -> int:
+        """Bytes of K and V: what a decoding step must read at least once."""
+        elems = self.batch * self.heads_kv * self.len_k * (self.head_dim + self.head_dim_v)
+        return elems * torch.empty((), dtype=self.torch_dtype).element_size()
+
     def problem(self, device_type: str) -> Problem:
         left, right = self.band
         return Problem(
@@ -145,6 +150,8 @@ class Preset:
     max_reps: int
     warmup_s: float
     exclude: Dict[str, str] = field(default_factory=dict)  # backend -> reason it sits this preset out
+    baseline: Optional[str] = None  # default --baseline (None: subjects.default_baseline)
+    check: bool = False  # check every subject against the float64 reference (as --check)
 
 
 def _squares(lengths: Sequence[int]) -> List[Tuple[int, int]]:
@@ -222,7 +229,84 @@ def llm(device: str) -> Preset:
     return Preset("llm", cases, budget_s=2.0 if device == "cpu" else 0.5, min_reps=5, max_reps=100, warmup_s=0.1)
 
 
-PRESETS = {"quick": quick, "standard": standard, "llm": llm}
+# ---------------------------------------------------------------------------------------
+# GPU presets: the measurements of the Triton and CUDA backend issues, bfloat16, both backends
+# side by side with every baseline, speed-ups against the fastest of torch's SDPA kernels on
+# each case, every subject checked against the float64 reference. On a CPU they run the same
+# grid scaled down (lengths / 64, fewer heads and tokens) so that the whole path, checks and
+# summaries included, runs without a GPU; those numbers say nothing about the GPU targets.
+
+_NOT_CONTENDERS = {
+    "attnkern-math": "the float64-capable oracle is not a contender (it checks every subject instead)",
+    "sdpa-math": "torch's math kernel materialises the scores; the issues compare the fused kernels",
+}
+_FLEX_COMPILES = "FlexAttention compiles every shape (tens of seconds each); --gpu-window compares it"
+
+
+@dataclass(frozen=True)
+class _GpuScale:
+    tokens: int  # B * L of the dense cases
+    hidden: int  # H * D of the dense cases
+    length: int  # divisor of every sequence length
+    heads: int  # divisor of the window and decode cases' heads and batch
+
+
+_GPU_SCALE = {"cuda": _GpuScale(16384, 2048, 1, 1), "cpu": _GpuScale(256, 256, 64, 4)}
+
+
+def _gpu_preset(name: str, device: str, cases: List[Case], exclude: Dict[str, str]) -> Preset:
+    if device == "cuda":
+        budget_s, min_reps, max_reps, warmup_s = 0.5, 5, 100, 0.2
+    else:
+        budget_s, min_reps, max_reps, warmup_s = 0.05, 3, 10, 0.0
+    exclude = dict(_NOT_CONTENDERS, **exclude)
+    if device == "cpu":
+        exclude.setdefault("flex", "FlexAttention on CPU compiles every shape with Inductor (seconds each)")
+    return Preset(name, cases, budget_s, min_reps, max_reps, warmup_s, exclude, baseline="sdpa-fastest", check=True)
+
+
+def gpu_dense(device: str) -> Preset:
+    """Head dim 64 and 128, L = S in {1k, 4k, 16k}, causal and not, forward and backward, with
+    B * L = 16k tokens and H * D = 2048 (FlashAttention's benchmark setting: enough blocks to
+    fill an H100). Baselines: torch SDPA's flash, memory-efficient and cuDNN kernels (the
+    fastest per case is "sdpa-fastest"), flash-attn and xformers when installed."""
+    scale = _GPU_SCALE.get(device, _GPU_SCALE["cpu"])
+    cases = []
+    for d in (64, 128):
+        for n in (1024 // scale.length, 4096 // scale.length, 16384 // scale.length):
+            b, h = max(1, scale.tokens // n), max(1, scale.hidden // d)
+            cases += grid(["bfloat16"], [d], [(b, h, h)], [(n, n)], [(False, None), (True, None)], ["fwd", "bwd"])
+    return _gpu_preset("gpu-dense", device, cases, {"flex": _FLEX_COMPILES})
+
+
+GPU_WINDOW = (1023, 0)  # W = 1024 keys: the query's own and the 1023 before it
+
+
+def gpu_window(device: str) -> Preset:
+    """Window (1023, 0) at L = S in {8k, 16k, 32k, 64k}, B = 1, H = 16, head dim 64 and 128,
+    forward and backward: attnkern's Triton and CUDA backends against FlexAttention with the
+    sliding-window mask_mod and torch SDPA given the dense (L, S) boolean mask. The summary
+    fits the growth of time with L (linear: exponent 1)."""
+    scale = _GPU_SCALE.get(device, _GPU_SCALE["cpu"])
+    window = ((GPU_WINDOW[0] + 1) // scale.length - 1, 0)
+    lengths = [n // scale.length for n in (8192, 16384, 32768, 65536)]
+    heads = 16 // scale.heads
+    cases = grid(["bfloat16"], [64, 128], [(1, heads, heads)], _squares(lengths), [(True, window)], ["fwd", "bwd"])
+    return _gpu_preset("gpu-window", device, cases, {})
+
+
+def gpu_decode(device: str) -> Preset:
+    """Decoding: L = 1, S = 32k, 32 query heads over 4 KV heads (GQA 8:1), batch 16, head dim
+    128, forward. The summary gives the bandwidth of reading K and V once, as a share of a
+    device-to-device copy measured in the same run and of the card's nominal HBM bandwidth."""
+    scale = _GPU_SCALE.get(device, _GPU_SCALE["cpu"])
+    cases = grid(["bfloat16"], [128], [(16 // scale.heads, 32 // scale.heads, 4 // scale.heads)],
+                 [(1, 32768 // scale.length)], [(False, None)], ["fwd"])
+    return _gpu_preset("gpu-decode", device, cases, {"flex": "not among the decoding baselines the issue names"})
+
+
+PRESETS = {"quick": quick, "standard": standard, "llm": llm, "gpu-dense": gpu_dense, "gpu-window": gpu_window,
+           "gpu-decode": gpu_decode}
 
 
 def case_from_row(row: dict) -> Case:

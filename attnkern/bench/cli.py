@@ -135,7 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Sweep a grid of attention problems over attnkern's backends and the "
                                        "baselines present (torch SDPA kernels, FlexAttention, flash-attn, xformers).")
     _common(bench, tuple(cases_mod.PRESETS))
-    bench.add_argument("--baseline", help="subject the speed-ups are relative to (default: sdpa-flash)")
+    bench.add_argument("--baseline", help="subject the speed-ups are relative to (default: sdpa-flash; in the "
+                                          "gpu-* presets sdpa-fastest: the fastest of torch's flash, "
+                                          "memory-efficient and cuDNN kernels on each case)")
+    bench.add_argument("--dry-run", action="store_true",
+                       help="list the cases, their FLOPs and the subjects, measure nothing (with --device cuda: "
+                            "the GPU grid, also without a GPU)")
     t = bench.add_argument_group("timing")
     t.add_argument("--budget", type=_positive(float), metavar="S", help="measuring seconds per case")
     t.add_argument("--min-reps", type=_positive(int))
@@ -144,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-rotate", action="store_true", help="reuse one input set (warm caches)")
     t.add_argument("--cuda-graph", action="store_true", help="time forwards as CUDA-graph replays")
     bench.add_argument("--check", action="store_true",
-                       help="also report each forward's relative error against the float64 reference")
+                       help="also report each subject's relative error (output, and gradients for modes with a "
+                            "backward) against the float64 reference; on in the gpu-* presets")
 
     memory = sub.add_parser("memory", help="peak extra memory per backend across sequence lengths",
                             description="Peak memory of forward and forward+backward beyond the returned "
@@ -161,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(args) -> str:
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available() and not getattr(args, "dry_run", False):
         raise SystemExit("attnkern: --device cuda given but torch sees no CUDA device")
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -281,16 +287,50 @@ def _finish(doc: dict, rows: List[dict], args, plots: List[str]) -> int:
 # commands
 
 
+def _baseline(args, preset: Preset, device: str, names: List[str]) -> Optional[str]:
+    from .derived import SDPA_FASTEST, SDPA_FUSED
+
+    baseline = args.baseline or preset.baseline or default_baseline(device, names)
+    if baseline == SDPA_FASTEST:
+        if not any(n in names for n in SDPA_FUSED):
+            if args.baseline:
+                raise SystemExit(f"attnkern: --baseline {SDPA_FASTEST} needs one of {', '.join(SDPA_FUSED)} "
+                                 f"among the subjects run: {', '.join(names)}")
+            baseline = default_baseline(device, names)
+    elif args.baseline and args.baseline not in names:
+        raise SystemExit(f"attnkern: --baseline {args.baseline} is not among the subjects run: {', '.join(names)}")
+    return baseline
+
+
+def dry_run(args, device: str, preset: Preset, cases: List[Case], subjects: List[Subject],
+            unavailable: Dict[str, str], left_out: Dict[str, str]) -> int:
+    from .derived import is_decode
+    from .report import format_table
+
+    body = [[c.label(), f"{c.flops() / 1e12:.4g}", f"{c.kv_bytes() / 1e9:.3g}" if is_decode(c) else ""]
+            for c in cases]
+    print(f"preset {preset.name} on {device}: {len(cases)} cases; baseline "
+          f"{_baseline(args, preset, device, [s.name for s in subjects])}; "
+          f"check against float64: {'yes' if args.check or preset.check else 'no'}")
+    print(format_table(["case", "TFLOP", "K+V GB"], body, "lrr"))
+    print("runs here: " + (", ".join(s.name for s in subjects) or "none"))
+    for name, reason in unavailable.items():
+        print(f"unavailable here: {name}: {reason}")
+    for name, reason in left_out.items():
+        print(f"left out by --{preset.name}: {name}: {reason}")
+    return 0
+
+
 def bench(args, device: str, preset: Preset, cases: List[Case], subjects: List[Subject],
           unavailable: Dict[str, str], left_out: Dict[str, str]) -> int:
     from . import report
-    from .sweep import add_ratios, run_sweep
-    from .timing import TimingSettings, matmul_peak_tflops
+    from .derived import add_bandwidth, add_ratios, is_decode, linearity
+    from .sweep import run_sweep
+    from .timing import TimingSettings, copy_bandwidth_gbps, matmul_peak_tflops, nominal_bandwidth_gbps
 
-    names = [s.name for s in subjects]
-    baseline = args.baseline or default_baseline(device, names)
-    if args.baseline and args.baseline not in names:
-        raise SystemExit(f"attnkern: --baseline {args.baseline} is not among the subjects run: {', '.join(names)}")
+    if args.dry_run:
+        return dry_run(args, device, preset, cases, subjects, unavailable, left_out)
+    baseline = _baseline(args, preset, device, [s.name for s in subjects])
     settings = TimingSettings(
         budget_s=args.budget or preset.budget_s, min_reps=args.min_reps or preset.min_reps,
         max_reps=max(args.max_reps or preset.max_reps, args.min_reps or preset.min_reps),
@@ -303,21 +343,44 @@ def bench(args, device: str, preset: Preset, cases: List[Case], subjects: List[S
     doc = report.document("bench", device, _settings_dict(args), [], preset=preset.name,
                           peak_tflops={k: v["tflops"] for k, v in peaks.items()},
                           peak_matmul_n={k: v["n"] for k, v in peaks.items()},
-                          baseline=baseline, unavailable=unavailable, left_out=left_out)
+                          baseline=baseline, unavailable=unavailable, left_out=left_out,
+                          cases_planned=len(cases), cases_done=0)
+    decoding = any(is_decode(c) for c in cases)
+    if decoding:
+        doc["copy_gbps"] = copy_bandwidth_gbps(device)
+        doc["nominal_hbm_gbps"] = nominal_bandwidth_gbps(doc["device"]["name"]) if device == "cuda" else None
+    check = args.check or preset.check
     print(report.header(doc))
-    print(f"preset {preset.name}: {len(cases)} cases x {len(subjects)} backends; speed-ups vs {baseline}")
+    print(f"preset {preset.name}: {len(cases)} cases x {len(subjects)} backends; speed-ups vs {baseline}"
+          + ("; every subject checked against the float64 reference" if check else ""))
+
+    def derive(rows: List[dict]) -> None:
+        add_ratios(rows, baseline, doc["peak_tflops"])
+        if decoding:
+            add_bandwidth(rows, doc["copy_gbps"], doc["nominal_hbm_gbps"])
+        doc["linearity"] = linearity(rows)
+        doc["results"] = rows
+        doc["wall_s"] = round(time.perf_counter() - start, 2)
+
+    def case_done(rows: List[dict]) -> None:
+        doc["cases_done"] += 1
+        if args.json:  # after every case: a run cut short (a time limit) keeps what it measured
+            derive(rows)
+            report.write_json(args.json, doc)
+
     progress = Progress(len(cases), enabled=False if args.no_progress else None)
     progress.show()
     rows = run_sweep(cases, subjects, device, settings, None,
-                     int(args.max_memory * (1 << 30)) if args.max_memory else None, args.check, progress.advance)
+                     int(args.max_memory * (1 << 30)) if args.max_memory else None, check, progress.advance,
+                     case_done)
     progress.close()
     # again at the end, keeping the better: on a shared machine one measurement can catch a busy moment
     for dt, first in peaks.items():
         again = matmul_peak_tflops(DTYPES[dt], device, start_n=first["n"])
         doc["peak_tflops"][dt] = max(first["tflops"], again["tflops"])
-    add_ratios(rows, baseline, doc["peak_tflops"])
-    doc["results"] = rows
-    doc["wall_s"] = round(time.perf_counter() - start, 2)
+    if decoding:
+        doc["copy_gbps"] = max(doc["copy_gbps"], copy_bandwidth_gbps(device))
+    derive(rows)
     return show_bench(doc, args)
 
 
@@ -333,8 +396,13 @@ def show_bench(doc: dict, args) -> int:
     print(report.bench_table(rows, baseline))
     print("%peak is against the matmul peak, best of the start and the end of the run: "
           + ", ".join(f"{k} {v:.3f} TFLOP/s" for k, v in (doc.get("peak_tflops") or {}).items()))
+    for title, headers, body, align in report.summary_tables(doc):
+        print(f"\n{title}")
+        print(report.format_table(headers, body, align))
     print(f"{sum(r['status'] == 'ok' for r in rows)} timed, {sum(r['status'] == 'skip' for r in rows)} skipped, "
           f"{sum(r['status'] == 'error' for r in rows)} errors in {doc.get('wall_s', 0):.1f} s")
+    if doc.get("cases_done", 0) < doc.get("cases_planned", 0):
+        print(f"run cut short: {doc['cases_done']} of {doc['cases_planned']} cases measured")
     plots = []
     if args.plot:
         from .plots import plot_speedup, plot_throughput

@@ -17,6 +17,9 @@ write, and what benchmarks/make_results.py reads first)::
       "baseline": str | null,                  # bench: the subject speed-ups are relative to
       "unavailable": {backend: reason},        # subjects that cannot run on this device at all
       "left_out": {backend: reason},           # subjects the preset does not run (--backends NAME runs them)
+      "cases_planned": int, "cases_done": int, # bench: fewer done than planned: the run was cut short
+      "copy_gbps": float, "nominal_hbm_gbps": float | null,  # bench with decoding cases (derived.py)
+      "linearity": [...],                      # bench: time against L per windowed series (derived.py)
       "results": [row, ...],
       "fits": [...]                            # memory: growth exponents
     }
@@ -25,8 +28,12 @@ A bench row: the case (dtype, batch, heads_q, heads_kv, len_q, len_k, head_dim, 
 causal, window [left, right] | null, mode, model), ``backend``, ``status`` ("ok", "skip",
 "error"), ``reason``, ``flops`` (attnkern.bench.flops), and when ok: ``time_ms`` (median),
 ``time_ms_min``, ``time_ms_mean``, ``time_ms_iqr``, ``reps``, ``first_call_ms``, ``timer``,
-``input_sets``, ``tflops``, ``pct_peak``, ``speedup`` (baseline time / this time), and
-``error`` (relative norm error of the forward against the float64 reference, with --check).
+``input_sets``, ``tflops``, ``pct_peak``, ``speedup`` (baseline time / this time); attnkern's
+rows also ``speedups`` {subject or "sdpa-fastest": its time / this time} and ``sdpa_fastest``;
+decoding rows ``kv_bytes``, ``kv_gbps``, ``pct_copy_bw``, ``pct_nominal_bw`` (derived.py). With
+--check (on in the gpu-* presets): ``check_rows`` (query rows compared: all, or an even sample
+on large cases), ``error`` (relative norm error of the output against the float64 reference)
+and, for modes with a backward, ``error_dq``, ``error_dk``, ``error_dv``.
 """
 
 from __future__ import annotations
@@ -101,10 +108,13 @@ def document(kind: str, device: str, settings: dict, results: List[dict], **extr
 
 
 def write_json(path: str, doc: dict) -> None:
+    """Written whole or not at all (a run killed while writing keeps the previous file)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    partial = path + ".partial"
+    with open(partial, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=False, default=_jsonable)
         f.write("\n")
+    os.replace(partial, path)
 
 
 def _jsonable(value):
@@ -172,6 +182,56 @@ def bench_table(rows: Sequence[dict], baseline: Optional[str]) -> str:
     lines.append(format_table(["case", "backend", "ms", "iqr", "TFLOP/s", "%peak", vs, "err", "note"], body,
                               "llrrrrrrl"))
     return "\n".join(lines)
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def _values(values, fmt: str) -> str:
+    return ", ".join(format(v, fmt) for v in values)
+
+
+def summary_tables(doc: dict) -> List[tuple]:
+    """(title, headers, rows, align) of the figures derived from a bench run (attnkern/bench/derived.py),
+    for the terminal and for benchmarks/make_results.py alike; empty where a run has none."""
+    from .cases import case_from_row
+
+    rows = doc.get("results", [])
+    tables = []
+    ours = [r for r in rows if r.get("speedups")]
+    if ours:
+        order = ["sdpa-fastest", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "flash-attn", "xformers"]
+        names = list(dict.fromkeys(n for n in order if any(n in r["speedups"] for r in ours)))
+        names += sorted({n for r in ours for n in r["speedups"]} - set(names))
+        body = [[case_from_row(r).label(), r["backend"], r.get("sdpa_fastest") or ""]
+                + [_ratio(r["speedups"].get(n)) for n in names] for r in ours]
+        tables.append(("attnkern against each baseline: its time / attnkern's (above 1: attnkern is faster)",
+                       ["case", "backend", "fastest SDPA"] + [f"vs {n}" for n in names], body,
+                       "lll" + "r" * len(names)))
+    checked = [r for r in rows if r.get("status") == "ok" and "check_rows" in r]
+    if checked:
+        body = [[case_from_row(r).label(), r["backend"], r["check_rows"]]
+                + [_num(r.get(k), ".1e") for k in ("error", "error_dq", "error_dk", "error_dv")] for r in checked]
+        tables.append(("relative error against the float64 reference (rows: query rows compared per head)",
+                       ["case", "backend", "rows", "out", "dq", "dk", "dv"], body, "llrrrrr"))
+    if doc.get("linearity"):
+        body = [[f["series"], f["backend"], _values(f["lengths"], "d"), _values(f["time_ms"], ".3f"),
+                 _values(f["us_per_row"], ".4f"), _num(f["exponent"], ".2f"),
+                 f"{f['time_ratio']:.2f} (L x{f['length_ratio']:.0f})"] for f in doc["linearity"]]
+        tables.append(("time against sequence length (exponent of the least-squares fit; 1 is linear)",
+                       ["series", "backend", "L", "ms", "us per query row", "exponent", "time ratio"], body,
+                       "lllllrl"))
+    decode = [r for r in rows if r.get("kv_gbps") is not None]
+    if decode:
+        copy, nominal = doc.get("copy_gbps"), doc.get("nominal_hbm_gbps")
+        body = [[case_from_row(r).label(), r["backend"], _num(r["time_ms"], ".4f"), _num(r["kv_bytes"] / 1e9, ".3f"),
+                 _num(r["kv_gbps"], ".0f"), _num(r.get("pct_copy_bw"), ".0f"), _num(r.get("pct_nominal_bw"), ".0f")]
+                for r in decode]
+        tables.append((f"decoding: bandwidth of reading K and V once (copy in this run: {_num(copy, '.0f')} GB/s, "
+                       f"nominal: {_num(nominal, '.0f') + ' GB/s' if nominal else 'unknown'})",
+                       ["case", "backend", "ms", "K+V GB", "GB/s", "% of copy", "% of nominal"], body, "llrrrrr"))
+    return tables
 
 
 def header(doc: dict) -> str:

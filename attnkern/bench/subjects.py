@@ -171,6 +171,11 @@ def _flex_build(case: Case, device: str) -> Fn:
     if _compiled_flex is None:
         # eager FlexAttention materialises the scores; only the compiled kernel is the real contender
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        # every shape and grad mode of a sweep is a recompile; past dynamo's limit (8) flex_attention
+        # would silently run eager, materialising the scores, and be timed as such
+        config = torch._dynamo.config
+        limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit, max(getattr(config, limit), 256))
     block_mask = None
     if case.causal or case.window is not None:
         left, right = case.band

@@ -78,25 +78,85 @@ def _result(case: Case, subject: str, status: str, reason: str = "", **fields) -
     return row
 
 
-def _reference(case: Case, q, k, v) -> torch.Tensor:
-    """The float64 oracle on the first input set (torch layout)."""
+CHECK_SCORE_BYTES = 512 << 20  # float64 scores of the reference; it holds several such tensors
+CHECK_MIN_ROWS = 16
+
+
+def check_rows(case: Case) -> Optional[torch.Tensor]:
+    """Query rows the correctness check compares: all (None) while the float64 reference's
+    (B, H, rows, S) scores fit CHECK_SCORE_BYTES, else evenly spaced rows, first and last
+    included. A query row's output depends on its own row only, so the reference on a subset
+    of rows is exact for those rows."""
+    per_row = case.batch * case.heads_q * case.len_k * 8
+    if per_row * case.len_q <= CHECK_SCORE_BYTES:
+        return None
+    count = min(case.len_q, max(CHECK_MIN_ROWS, CHECK_SCORE_BYTES // per_row))
+    return torch.linspace(0, case.len_q - 1, count).round().long().unique()
+
+
+def _rows(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    return t if rows is None else t[:, :, rows.to(t.device)]
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check_grad_out(case: Case, rows: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Output gradient of the check, torch layout: random on the checked rows, zero elsewhere,
+    so that dK and dV of the full problem equal those of the reference on the checked rows."""
+    shape = (case.batch, case.heads_q, case.len_q, case.head_dim_v)
+    grad = torch.randn(shape, device=like.device, dtype=torch.float32)
+    if rows is not None:
+        keep = torch.zeros(case.len_q, dtype=torch.bool, device=like.device)
+        keep[rows.to(like.device)] = True
+        grad = grad * keep.view(1, 1, -1, 1)
+    return grad.to(like.dtype)
+
+
+def _reference(case: Case, q, k, v, rows: Optional[torch.Tensor], grad_out: Optional[torch.Tensor]):
+    """The float64 oracle on query rows ``rows`` (torch layout): the output, and dQ (those rows),
+    dK, dV for ``grad_out`` when given. The band enters as a boolean mask of those rows."""
+    from .._semantics import band_mask
     from ..functional import scaled_dot_product_attention
 
-    with torch.no_grad():
-        return scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=case.causal,
-                                            enable_gqa=case.gqa, window_size=case.window, backend="math")
+    need_grad = grad_out is not None
+    q64 = _rows(q.detach().double(), rows).requires_grad_(need_grad)
+    k64, v64 = (t.detach().double().requires_grad_(need_grad) for t in (k, v))
+    mask = None
+    if case.causal or case.window is not None:
+        left, right = case.band
+        mask = _rows(band_mask(case.len_q, case.len_k, left, right, 0, device=q.device).view(1, 1, case.len_q, -1),
+                     rows)
+    with torch.set_grad_enabled(need_grad):
+        out = scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, enable_gqa=case.gqa, backend="math")
+    if not need_grad:
+        return out, None
+    grads = torch.autograd.grad(out, (q64, k64, v64), _rows(grad_out, rows).double())
+    return out.detach(), grads
 
 
 def _torch_layout(layout: str, tensors):
     return [t.transpose(1, 2) if layout == "blhd" else t for t in tensors]
 
 
-def _forward_error(fn, layout: str, ref: torch.Tensor, inputs) -> float:
-    """Relative norm error of the subject's forward against the float64 oracle."""
-    with torch.no_grad():
-        out = fn(*(t.detach() for t in inputs))
-    out = _torch_layout(layout, [out])[0].double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+def _check(case: Case, fn, layout: str, inputs, rows: Optional[torch.Tensor], grad_out: Optional[torch.Tensor],
+           ref) -> dict:
+    """Relative norm errors of the subject's output (and gradients) against the reference:
+    ``error`` for the output, ``error_dq``/``error_dk``/``error_dv`` when the case has a backward."""
+    need_grad = grad_out is not None
+    xs = [t.detach().requires_grad_(need_grad) for t in inputs]
+    with torch.set_grad_enabled(need_grad):
+        out = fn(*xs)
+    ref_out, ref_grads = ref
+    errors = {"error": _rel_err(_rows(_torch_layout(layout, [out])[0], rows), ref_out)}
+    if need_grad:
+        grads = _torch_layout(layout, torch.autograd.grad(out, xs, _torch_layout(layout, [grad_out])[0]))
+        grads[0] = _rows(grads[0], rows)
+        for name, got, want in zip(("error_dq", "error_dk", "error_dv"), grads, ref_grads):
+            errors[name] = _rel_err(got, want)
+    return errors
 
 
 def run_case(case: Case, subjects: Sequence[Subject], device: str, settings: TimingSettings,
@@ -124,11 +184,15 @@ def run_case(case: Case, subjects: Sequence[Subject], device: str, settings: Tim
             rows[name] = _result(case, name, failure_status(exc), _error_reason(exc, caught))
 
         stats = measure(runners, device, settings, on_error)
-        refs = {}
+        refs, grad_outs, rows_checked = {}, {}, check_rows(case)
         if check and stats:
             for layout, layout_sets in sets.items():
                 q, k, v = _torch_layout(layout, layout_sets[0][:3])
-                refs[layout] = _reference(case, q, k, v)
+                grad_outs[layout] = check_grad_out(case, rows_checked, q) if case.mode != "fwd" else None
+                try:
+                    refs[layout] = _reference(case, q, k, v, rows_checked, grad_outs[layout])
+                except Exception as exc:  # e.g. out of memory: the timings stand, unchecked
+                    refs[layout] = RuntimeError(f"reference: {_error_reason(exc, [])}")
         for name, st in stats.items():
             flops = case.flops()
             row = _result(case, name, "ok", st.note, time_ms=st.median_s * 1e3, time_ms_min=st.min_s * 1e3,
@@ -137,8 +201,12 @@ def run_case(case: Case, subjects: Sequence[Subject], device: str, settings: Tim
                           tflops=flops / st.median_s / 1e12)
             if refs:
                 layout = by_name[name].layout
+                row["check_rows"] = case.len_q if rows_checked is None else len(rows_checked)
                 try:
-                    row["error"] = _forward_error(fns[name], layout, refs[layout], sets[layout][0][:3])
+                    if isinstance(refs[layout], Exception):
+                        raise refs[layout]
+                    row.update(_check(case, fns[name], layout, sets[layout][0][:3], rows_checked, grad_outs[layout],
+                                      refs[layout]))
                 except Exception as exc:
                     row["error"] = None
                     row["reason"] = (row["reason"] + "; " if row["reason"] else "") + f"check failed: {exc}"
@@ -146,29 +214,11 @@ def run_case(case: Case, subjects: Sequence[Subject], device: str, settings: Tim
     return [rows[s.name] for s in subjects if s.name in rows]
 
 
-def add_ratios(rows: List[dict], baseline: Optional[str], peaks: Dict[str, float]) -> None:
-    """Fill ``pct_peak`` (of the same run's matmul peak for the dtype) and ``speedup`` vs ``baseline``."""
-    base_time = {}
-    for row in rows:
-        if row["backend"] == baseline and row["status"] == "ok":
-            base_time[case_key(row)] = row["time_ms"]
-    for row in rows:
-        if row["status"] != "ok":
-            continue
-        peak = peaks.get(row["dtype"])
-        row["pct_peak"] = 100.0 * row["tflops"] / peak if peak else None
-        base = base_time.get(case_key(row))
-        row["speedup"] = base / row["time_ms"] if base else None
-
-
-def case_key(row: dict) -> tuple:
-    return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in row.items()
-                 if k in Case.__dataclass_fields__)
-
-
 def run_sweep(cases: Sequence[Case], subjects: Sequence[Subject], device: str, settings: TimingSettings,
               excluded: Optional[Dict[str, str]] = None, max_memory: Optional[int] = None, check: bool = False,
-              progress: Optional[Callable[[str], None]] = None) -> List[dict]:
+              progress: Optional[Callable[[str], None]] = None,
+              partial: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+    """Rows of every case; ``partial(rows so far)`` after each case (to save a run that may be cut short)."""
     excluded = excluded or {}
     max_memory = max_memory if max_memory is not None else available_memory(device) // 2
     rows = []
@@ -176,6 +226,8 @@ def run_sweep(cases: Sequence[Case], subjects: Sequence[Subject], device: str, s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # per-call warnings would tear the progress bar
             rows += run_case(case, subjects, device, settings, excluded, max_memory, check)
+        if partial:
+            partial(rows)
         if progress:
             progress(case.label())
     return rows

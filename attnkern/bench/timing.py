@@ -280,28 +280,61 @@ def matmul_peak_tflops(dtype: torch.dtype, device: str, max_n: int = 8192, targe
     while True:
         a = torch.randn(n, n, device=device, dtype=torch.float32).to(dtype)
         b = torch.randn(n, n, device=device, dtype=torch.float32).to(dtype)
-        elapsed = _time_matmul(a, b, device, 1)
+        elapsed = best_time_s(lambda: torch.matmul(a, b), device, 1)
         if elapsed >= target_s or n >= max_n:
             break
         n *= 2
-    best = _time_matmul(a, b, device, reps)
+    best = best_time_s(lambda: torch.matmul(a, b), device, reps)
     return {"n": n, "tflops": 2.0 * n ** 3 / best / 1e12}
 
 
-def _time_matmul(a, b, device: str, reps: int) -> float:
-    torch.matmul(a, b)
+def best_time_s(fn: Callable[[], object], device: str, reps: int) -> float:
+    """Fastest of ``reps`` single calls after one untimed call (CUDA events on a GPU)."""
+    fn()
     _sync(device)
     best = float("inf")
     for _ in range(reps):
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            torch.matmul(a, b)
+            fn()
             end.record()
             end.synchronize()
             best = min(best, start.elapsed_time(end) / 1e3)
         else:
             t0 = time.perf_counter_ns()
-            torch.matmul(a, b)
+            fn()
             best = min(best, (time.perf_counter_ns() - t0) * 1e-9)
     return best
+
+
+# ---------------------------------------------------------------------------------------
+# memory bandwidth: a copy measured in the same run, and the card's nominal figure
+
+# Nominal HBM bandwidth in GB/s (NVIDIA datasheets), by a fragment of torch's device name;
+# the first fragment found in the name wins, so the more specific ones come first. None:
+# the name does not tell the memory configuration.
+NOMINAL_HBM_GBPS = (
+    ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    ("GH200", None), ("H200", 4800.0),
+    ("A100-PCIE-40GB", 1555.0), ("A100-SXM4-40GB", 1555.0), ("A100 80GB PCIe", 1935.0), ("A100-SXM4-80GB", 2039.0),
+)
+
+
+def nominal_bandwidth_gbps(device_name: str) -> Optional[float]:
+    """The card's nominal HBM bandwidth in GB/s, None where unknown."""
+    for fragment, gbps in NOMINAL_HBM_GBPS:
+        if fragment in device_name:
+            return gbps
+    return None
+
+
+def copy_bandwidth_gbps(device: str, nbytes: Optional[int] = None, reps: int = 5) -> float:
+    """Best GB/s of ``dst.copy_(src)`` over ``nbytes`` (default 1 GiB on a GPU, 64 MiB on a CPU,
+    both well past the caches), counting bytes read plus bytes written: what the memory
+    sustains in a plain stream, the yardstick for a kernel that only reads."""
+    nbytes = nbytes or ((1 << 30) if device == "cuda" else (64 << 20))
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device=device).random_()
+    dst = torch.empty_like(src)
+    best = best_time_s(lambda: dst.copy_(src), device, reps)
+    return 2 * src.numel() * src.element_size() / best / 1e9
