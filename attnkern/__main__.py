@@ -94,8 +94,9 @@ def report() -> int:
     else:
         print(f"  cpu backend: not available ({ops.C_IMPORT_ERROR})")
     if ops._C_cuda is not None:
-        info = ops._C_cuda.build_info() if hasattr(ops._C_cuda, "build_info") else {}
-        print(f"  cuda backend: compiled {info}")
+        buckets = sorted({hd for hd, _ in ops._C_cuda.instances()})
+        dtypes = sorted({dt for _, dt in ops._C_cuda.instances()})
+        print(f"  cuda backend: compiled for archs {ops._C_cuda.archs()}, head-dim buckets {buckets}, {dtypes}")
     else:
         print(f"  cuda backend: not available ({ops.CUDA_IMPORT_ERROR})")
     print(f"  triton backend: {dispatch.CAPABILITIES['triton'].available() or 'available'}")
