@@ -14,7 +14,7 @@ Three layouts are read:
    decoding bandwidth) rendered by attnkern.bench.report.summary_tables.
 2. pytest-benchmark output (``pytest benchmarks/ --benchmark-only --benchmark-json=...``):
    top-level ``machine_info`` and ``benchmarks``; attnkern's figures are in ``extra_info``.
-3. Anything else, read tolerantly as a GPU check report (scripts/gpu_check.sh)::
+3. Anything else, read tolerantly as a generic GPU report (e.g. from an older tool)::
 
        {"device": "NVIDIA H100 ..." | {"name": ...},     # also: gpu, device_name
         "versions": {"torch": ..., "triton": ..., ...},  # or those keys at top level
