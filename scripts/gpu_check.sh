@@ -2,17 +2,18 @@
 # The GPU check of attnkern, on a machine with an NVIDIA GPU and no network: build, GPU tests,
 # GPU benchmarks, compute-sanitizer. Logs and results go to one folder.
 #
-#   scripts/gpu_check.sh [OUT_DIR] --phase PHASE [--preset NAME] [--dry-run] [-- PYTEST_ARGS...]
+#   scripts/gpu_check.sh [OUT_DIR] --phase PHASE [--preset NAME] [--dry-run] [-- ARGS...]
 #
 # OUT_DIR defaults to $OUT. PHASE is one of
 #   build     python setup.py build_ext --inplace: the CPU and CUDA extensions, every head dim,
 #             for this GPU's arch; a CUDA extension that cannot be built fails the phase
-#   test      pytest -m gpu over tests/ (the Triton and the CUDA GPU tests); PYTEST_ARGS
-#             replace "tests", e.g. -- tests/test_cuda.py
+#   test      pytest -m gpu over tests/ (the Triton and the CUDA GPU tests); ARGS replace
+#             "tests", e.g. -- tests/test_cuda.py
 #   bench     python -m attnkern bench --gpu-dense, --gpu-window, --gpu-decode (only --preset
-#             NAME if given): OUT_DIR/gpu-<card>-<preset>-<date>.json and plots/<same stem>/,
-#             the JSON rewritten after every case. Copy both into benchmarks/results/ and run
-#             python benchmarks/make_results.py
+#             NAME if given) with ARGS added, e.g. -- --where mode=bwd (attnkern bench --help):
+#             OUT_DIR/gpu-<card>-<preset>-<UTC date and time>.json and plots/<same stem>/, the
+#             JSON rewritten after every case (forwards come first). Copy both into
+#             benchmarks/results/ and run python benchmarks/make_results.py
 #   sanitize  csrc/cuda/sanitize.sh OUT_DIR (memcheck, racecheck, synccheck, initcheck)
 #   all       the four, in this order
 # --dry-run prints the commands without running them (no GPU needed).
@@ -27,8 +28,10 @@
 #   5. scripts/gpu_check.sh "$OUT" --phase bench --preset gpu-decode
 #   6. scripts/gpu_check.sh "$OUT" --phase sanitize
 # Each phase stops itself after PHASE_TIMEOUT seconds (default 570), so its log and summary are
-# written inside a 10-minute limit; a bench stopped that way keeps the cases it finished. How
-# long test, bench and sanitize take on a GPU is not known yet: no GPU run so far.
+# written inside a 10-minute limit; a bench stopped that way keeps the cases it finished (its
+# JSON says how many) and the rest can follow in another call, e.g.
+#   scripts/gpu_check.sh "$OUT" --phase bench --preset gpu-window -- --where mode=bwd
+# How long test, bench and sanitize take on a GPU is not known yet: no GPU run so far.
 #
 # Environment: TORCH_CUDA_ARCH_LIST (default: this GPU's arch, 9.0a on Hopper), MAX_JOBS
 # (default: nproc), PYTHON (default: python), PHASE_TIMEOUT.
@@ -40,13 +43,13 @@ out_dir="${OUT:-}"
 phase=""
 presets=(gpu-dense gpu-window gpu-decode)
 dry_run=0
-pytest_targets=(tests)
+extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --phase) phase="${2:?--phase needs a value}"; shift 2 ;;
     --preset) presets=("${2:?--preset needs a value}"); shift 2 ;;
     --dry-run) dry_run=1; shift ;;
-    --) shift; [[ $# -gt 0 ]] && pytest_targets=("$@"); break ;;
+    --) shift; extra=("$@"); break ;;
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu_check: unknown option $1" >&2; exit 2 ;;
     *) out_dir="$1"; shift ;;
@@ -57,6 +60,9 @@ case "$phase" in
   all) phases=(build test bench sanitize) ;;
   *) echo "gpu_check: --phase must be build, test, bench, sanitize or all (got '${phase}')" >&2; exit 2 ;;
 esac
+if [[ "$phase" == all && ${#extra[@]} -gt 0 ]]; then
+  echo "gpu_check: arguments after -- go to one phase's command; give --phase test or bench" >&2; exit 2
+fi
 for p in "${presets[@]}"; do
   case "$p" in gpu-dense|gpu-window|gpu-decode) ;; *) echo "gpu_check: unknown --preset $p" >&2; exit 2 ;; esac
 done
@@ -115,13 +121,15 @@ for p in "${phases[@]}"; do
     test)
       # one autotune candidate per Triton kernel: the tests check correctness, and tuning would
       # compile every candidate of every specialisation
-      run test env ATTNKERN_TRITON_AUTOTUNE=0 "$py" -m pytest "${pytest_targets[@]}" -m gpu -q -rfE \
+      targets=(tests)
+      [[ ${#extra[@]} -gt 0 ]] && targets=("${extra[@]}")
+      run test env ATTNKERN_TRITON_AUTOTUNE=0 "$py" -m pytest "${targets[@]}" -m gpu -q -rfE \
         -p no:cacheprovider --junitxml="$out_dir/gpu_tests-$(date -u +%H%M%S).xml" ;;
     bench)
       for preset in "${presets[@]}"; do
-        stem="gpu-$card-${preset#gpu-}-$(date -u +%Y-%m-%d)"
+        stem="gpu-$card-${preset#gpu-}-$(date -u +%Y-%m-%d-%H%M)"
         run "bench $preset" "$py" -m attnkern bench "--$preset" --device cuda --no-progress \
-          --json "$out_dir/$stem.json" --plot "$out_dir/plots/$stem"
+          --json "$out_dir/$stem.json" --plot "$out_dir/plots/$stem" ${extra[@]+"${extra[@]}"}
       done ;;
     sanitize)
       if [[ -x csrc/cuda/sanitize.sh ]]; then

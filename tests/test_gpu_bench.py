@@ -84,6 +84,28 @@ def test_dry_run_lists_the_gpu_grid_without_a_gpu(capsys):
     assert "1.07" in capsys.readouterr().out  # GB of K and V
 
 
+def test_forwards_come_first():
+    for name in ("gpu-dense", "gpu-window"):
+        modes = [c.mode for c in PRESETS[name]("cuda").cases]
+        assert modes == sorted(modes, key=("fwd", "bwd").index), name
+
+
+def test_where_splits_a_preset(capsys):
+    assert cli.main(["bench", "--gpu-window", "--device", "cuda", "--dry-run", "--where", "mode=bwd",
+                     "--where", "len_q=32768,65536"]) == 0
+    out = capsys.readouterr().out
+    assert "4 cases" in out and " fwd" not in out and "L8192" not in out
+    assert cli.main(["bench", "--gpu-dense", "--device", "cuda", "--dry-run", "--where", "causal=yes",
+                     "--where", "dtype=bf16", "--where", "head_dim=64"]) == 0
+    assert "6 cases" in capsys.readouterr().out  # 3 lengths x fwd, bwd
+    with pytest.raises(SystemExit, match="keeps none of the cases"):
+        cli.main(["bench", "--gpu-window", "--dry-run", "--where", "causal=no"])
+    for bad in ("head_dims=64", "mode", "causal=maybe", "dtype=int8"):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--gpu-window", "--dry-run", "--where", bad])
+        assert "--where" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_timed_gpu_run_without_gpu_says_so():
     with pytest.raises(SystemExit, match="no CUDA device"):
@@ -278,9 +300,13 @@ def test_gpu_check_plans_every_phase(tmp_path):
     assert any(line.endswith(f"csrc/cuda/sanitize.sh {tmp_path}") for line in lines)
     one = _gpu_check(tmp_path, "--phase", "test", "--dry-run", "--", "tests/test_cuda.py")
     assert "-m pytest tests/test_cuda.py -m gpu" in one.stdout
+    part = _gpu_check(tmp_path, "--phase", "bench", "--preset", "gpu-window", "--dry-run", "--", "--where", "mode=bwd")
+    (bench,) = [line for line in part.stdout.splitlines() if "bench gpu-" in line]
+    assert "--gpu-window" in bench and bench.endswith("--where mode=bwd")
 
 
-@pytest.mark.parametrize("args", [["--phase", "nope"], [], ["--phase", "bench", "--preset", "gpu-sparse"]])
+@pytest.mark.parametrize("args", [["--phase", "nope"], [], ["--phase", "bench", "--preset", "gpu-sparse"],
+                                  ["--phase", "all", "--", "-x"]])
 def test_gpu_check_rejects_bad_arguments(tmp_path, args):
     proc = _gpu_check(tmp_path, *args)
     assert proc.returncode == 2 and "gpu_check:" in proc.stderr

@@ -84,6 +84,30 @@ def _names(text: str) -> List[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+WHERE_FIELDS = ("dtype", "batch", "heads_q", "heads_kv", "len_q", "len_k", "head_dim", "head_dim_v", "causal", "mode",
+                "model")
+_TRUE, _FALSE = {"true", "yes", "1"}, {"false", "no", "0"}
+
+
+def _where(text: str) -> Tuple[str, List[str]]:
+    """``FIELD=V1[,V2...]``: keep the cases whose FIELD is one of the values."""
+    field, sep, values = text.partition("=")
+    items = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or field not in WHERE_FIELDS or not items:
+        raise argparse.ArgumentTypeError(f"expected FIELD=V1[,V2...] with FIELD one of {', '.join(WHERE_FIELDS)}, "
+                                         f"got {text!r}")
+    try:
+        if field == "dtype":
+            items = [dtype_name(v) for v in items]
+        elif field == "causal":
+            if any(v.lower() not in _TRUE | _FALSE for v in items):
+                raise ValueError(f"causal takes true/false, got {values!r}")
+            items = [str(v.lower() in _TRUE) for v in items]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc))
+    return field, items
+
+
 def _positive(kind):
     def parse(text: str):
         try:
@@ -115,6 +139,9 @@ def _common(p: argparse.ArgumentParser, presets: Sequence[str]) -> None:
     g.add_argument("--windows", type=_window, nargs="+", metavar="L,R",
                    help="local windows (left,right; -1 unbounded; 'none' for no window)")
     g.add_argument("--modes", type=_modes, help=f"comma-separated of {', '.join(MODES)}")
+    p.add_argument("--where", type=_where, action="append", metavar="FIELD=V1,V2",
+                   help="keep only the cases (of the preset or the grid) whose FIELD is one of the values, e.g. "
+                        "mode=bwd or len_q=32768,65536; repeatable (all must hold); splits a preset across runs")
     p.add_argument("--max-memory", type=_positive(float), metavar="GIB",
                    help="skip score-materialising backends above this estimate (default: half the free memory)")
     p.add_argument("--threads", type=_positive(int), help="torch.set_num_threads (CPU)")
@@ -218,7 +245,13 @@ def _prepare(args, device: str, presets):
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = presets[args.preset or "quick"](device)
-    return (preset, _grid_from_args(args, preset)) + _subjects(args, device, preset)
+    cases = _grid_from_args(args, preset)
+    for field, values in args.where or []:
+        cases = [c for c in cases if str(getattr(c, field)) in values]
+    if not cases:
+        kept = " ".join(f + "=" + ",".join(v) for f, v in args.where)
+        raise SystemExit(f"attnkern: --where {kept} keeps none of the cases")
+    return (preset, cases) + _subjects(args, device, preset)
 
 
 def _load(path: str, kind: str) -> dict:

@@ -226,6 +226,8 @@ def run_sweep(cases: Sequence[Case], subjects: Sequence[Subject], device: str, s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # per-call warnings would tear the progress bar
             rows += run_case(case, subjects, device, settings, excluded, max_memory, check)
+        if device == "cuda":  # the next case's shapes (a 64k x 64k mask, say) start from a clean pool
+            torch.cuda.empty_cache()
         if partial:
             partial(rows)
         if progress:
