@@ -201,10 +201,10 @@ def _without_window(case: Case, device: str):
 def test_check_on_sampled_rows_is_exact_and_can_fail(monkeypatch, seed):
     """Rows sampled (the reference's budget shrunk): a right kernel still matches float64 in
     the output and in dQ, dK, dV; one that ignores the window does not."""
-    monkeypatch.setattr(sweep, "CHECK_SCORE_BYTES", 4 * 2 * 96 * 8 * 20)  # about 20 of 96 rows
-    case = Case("float32", 1, 4, 2, 96, 96, 16, causal=True, window=(9, 0), mode="bwd")
+    monkeypatch.setattr(sweep, "CHECK_SCORE_BYTES", 4 * 96 * 8 * 20)  # 20 rows of 4 heads x 96 keys in float64
+    case = Case("float32", 2, 4, 2, 96, 96, 16, causal=True, window=(9, 0), mode="bwd")
     rows_checked = sweep.check_rows(case)
-    assert rows_checked is not None and 16 <= len(rows_checked) < 96
+    assert rows_checked is not None and len(rows_checked) == 20
     assert rows_checked[0] == 0 and rows_checked[-1] == 95
     broken = Subject("no-window", "ignores the window", lambda d: None, lambda c, d: None, _without_window)
     rows = {r["backend"]: r for r in sweep.run_sweep([case], [all_subjects()["attnkern-cpu"], broken], "cpu", FAST,

@@ -78,16 +78,16 @@ def _result(case: Case, subject: str, status: str, reason: str = "", **fields) -
     return row
 
 
-CHECK_SCORE_BYTES = 512 << 20  # float64 scores of the reference; it holds several such tensors
+CHECK_SCORE_BYTES = 512 << 20  # float64 scores of the reference per batch entry; it holds several such tensors
 CHECK_MIN_ROWS = 16
 
 
 def check_rows(case: Case) -> Optional[torch.Tensor]:
     """Query rows the correctness check compares: all (None) while the float64 reference's
-    (B, H, rows, S) scores fit CHECK_SCORE_BYTES, else evenly spaced rows, first and last
-    included. A query row's output depends on its own row only, so the reference on a subset
-    of rows is exact for those rows."""
-    per_row = case.batch * case.heads_q * case.len_k * 8
+    (H, rows, S) scores of one batch entry fit CHECK_SCORE_BYTES, else evenly spaced rows, first
+    and last included. A query row's output depends on its own row only, so the reference on a
+    subset of rows is exact for those rows."""
+    per_row = case.heads_q * case.len_k * 8
     if per_row * case.len_q <= CHECK_SCORE_BYTES:
         return None
     count = min(case.len_q, max(CHECK_MIN_ROWS, CHECK_SCORE_BYTES // per_row))
@@ -115,26 +115,38 @@ def check_grad_out(case: Case, rows: Optional[torch.Tensor], like: torch.Tensor)
     return grad.to(like.dtype)
 
 
-def _reference(case: Case, q, k, v, rows: Optional[torch.Tensor], grad_out: Optional[torch.Tensor]):
-    """The float64 oracle on query rows ``rows`` (torch layout): the output, and dQ (those rows),
-    dK, dV for ``grad_out`` when given. The band enters as a boolean mask of those rows."""
+def _band_rows(case: Case, rows: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
+    """The band of query rows ``rows`` (all when None) as a boolean (1, 1, rows, S) mask."""
     from .._semantics import band_mask
+
+    if not case.causal and case.window is None:
+        return None
+    left, right = case.band
+    if rows is None:
+        mask = band_mask(case.len_q, case.len_k, left, right, 0, device=device)
+    else:  # row i of the band is the one row of a length-1 query at offset i
+        mask = torch.cat([band_mask(1, case.len_k, left, right, int(i), device=device) for i in rows])
+    return mask.view(1, 1, -1, case.len_k)
+
+
+def _reference(case: Case, q, k, v, rows: Optional[torch.Tensor], grad_out: Optional[torch.Tensor]):
+    """The float64 oracle on query rows ``rows`` (torch layout), one batch entry at a time (so
+    its memory does not grow with the batch): the output, and dQ (those rows), dK, dV for
+    ``grad_out`` when given. The band enters as a boolean mask of those rows."""
     from ..functional import scaled_dot_product_attention
 
+    mask = _band_rows(case, rows, q.device)
     need_grad = grad_out is not None
-    q64 = _rows(q.detach().double(), rows).requires_grad_(need_grad)
-    k64, v64 = (t.detach().double().requires_grad_(need_grad) for t in (k, v))
-    mask = None
-    if case.causal or case.window is not None:
-        left, right = case.band
-        mask = _rows(band_mask(case.len_q, case.len_k, left, right, 0, device=q.device).view(1, 1, case.len_q, -1),
-                     rows)
-    with torch.set_grad_enabled(need_grad):
-        out = scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, enable_gqa=case.gqa, backend="math")
-    if not need_grad:
-        return out, None
-    grads = torch.autograd.grad(out, (q64, k64, v64), _rows(grad_out, rows).double())
-    return out.detach(), grads
+    outs, grads = [], []
+    for b in range(case.batch):
+        q64 = _rows(q[b:b + 1].detach().double(), rows).requires_grad_(need_grad)
+        k64, v64 = (t[b:b + 1].detach().double().requires_grad_(need_grad) for t in (k, v))
+        with torch.set_grad_enabled(need_grad):
+            out = scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, enable_gqa=case.gqa, backend="math")
+        if need_grad:
+            grads.append(torch.autograd.grad(out, (q64, k64, v64), _rows(grad_out[b:b + 1], rows).double()))
+        outs.append(out.detach())
+    return torch.cat(outs), [torch.cat(g) for g in zip(*grads)] if need_grad else None
 
 
 def _torch_layout(layout: str, tensors):
