@@ -27,7 +27,7 @@
 #   4. scripts/gpu_check.sh "$OUT" --phase bench --preset gpu-window
 #   5. scripts/gpu_check.sh "$OUT" --phase bench --preset gpu-decode
 #   6. scripts/gpu_check.sh "$OUT" --phase sanitize
-# Each phase stops itself after PHASE_TIMEOUT seconds (default 570), so its log and summary are
+# Each phase stops itself after PHASE_TIMEOUT seconds (default 540), so its log and summary are
 # written inside a 10-minute limit; a bench stopped that way keeps the cases it finished (its
 # JSON says how many) and the rest can follow in another call, e.g.
 #   scripts/gpu_check.sh "$OUT" --phase bench --preset gpu-window -- --where mode=bwd
@@ -87,10 +87,10 @@ run() {
   [[ $dry_run -eq 1 ]] && return 0
   local start=$SECONDS rc
   set +e
-  timeout --kill-after=20 "${PHASE_TIMEOUT:-570}" "$@" 2>&1 | tee -a "$log"
+  timeout --kill-after=20 "${PHASE_TIMEOUT:-540}" "$@" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   set -e
-  [[ $rc -eq 124 ]] && say "$name: stopped after PHASE_TIMEOUT=${PHASE_TIMEOUT:-570} s"
+  [[ $rc -eq 124 ]] && say "$name: stopped after PHASE_TIMEOUT=${PHASE_TIMEOUT:-540} s"
   say "$name: exit $rc after $((SECONDS - start)) s"
   echo "$name exit=$rc seconds=$((SECONDS - start))" >> "$out_dir/gpu_check_summary.txt"
   [[ $rc -eq 0 ]] || failed=1
