@@ -16,12 +16,8 @@ from typing import List, Optional
 import torch
 
 from . import __version__, dispatch, ops
+from .reference import relative_error
 from .functional import scaled_dot_product_attention
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # (name, kwargs, mask?) problems the self-check runs on every backend
@@ -49,7 +45,7 @@ def self_check(backend: str, device: str, dtype: torch.dtype) -> List[str]:
         ref_in = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
         ref = scaled_dot_product_attention(*ref_in, attn_mask=mask, backend="math", **kw)
         ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
-        errs = [_rel(out, ref)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
+        errs = [relative_error(out, ref)] + [relative_error(g, r) for g, r in zip(grads, ref_grads)]
         worst = max(errs)
         if not worst <= SELF_CHECK_TOL[dtype]:
             failures.append(f"{name}: relative error {worst:.2e}")

@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from ..reference import relative_error
 from .cases import Case
 from .subjects import Subject
 from .timing import Runner, TimingSettings, input_set_count, make_input_sets, measure
@@ -98,11 +99,6 @@ def _rows(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     return t if rows is None else t[:, :, rows.to(t.device)]
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def check_grad_out(case: Case, rows: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
     """Output gradient of the check, torch layout: random on the checked rows, zero elsewhere,
     so that dK and dV of the full problem equal those of the reference on the checked rows."""
@@ -162,12 +158,12 @@ def _check(case: Case, fn, layout: str, inputs, rows: Optional[torch.Tensor], gr
     xs = [t.detach().requires_grad_(need_grad) for t in inputs]
     out = fn(*xs)
     ref_out, ref_grads = ref
-    errors = {"error": _rel_err(_rows(_torch_layout(layout, [out])[0], rows), ref_out)}
+    errors = {"error": relative_error(_rows(_torch_layout(layout, [out])[0], rows), ref_out)}
     if need_grad:
         grads = _torch_layout(layout, torch.autograd.grad(out, xs, _torch_layout(layout, [grad_out])[0]))
         grads[0] = _rows(grads[0], rows)
         for name, got, want in zip(("error_dq", "error_dk", "error_dv"), grads, ref_grads):
-            errors[name] = _rel_err(got, want)
+            errors[name] = relative_error(got, want)
     return errors
 
 
