@@ -67,16 +67,8 @@ class Problem:
 # the band: one definition, used by the reference, FLOP accounting and tests
 
 
-def key_range(row: int, len_k: int, window_left: int, window_right: int, offset: int) -> Tuple[int, int]:
-    """Half-open range ``[lo, hi)`` of keys that query ``row`` may attend (ignoring masks)."""
-    pos = row + offset
-    lo = 0 if window_left < 0 else max(0, pos - window_left)
-    hi = len_k if window_right < 0 else min(len_k, pos + window_right + 1)
-    return lo, max(lo, hi)
-
-
 def attended_pairs(len_q: int, len_k: int, window_left: int, window_right: int, offset: int) -> int:
-    """Exact number of (query, key) pairs inside the band (the same rule as :func:`key_range`).
+    """Exact number of (query, key) pairs inside the band (the pairs :func:`band_mask` marks).
 
     Used for FLOP accounting: dense attention is ``len_q * len_k``; causal about half.
     """
