@@ -58,10 +58,9 @@ def test_instantiation_files_match_generator():
     bs = _build_sources()
     folder = os.path.join(CUDA_DIR, "instantiations")
     committed = {name for name in os.listdir(folder) if name.endswith(".cu")}
-    generated = bs.instantiation_files()
-    assert committed == set(generated), "run python csrc/cuda/build_sources.py --write"
-    for name, text in generated.items():
-        with open(os.path.join(folder, name)) as f:
+    assert committed == set(bs.instantiation_files()), "run python csrc/cuda/build_sources.py --write"
+    for name, text in bs.generated_files().items():
+        with open(os.path.join(CUDA_DIR, name)) as f:
             assert f.read() == text, f"{name} differs from the generator"
 
 
@@ -83,9 +82,15 @@ def test_build_restriction_by_environment(monkeypatch):
     bs = _build_sources()
     monkeypatch.setenv("ATTNKERN_CUDA_HDIMS", "128, 64")
     monkeypatch.setenv("ATTNKERN_CUDA_DTYPES", "bf16")
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0")
     names = sorted(os.path.basename(p) for p in bs.sources(ROOT) if "instantiations" in p)
     assert names == ["bwd_hdim128_bf16_sm80.cu", "bwd_hdim64_bf16_sm80.cu", "fwd_hdim128_bf16_sm80.cu",
                      "fwd_hdim64_bf16_sm80.cu"]
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")  # the wgmma forward needs sm_90a
+    names_90 = sorted(os.path.basename(p) for p in bs.sources(ROOT) if "instantiations" in p)
+    assert sorted(set(names_90) - set(names)) == ["fwd_hdim128_bf16_sm90.cu", "fwd_hdim64_bf16_sm90.cu"]
+    monkeypatch.setenv("ATTNKERN_CUDA_HDIMS", "96")
+    assert not any("sm90" in p for p in bs.sources(ROOT))
     assert any(p.endswith("bindings_cuda.cpp") for p in bs.sources(ROOT))
     monkeypatch.setenv("ATTNKERN_CUDA_HDIMS", "64,80")
     with pytest.raises(ValueError, match="ATTNKERN_CUDA_HDIMS.*'80'"):
@@ -146,7 +151,9 @@ def test_sass_has_tensor_core_code_for_every_arch():
     wanted = {"sm_" + a.replace(".", "").replace("+PTX", "") for a in archs}
     assert wanted <= set(report), f"archs in the binary {sorted(report)}, build list {sorted(wanted)}"
     assert check_sass.check(report) == []
-    assert all(c["HGMMA"] == 0 for per in report.values() for c in per.values())  # no wgmma path yet
+    hopper = [c for name, c in report.get("sm_90a", {}).items() if check_sass.is_sm90_kernel(name)]
+    assert len(hopper) == len(ops._C_cuda.sm90_instances())  # one wgmma forward per (bucket, dtype) built
+    assert all(c["HGMMA"] > 0 and c["UTMALDG"] > 0 for c in hopper)
 
 
 @needs_cuda_ext
@@ -343,6 +350,75 @@ def test_emulated_backward_is_deterministic(emu, seed):
         assert torch.equal(a, b)
 
 
+# ---- the Hopper wgmma/TMA forward (fwd_sm90_kernel.cuh) on the emulator
+
+@pytest.fixture
+def wgmma(emu, monkeypatch):
+    """The emulator posing as compute capability 9.0 with the wgmma forward switched on."""
+    monkeypatch.setenv("ATTNKERN_CUDA_WGMMA", "1")
+    emu.set_device_arch(90)
+    yield emu
+    emu.set_device_arch(80)
+
+
+WGMMA_CASES = [
+    Case(batch=2, heads_q=2, heads_kv=2, len_q=200, len_k=300, head_dim=64, id="d64"),
+    Case(batch=1, heads_q=4, heads_kv=2, len_q=130, len_k=257, head_dim=128, id="d128-gqa"),
+    Case(batch=1, heads_q=2, heads_kv=1, len_q=300, len_k=300, head_dim=64, causal=True, id="causal"),
+    Case(batch=1, heads_q=2, heads_kv=2, len_q=90, len_k=333, head_dim=128, causal=True, id="causal-l<s"),
+    Case(batch=1, heads_q=3, heads_kv=1, len_q=400, len_k=380, head_dim=64, window=(70, 9), id="window"),
+    Case(batch=1, heads_q=2, heads_kv=2, len_q=150, len_k=150, head_dim=40, head_dim_v=100, id="padded-ev"),
+    Case(batch=2, heads_q=2, heads_kv=1, len_q=129, len_k=131, head_dim=128, layout="transposed", id="blhd"),
+    Case(batch=1, heads_q=1, heads_kv=1, len_q=17, len_k=5, head_dim=64, id="short"),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("case", WGMMA_CASES, ids=lambda c: c.id)
+def test_emulated_wgmma_forward(wgmma, case, dtype, seed):
+    """The wgmma forward against the float64 reference, with its output then fed to the sm80
+    backward; the counters show the forward ran wgmma and no mma.sync."""
+    bottom_right = case.id == "causal-l<s"
+    fwd, _ = emulate(wgmma, case, dtype, seed, bottom_right=bottom_right, backward=case.id in ("d64", "window"))
+    assert fwd["wgmma"] > 0 and fwd["mma"] == 0, fwd
+
+
+@pytest.mark.parametrize("late_copies,order", [(False, 0), (True, 1), (False, 2), (True, 2)])
+def test_emulated_wgmma_under_other_timings(wgmma, late_copies, order, seed):
+    """TMA copies landing at issue or only when a consumer waits, threads in other orders."""
+    case = Case(batch=1, heads_q=2, heads_kv=1, len_q=260, len_k=700, head_dim=64, window=(300, 20), id="")
+    fwd, _ = emulate(wgmma, case, torch.float16, seed, late_copies=late_copies, order=order, backward=False)
+    assert fwd["wgmma"] > 0
+
+
+@pytest.mark.parametrize("what", ["mask", "dropout", "decode", "head_dim_96", "switched_off", "sm80_device"])
+def test_emulated_wgmma_leaves_the_rest_to_sm80(wgmma, monkeypatch, what, seed):
+    """Masks, dropout, decoding and buckets without a wgmma kernel run the sm80 kernels, as does
+    everything when the switch is off or the device is not compute capability 9.0."""
+    case = {
+        "mask": Case(mask="bool", len_q=70, len_k=90, id=""),
+        "dropout": Case(dropout_p=0.2, len_q=70, len_k=90, id=""),
+        "decode": Case(len_q=4, len_k=300, heads_q=4, heads_kv=1, id=""),
+        "head_dim_96": Case(head_dim=96, len_q=70, len_k=90, id=""),
+    }.get(what, Case(len_q=70, len_k=90, id=""))
+    if what == "switched_off":
+        monkeypatch.setenv("ATTNKERN_CUDA_WGMMA", "0")
+    if what == "sm80_device":
+        wgmma.set_device_arch(80)
+    fwd, _ = emulate(wgmma, case, torch.bfloat16, seed, backward=False)
+    assert fwd["wgmma"] == 0 and fwd["mma"] > 0, fwd
+
+
+def test_emulated_wgmma_window_cost_is_linear_in_length(wgmma, seed):
+    """The producer loads, and the consumers multiply, only key blocks meeting the band."""
+    counts = {}
+    for length in (512, 1024):
+        case = Case(batch=1, heads_q=1, heads_kv=1, len_q=length, len_k=length, head_dim=64, window=(100, 0), id="")
+        fwd, _ = emulate(wgmma, case, torch.float16, seed, backward=False)
+        counts[length] = fwd["wgmma"]
+    assert counts[1024] <= 2 * counts[512] + 16, counts
+
+
 def test_emulated_rows_without_keys(emu, seed):
     # bottom-right causal with L > S: the first L - S rows see no key
     case = Case(batch=1, heads_q=2, heads_kv=2, len_q=70, len_k=20, id="")
@@ -440,6 +516,38 @@ def test_gpu_larger_shapes(case, seed):
     run_case(case, torch.bfloat16, "cuda", seed, device="cuda")
 
 
+def _sm90_ready():
+    return (torch.cuda.is_available() and ops._C_cuda is not None and torch.cuda.get_device_capability() == (9, 0)
+            and bool(ops._C_cuda.sm90_instances()))
+
+
+needs_sm90 = pytest.mark.skipif(not _sm90_ready(), reason="needs an sm_90 device and a build with 9.0a")
+
+
+def _kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}
+
+
+@gpu
+@needs_gpu
+@needs_sm90
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("case", WGMMA_CASES + [
+    Case(batch=2, heads_q=16, heads_kv=2, len_q=2048, len_k=2048, head_dim=128, causal=True, id="2k-causal"),
+    Case(batch=1, heads_q=8, heads_kv=8, len_q=4096, len_k=4096, head_dim=64, window=(1023, 0), id="4k-window"),
+], ids=lambda c: c.id)
+def test_gpu_wgmma_forward(monkeypatch, case, dtype, seed):
+    """The Hopper forward (ATTNKERN_CUDA_WGMMA=1) on the device against the float64 reference,
+    and the profiler shows that fwd_sm90_kernel, not the sm80 kernel, ran."""
+    monkeypatch.setenv("ATTNKERN_CUDA_WGMMA", "1")
+    require_served(case, dtype)
+    names = _kernel_names(lambda: run_case(case, dtype, "cuda", seed, device="cuda"))
+    assert any("fwd_sm90_kernel" in n for n in names), sorted(names)
+
+
 @gpu
 @needs_gpu
 def test_gpu_backward_is_deterministic(seed):
@@ -468,10 +576,10 @@ def test_gpu_opcheck(mask):
 
 @gpu
 @needs_gpu
-def test_gpu_auto_picks_cuda_and_falls_back():
+def test_gpu_auto_picks_a_gpu_kernel_and_falls_back():
     q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.float16)
     problem = _semantics.normalize_torch_layout(q, q, q, None, 0.0, False, None, False, None)[4]
-    assert dispatch.choose(problem, "auto") == "cuda"
+    assert dispatch.choose(problem, "auto") in ("triton", "cuda")
     q32 = q.float()
     problem32 = _semantics.normalize_torch_layout(q32, q32, q32, None, 0.0, False, None, False, None)[4]
     assert dispatch.choose(problem32, "auto") != "cuda"

@@ -129,6 +129,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       "(head-dim bucket, dtype) pairs compiled into this build, forward and backward");
+  m.def(
+      "sm90_instances",
+      [] {
+        std::vector<std::pair<int, std::string>> out;
+        for (const attnkern::cuda::Instance& inst : attnkern::cuda::compiled_sm90_instances())
+          out.emplace_back(inst.head_dim, attnkern::dtype_name(inst.dtype));
+        return out;
+      },
+      "(head-dim bucket, dtype) pairs of the Hopper wgmma forward in this build (empty without 9.0a); it runs on "
+      "compute capability 9.0 when ATTNKERN_CUDA_WGMMA=1");
   m.def("why_not", &attnkern::cuda_ops::why_not, pybind11::arg("head_dim"), pybind11::arg("head_dim_v"),
         pybind11::arg("dtype"),
         "Why the CUDA kernels cannot serve these head dims and dtype ('float16'/'bfloat16'); '' if they can");

@@ -9,8 +9,9 @@ Reads ``cuobjdump -res-usage`` (registers, local memory = spills) and ``cuobjdum
     and cp.async (LDGSTS);
   * no kernel uses local memory (register spills), except those listed in ALLOWED_SPILLS.
 Exit status 1 if a check fails. cuobjdump comes from the CUDA toolkit or, where the toolkit
-lacks it, from Triton's bundled copy. HGMMA (Hopper wgmma) is counted too: there is no wgmma
-path yet, so its count is expected to be 0.
+lacks it, from Triton's bundled copy. The Hopper forward (fwd_sm90_kernel, in builds with 9.0a)
+must issue wgmma (HGMMA) and TMA loads (UTMALDG) in its sm_90a code; its copies for other archs
+are stubs that trap, and every other kernel has no HGMMA.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Dict, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-COUNTED = ("HMMA", "HGMMA", "LDSM", "LDGSTS", "BAR", "SHFL", "LDL", "STL")
+COUNTED = ("HMMA", "HGMMA", "UTMALDG", "LDSM", "LDGSTS", "BAR", "SHFL", "LDL", "STL")
 FAMILIES = {  # kernel family -> demangled-name test
     "fwd": lambda n: n.startswith("fwd_kernel") and n.endswith("false>"),
     "decode": lambda n: n.startswith("fwd_kernel") and n.endswith("true>"),
@@ -36,6 +37,11 @@ FAMILIES = {  # kernel family -> demangled-name test
     "bwd_q": lambda n: n.startswith("bwd_q_kernel"),
 }
 MATRIX_FAMILIES = tuple(FAMILIES)
+SM90_ARCH = "sm_90a"
+
+
+def is_sm90_kernel(name: str) -> bool:
+    return name.startswith("fwd_sm90_kernel")
 # (arch, demangled kernel name) pairs allowed to use local memory; none with CUDA 13
 ALLOWED_SPILLS = set()
 
@@ -133,6 +139,12 @@ def check(report: Dict) -> list:
                         if c.get(op, 0) == 0:
                             problems.append(f"{arch} {name}: no {op}")
         for name, c in per_kernel.items():
+            if is_sm90_kernel(name) and arch == SM90_ARCH:
+                for op in ("HGMMA", "UTMALDG"):
+                    if c.get(op, 0) == 0:
+                        problems.append(f"{arch} {name}: no {op}")
+            elif c.get("HGMMA", 0) > 0:
+                problems.append(f"{arch} {name}: HGMMA outside the Hopper forward")
             if c.get("LOCAL", 0) > 0 and (arch, name) not in ALLOWED_SPILLS:
                 problems.append(f"{arch} {name}: {c['LOCAL']} bytes of local memory (spills)")
     return problems
@@ -152,7 +164,8 @@ def main(argv=None) -> int:
     for arch, per_kernel in sorted(report.items()):
         print(f"== {arch}")
         for name, c in sorted(per_kernel.items()):
-            counts = " ".join(f"{k}={c.get(k, 0)}" for k in ("REG", "LOCAL", "HMMA", "HGMMA", "LDSM", "LDGSTS", "BAR"))
+            counts = " ".join(f"{k}={c.get(k, 0)}" for k in ("REG", "LOCAL", "HMMA", "HGMMA", "UTMALDG", "LDSM", "LDGSTS",
+                                                              "BAR"))
             print(f"  {counts}  {name}")
     if args.json:
         with open(args.json, "w") as f:

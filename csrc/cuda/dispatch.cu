@@ -1,6 +1,7 @@
 // Host-side dispatch: the registry the instantiation files fill at load time, bucket choice,
 // the decode-path decision and its split count. No kernels here.
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <utility>
 
@@ -14,6 +15,7 @@ namespace {
 struct Launchers {
   FwdLauncher fwd = nullptr;
   BwdLauncher bwd = nullptr;
+  Sm90FwdLauncher fwd_sm90 = nullptr;
 };
 
 // ordered by (head dim, dtype): bucket search walks head dims upwards
@@ -64,6 +66,42 @@ bool register_backward(int head_dim, DType dtype, BwdLauncher launcher) {
   return true;
 }
 
+bool register_forward_sm90(int head_dim, DType dtype, Sm90FwdLauncher launcher) {
+  registry()[{head_dim, static_cast<int>(dtype)}].fwd_sm90 = launcher;
+  return true;
+}
+
+std::vector<Instance> compiled_sm90_instances() {
+  std::vector<Instance> out;
+  for (const auto& [key, l] : registry())
+    if (l.fwd_sm90 != nullptr) out.push_back({key.first, static_cast<DType>(key.second)});
+  return out;
+}
+
+#if defined(ATTNKERN_CUDA_EMULATOR)
+extern int emulated_device_arch;  // emulator.cpp: the compute capability the emulator pretends to be
+int current_device_arch() { return emulated_device_arch; }
+#else
+int current_device_arch() {
+  constexpr int kCached = 64;
+  static int arch[kCached] = {0};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (device >= 0 && device < kCached && arch[device] != 0) return arch[device];
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  const int found = 10 * major + minor;
+  if (device >= 0 && device < kCached) arch[device] = found;
+  return found;
+}
+#endif
+
+bool wgmma_forward_enabled() {
+  const char* flag = std::getenv("ATTNKERN_CUDA_WGMMA");
+  return flag != nullptr && flag[0] == '1' && flag[1] == '\0';
+}
+
 std::vector<Instance> compiled_instances() {
   std::vector<Instance> out;
   for (const auto& [key, l] : registry())
@@ -99,6 +137,12 @@ int decode_num_splits(const AttnParams& p, int sm_count) {
 
 cudaError_t forward(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
   const Launchers l = find(head_dim_bucket(p.head_dim, p.head_dim_v, p.dtype), p.dtype);
+  // sm_90a code runs on compute capability 9.0 only (the "a" features are not forward-compatible)
+  if (l.fwd_sm90 != nullptr && !takes_decode_path(p) && p.mask_kind == MaskKind::kNone && p.dropout_p == 0.f &&
+      wgmma_forward_enabled() && current_device_arch() == 90) {
+    const cudaError_t err = l.fwd_sm90(p, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
   return l.fwd == nullptr ? cudaErrorInvalidValue : l.fwd(p, split, stream);
 }
 

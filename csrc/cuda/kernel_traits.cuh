@@ -159,5 +159,46 @@ struct BwdTraits<256> {
   using Q = BwdQConfig<256, 4, 16, 2>;
 };
 
+
+// Hopper forward (fwd_sm90_kernel.cuh, sm_90a only): a producer warpgroup issues TMA loads of
+// K/V blocks into a ring of kStages stages; two consumer warpgroups own 64 query rows each
+// (wgmma's M) and compute S = Q K^T and O += P V with wgmma. Tiles are stored as 64-column
+// (128-byte) blocks with TMA's 128-byte swizzle, the layout wgmma reads by descriptor. H100
+// grants a CTA up to 227 KB of shared memory, and one CTA per SM is the plan (registers: 240 per
+// consumer thread after setmaxnreg). Not tuned on a GPU yet.
+constexpr int kMaxSmemBytesSm90 = 227 * 1024;
+
+template <int kD_, int kBlockN_, int kStages_>
+struct FwdSm90Config {
+  static constexpr int kD = kD_;
+  static constexpr int kConsumers = 2;  // consumer warpgroups
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kColBlocks = kD / 64;  // 64-element column blocks of a row
+  static constexpr int kQBytes = kBlockM * kD * 2;
+  static constexpr int kKVBytes = kBlockN * kD * 2;  // one K or one V block
+  // Q, K stages, V stages, then the mbarriers (Q; K full, V full and stage empty per stage),
+  // plus 1 KB to align the start to the 1024 bytes of a swizzle atom
+  static constexpr int kBarrierBytes = 8 * (1 + 3 * kStages);
+  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  static_assert(kD % 64 == 0, "rows are whole 128-byte swizzle rows");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key blocks are whole k-steps of P V and one wgmma N");
+  static_assert(kStages >= 2, "the K/V ring needs two stages");
+  static_assert(kSmemBytes <= kMaxSmemBytesSm90, "shared memory budget");
+};
+
+template <int kD>
+struct FwdSm90Traits;
+template <>
+struct FwdSm90Traits<64> {
+  using Cfg = FwdSm90Config<64, 128, 3>;
+};
+template <>
+struct FwdSm90Traits<128> {
+  using Cfg = FwdSm90Config<128, 128, 2>;
+};
+
 }  // namespace cuda
 }  // namespace attnkern

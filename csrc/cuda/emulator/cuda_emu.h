@@ -33,6 +33,7 @@ using cudaStream_t = void*;
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
+constexpr cudaError_t cudaErrorNotSupported = 801;
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 struct cudaFuncAttributes {
   int maxThreadsPerBlock;

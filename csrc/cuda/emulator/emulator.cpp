@@ -14,13 +14,15 @@
 #include "../dispatch.cu"
 #include "../launch_bwd.cuh"
 #include "../launch_fwd.cuh"
+#include "../launch_fwd_sm90.cuh"
 #include "../torch_ops.h"
 #include "runtime.h"
 
 namespace attnkern {
 namespace cuda {
 
-__attribute__((aligned(128))) unsigned char smem_raw[emu::kSharedCapacity];
+__attribute__((aligned(1024))) unsigned char smem_raw[emu::kSharedCapacity];
+int emulated_device_arch = 80;  // 90 sends eligible forwards to the wgmma kernel (with ATTNKERN_CUDA_WGMMA=1)
 
 namespace {
 
@@ -41,6 +43,17 @@ bool register_buckets() {
   return (register_bucket<kDs>() && ...);
 }
 const bool registered = register_buckets<ATTNKERN_EMU_HDIMS>();
+
+template <int kD>
+bool register_sm90_bucket() {
+  register_forward_sm90(kD, DType::kFloat16, &run_fwd_sm90<kD, __half>);
+  register_forward_sm90(kD, DType::kBFloat16, &run_fwd_sm90<kD, __nv_bfloat16>);
+  return true;
+}
+#ifndef ATTNKERN_EMU_SM90
+#define ATTNKERN_EMU_SM90 1
+#endif
+const bool registered_sm90 = !ATTNKERN_EMU_SM90 || (register_sm90_bucket<64>() && register_sm90_bucket<128>());
 
 }  // namespace
 }  // namespace cuda
@@ -152,6 +165,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed"), "cp.async timing, thread order (0 up, 1 down, 2 shuffled); resets the stats");
   m.def("stats", &attnkern::stats, "counters since set_options: CTAs, barriers, instructions, ldmatrix bank conflicts");
   m.def("why_not", &attnkern::cuda_ops::why_not);
+  m.def(
+      "set_device_arch", [](int arch) { attnkern::cuda::emulated_device_arch = arch; },
+      "compute capability the emulator reports (90: Hopper, so the wgmma forward may run)");
+  m.def("sm90_instances", [] {
+    std::vector<int> dims;
+    for (const auto& inst : attnkern::cuda::compiled_sm90_instances()) dims.push_back(inst.head_dim);
+    return dims;
+  });
   m.def("decode_num_splits", [](int64_t len_q, int64_t heads_q, int64_t heads_kv, int64_t len_k, int64_t head_dim,
                                 int64_t batch, int sm_count) {
     attnkern::AttnParams p;

@@ -1,0 +1,237 @@
+// The Hopper forward (sm_90a): FlashAttention-3's division of labour without its
+// intra-warpgroup overlap. One CTA owns 128 query rows of one head:
+//   * warpgroup 0 is the producer: one thread loads Q once and streams the K and V blocks that
+//     meet the tile's band through a ring of shared-memory stages with TMA; mbarriers carry
+//     "stage full" (the copies' byte count) and "stage empty" (every consumer thread arrives);
+//   * warpgroups 1 and 2 are consumers, 64 rows each (wgmma's M): S = Q K^T by wgmma from
+//     shared memory, the online softmax in the exp2 domain on the S registers (the scoring and
+//     band rules of score.cuh, so it agrees with the sm80 kernels element for element), then
+//     O += P V by wgmma with P from registers and V read MN-major by descriptor.
+// The producer gives up registers (setmaxnreg) so each consumer thread can hold S and O.
+//
+// Served: fp16/bf16, head-dim buckets 64 and 128, no mask, no dropout, the prefill path
+// (launch_fwd_sm90.cuh decides; everything else runs the sm80 kernels). The kernel body exists
+// only when compiled for sm_90a; for other archs it traps and the host never launches it.
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+
+#include "fwd_kernel.cuh"
+#include "ptx_sm90.cuh"
+
+namespace attnkern {
+namespace cuda {
+
+struct Sm90Maps {
+  TmaMap q, k, v;  // 4-D: (dim, row, head, batch), boxes of 64 columns
+};
+
+template <class Cfg, typename T>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90Maps maps) {
+#if !defined(ATTNKERN_CUDA_EMULATOR) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // built for an arch without wgmma; launch_fwd_sm90.cuh only launches on sm_90a builds
+#else
+  constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
+  constexpr int kNT = kBlockN / 8, kDT = kD / 8;  // n8-tiles of S and of O
+  constexpr bool kBf16 = sizeof(T) == 2 && !std::is_same<T, __half>::value;
+  constexpr uint32_t kRowBytes = 128;               // one swizzled row of a 64-column block
+  constexpr uint32_t kQColBlock = kBlockM * kRowBytes;
+  constexpr uint32_t kKVColBlock = kBlockN * kRowBytes;
+
+  extern __shared__ __align__(1024) unsigned char smem_sm90[];
+  // TMA's 128-byte swizzle and the descriptors assume 1024-byte-aligned atoms
+  const uint32_t sQ = (smem_addr(smem_sm90) + 1023u) & ~1023u;
+  const uint32_t sK = sQ + Cfg::kQBytes;
+  const uint32_t sV = sK + kStages * Cfg::kKVBytes;
+  const uint32_t bar_q = sV + kStages * Cfg::kKVBytes;
+  auto bar_k_full = [&](int s) { return bar_q + 8u * (1 + s); };
+  auto bar_v_full = [&](int s) { return bar_q + 8u * (1 + kStages + s); };
+  auto bar_empty = [&](int s) { return bar_q + 8u * (1 + 2 * kStages + s); };
+
+  const int tid = threadIdx.x;
+  const int warpgroup = tid / 128;
+  const int64_t b = blockIdx.z;
+  const int hq = blockIdx.y;
+  const int hkv = hq / static_cast<int>(p.heads_q / p.heads_kv);
+  // the last query blocks meet the most keys under a causal band: start them first
+  const int64_t row0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
+  const ScoreRules<false> rules(p);
+  const Band& band = rules.band;
+
+  // key blocks [0, n_blocks) of kBlockN keys from key_first: those meeting the band of any row
+  const int64_t cta_hi = min(row0 + kBlockM, p.len_q);
+  int64_t key_first = 0, n_blocks = 0;
+  {
+    const int64_t lo = band.range_lo(row0), hi = band.range_hi(cta_hi);
+    if (hi > lo) {
+      key_first = lo / kBlockN * kBlockN;
+      n_blocks = (hi - key_first + kBlockN - 1) / kBlockN;
+    }
+  }
+
+  if (tid == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(bar_k_full(s), 1);
+      mbar_init(bar_v_full(s), 1);
+      mbar_init(bar_empty(s), 128 * Cfg::kConsumers);
+    }
+    fence_barrier_init();
+  }
+  __syncthreads();  // the last CTA-wide barrier: producer threads leave early below
+
+  if (warpgroup == 0) {
+    setmaxnreg_dec<24>();
+    if (tid != 0 || n_blocks == 0) return;
+    mbar_arrive_expect_tx(bar_q, Cfg::kQBytes);
+    for (int c = 0; c < Cfg::kColBlocks; ++c)
+      tma_load_4d(sQ + c * kQColBlock, maps.q, bar_q, 64 * c, static_cast<int32_t>(row0), hq, static_cast<int32_t>(b));
+    for (int64_t it = 0; it < n_blocks; ++it) {
+      const int s = static_cast<int>(it % kStages);
+      // stage s is free once every consumer thread released its previous use
+      if (it >= kStages) mbar_wait(bar_empty(s), static_cast<uint32_t>((it / kStages - 1) & 1));
+      const int32_t key0 = static_cast<int32_t>(key_first + it * kBlockN);
+      mbar_arrive_expect_tx(bar_k_full(s), Cfg::kKVBytes);
+      for (int c = 0; c < Cfg::kColBlocks; ++c)
+        tma_load_4d(sK + s * Cfg::kKVBytes + c * kKVColBlock, maps.k, bar_k_full(s), 64 * c, key0, hkv,
+                    static_cast<int32_t>(b));
+      mbar_arrive_expect_tx(bar_v_full(s), Cfg::kKVBytes);
+      for (int c = 0; c < Cfg::kColBlocks; ++c)
+        tma_load_4d(sV + s * Cfg::kKVBytes + c * kKVColBlock, maps.v, bar_v_full(s), 64 * c, key0, hkv,
+                    static_cast<int32_t>(b));
+    }
+    return;
+  }
+
+  // ---- consumers
+  setmaxnreg_inc<240>();
+  const int consumer = warpgroup - 1;
+  const int wg_tid = tid % 128, lane = tid & 31, warp = wg_tid / 32;
+  const int64_t wg_row0 = row0 + 64 * consumer;  // this warpgroup's first query
+  const int64_t wg_lo = min(wg_row0, p.len_q), wg_hi = min(wg_row0 + 64, p.len_q);
+  const bool wg_has_rows = wg_hi > wg_lo;
+  const int64_t wg_key_lo = wg_has_rows ? band.lo(wg_lo) : 0;
+  const int64_t wg_key_hi = wg_has_rows ? band.hi(wg_hi - 1) : 0;
+  int64_t row_q[2];  // this thread's two rows (fragment rows g and g + 8 of its warp)
+  for (int h = 0; h < 2; ++h) row_q[h] = min(wg_row0 + 16 * warp + (lane >> 2) + 8 * h, p.len_q);  // len_q: no keys
+
+  float acc_o[kDT][4];
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[dt][e] = 0.f;
+  float(&acc_o_flat)[kD / 2] = *reinterpret_cast<float(*)[kD / 2]>(&acc_o[0][0]);
+
+  if (n_blocks > 0) mbar_wait(bar_q, 0);
+  const uint32_t sQ_wg = sQ + consumer * 64 * kRowBytes;  // rows 64 * consumer .. + 63 of each column block
+  for (int64_t it = 0; it < n_blocks; ++it) {
+    const int s = static_cast<int>(it % kStages);
+    const uint32_t phase = static_cast<uint32_t>((it / kStages) & 1);
+    const int64_t key0 = key_first + it * kBlockN;
+    const bool meets = wg_has_rows && key0 < p.len_k && key0 + kBlockN > wg_key_lo && key0 < wg_key_hi;
+    mbar_wait(bar_k_full(s), phase);
+    if (!meets) {  // outside this warpgroup's band: nothing to compute, but the stage must be seen full
+      mbar_wait(bar_v_full(s), phase);
+      mbar_arrive(bar_empty(s));
+      continue;
+    }
+    const bool edge = key0 + kBlockN > p.len_k || !band.tile_full(wg_lo, wg_hi, key0, key0 + kBlockN);
+
+    // S = Q K^T: k-steps of 16 columns; within a 128-byte swizzled row a step is 32 bytes
+    float acc_s[kNT][4];
+    float(&acc_s_flat)[kBlockN / 2] = *reinterpret_cast<float(*)[kBlockN / 2]>(&acc_s[0][0]);
+    const uint32_t sK_s = sK + s * Cfg::kKVBytes;
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t col = (kk % 4) * 32;
+      const uint64_t da = gmma_desc_sw128(sQ_wg + (kk / 4) * kQColBlock + col, 16, 1024);
+      const uint64_t db = gmma_desc_sw128(sK_s + (kk / 4) * kKVColBlock + col, 16, 1024);
+      wgmma_ss<kBlockN, kBf16>(acc_s_flat, da, db, kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc_s_flat);
+
+    // scores and the online softmax (as fwd_kernel.cuh, on the same fragment layout)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int lo = 0, hi = kBlockN;
+      if (edge) rules.query_window(row_q[h], key0, kBlockN, lo, hi);
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = acc_s[nt][2 * h + c];
+          x = rules(x, nt * 8 + 2 * (lane & 3) + c, lo, hi, edge, 0, 0);
+          mx = fmaxf(mx, x);
+        }
+      mx = quad_max(mx);
+      const float m_new = fmaxf(row_max[h], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet stays at 0
+      const float alpha = exp2f(row_max[h] - m_use);
+      row_max[h] = m_new;
+      row_sum[h] *= alpha;
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        acc_o[dt][2 * h] *= alpha;
+        acc_o[dt][2 * h + 1] *= alpha;
+      }
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = acc_s[nt][2 * h + c];
+          x = exp2f(x - m_use);
+          sum += x;
+        }
+      row_sum[h] += sum;  // per-thread partial; the quad's sum is taken once at the end
+    }
+
+    // O += P V: P's fragments come straight from the S accumulators; V is read MN-major, 16
+    // keys (two groups of 8 swizzled 128-byte rows) per k-step
+    uint32_t pa[kBlockN / 16][4];
+#pragma unroll
+    for (int k2 = 0; k2 < kBlockN / 16; ++k2) acc_to_a<T>(pa[k2], acc_s[2 * k2], acc_s[2 * k2 + 1]);
+    mbar_wait(bar_v_full(s), phase);
+    const uint32_t sV_s = sV + s * Cfg::kKVBytes;
+    fence_operands(acc_o_flat);
+    wgmma_fence();
+#pragma unroll
+    for (int k2 = 0; k2 < kBlockN / 16; ++k2) {
+      const uint64_t dv = gmma_desc_sw128(sV_s + k2 * 2 * 1024, kKVColBlock, 1024);
+      wgmma_rs<kD, kBf16>(acc_o_flat, pa[k2], dv, true);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc_o_flat);
+    mbar_arrive(bar_empty(s));  // both products have read stage s
+  }
+
+  // ---- epilogue: O / l, LSE = ln(sum) + max; rows without keys give 0 and -inf
+  const FwdSplit whole;
+  const RowWriter<T> out{p, whole, 0, b};
+  const int dv = static_cast<int>(p.head_dim_v);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float l = quad_sum(row_sum[h]);
+    const int64_t i = row_q[h];
+    if (i >= p.len_q) continue;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      const int col = dt * 8 + 2 * (lane & 3);
+      if (col < dv) out.out2(hq, i, col, acc_o[dt][2 * h] * inv, acc_o[dt][2 * h + 1] * inv);
+    }
+    if ((lane & 3) == 0) out.lse(hq, i, l > 0.f ? (row_max[h] + log2f(l)) * kLn2 : -INFINITY);
+  }
+#endif
+}
+
+}  // namespace cuda
+}  // namespace attnkern
