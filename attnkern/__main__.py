@@ -8,6 +8,7 @@ backend against the math reference, and a one-line speed comparison with torch's
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -93,6 +94,10 @@ def report() -> int:
         buckets = sorted({hd for hd, _ in ops._C_cuda.instances()})
         dtypes = sorted({dt for _, dt in ops._C_cuda.instances()})
         print(f"  cuda backend: compiled for archs {ops._C_cuda.archs()}, head-dim buckets {buckets}, {dtypes}")
+        hopper = sorted({hd for hd, _ in ops._C_cuda.sm90_instances()})
+        if hopper:
+            state = "on" if os.environ.get("ATTNKERN_CUDA_WGMMA") == "1" else "off (ATTNKERN_CUDA_WGMMA=1 enables it)"
+            print(f"    Hopper wgmma forward: head-dim buckets {hopper}, {state}; unverified on a GPU")
     else:
         print(f"  cuda backend: not available ({ops.CUDA_IMPORT_ERROR})")
     print(f"  triton backend: {dispatch.CAPABILITIES['triton'].available() or 'available'}")

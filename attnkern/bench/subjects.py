@@ -9,7 +9,9 @@ aligned band as attnkern.scaled_dot_product_attention.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -84,6 +86,49 @@ def _attnkern_subject(backend: str) -> Subject:
         limits=lambda case, device: cap.why_not(case.problem(device)), build=build,
         materialises_scores=backend == "math",
     )
+
+
+def _wgmma_subject() -> Subject:
+    """backend="cuda" with the Hopper wgmma forward switched on (ATTNKERN_CUDA_WGMMA=1 around each
+    call: it is opt-in until verified on a GPU). Only the forward differs from attnkern-cuda."""
+    base = _attnkern_subject("cuda")
+
+    def unavailable(device: str) -> Optional[str]:
+        reason = base.unavailable(device)
+        if reason:
+            return reason
+        from .. import ops
+
+        if not ops._C_cuda.sm90_instances():
+            return "the CUDA extension was built without 9.0a, so without the wgmma forward"
+        if torch.cuda.get_device_capability() != (9, 0):
+            return "the wgmma forward runs on compute capability 9.0 only"
+        return None
+
+    def build(case: Case, device: str) -> Fn:
+        call = base.build(case, device)
+
+        def fn(q, k, v):
+            before = os.environ.get("ATTNKERN_CUDA_WGMMA")
+            os.environ["ATTNKERN_CUDA_WGMMA"] = "1"
+            try:
+                return call(q, k, v)
+            finally:
+                if before is None:
+                    del os.environ["ATTNKERN_CUDA_WGMMA"]
+                else:
+                    os.environ["ATTNKERN_CUDA_WGMMA"] = before
+        return fn
+
+    def limits(case: Case, device: str) -> Optional[str]:
+        if case.mode != "fwd":
+            return "only the forward differs from attnkern-cuda"
+        if case.len_q <= 16:
+            return "decoding (L <= 16) takes the split-KV kernel, as attnkern-cuda does"
+        return base.limits(case, device)
+
+    return dataclasses.replace(base, name="attnkern-cuda-wgmma", unavailable=unavailable, build=build, limits=limits,
+                               description="attnkern backend='cuda' with the Hopper wgmma forward (sm_90a)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -256,6 +301,7 @@ def _external(name: str, module: str, description: str, limits, build) -> Subjec
 def all_subjects() -> Dict[str, Subject]:
     """Every subject this module knows, available here or not, in report order."""
     subjects = [_attnkern_subject(b) for b in dispatch.CAPABILITIES]
+    subjects.append(_wgmma_subject())
     subjects += [_sdpa_subject(k) for k in _SDPA_KERNELS]
     subjects.append(_flex_subject())
     subjects.append(_external("flash-attn", "flash_attn", "flash-attn flash_attn_func", _flash_attn_limits,
