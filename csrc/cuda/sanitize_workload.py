@@ -3,7 +3,9 @@
 Covers the prefill forward (fast and masked/dropout variants), the split-KV decode forward and
 its merge, the delta, dK/dV (both passes at head dim 256) and dQ kernels, with odd lengths,
 GQA, windows in both alignments, a broadcast float mask with its gradient, and dropout.
-Shapes are small so the sanitizers finish in minutes. Exit status 0 if every call ran; the
+On compute capability 9.0 with a 9.0a build, the fast-path calls run once more through the
+Hopper wgmma forward (ATTNKERN_CUDA_WGMMA=1; its TMA and mbarrier traffic under racecheck and
+synccheck). Shapes are small so the sanitizers finish in minutes. Exit status 0 if every call ran; the
 numbers are checked by tests/test_cuda.py, not here.
 """
 
@@ -68,6 +70,16 @@ def main() -> int:
         results = run(**kwargs)
         assert all(torch.isfinite(t).all() for t in results), f"non-finite result for {kwargs}"
         print(f"ran {kwargs}")
+    hopper = torch.cuda.get_device_capability() == (9, 0) and attnkern.ops._C_cuda.sm90_instances()
+    if hopper:
+        os.environ["ATTNKERN_CUDA_WGMMA"] = "1"
+        for kwargs in calls:
+            if kwargs["head_dim"] > 128 or kwargs.get("mask") or kwargs.get("dropout_p") or kwargs["len_q"] <= 16:
+                continue  # served by the sm80 kernels, run above
+            results = run(**kwargs)
+            assert all(torch.isfinite(t).all() for t in results), f"non-finite result for {kwargs} (wgmma)"
+            print(f"ran {kwargs} with the wgmma forward")
+        del os.environ["ATTNKERN_CUDA_WGMMA"]
     return 0
 
 
