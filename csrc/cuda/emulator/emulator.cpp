@@ -16,6 +16,7 @@
 #include "../launch_fwd.cuh"
 #include "../torch_ops.h"
 #include "runtime.h"
+#include "selftest_sm90.h"
 
 namespace attnkern {
 namespace cuda {
@@ -115,6 +116,8 @@ pybind11::dict stats() {
   d["ldmatrix_conflicts"] = s.ldmatrix_conflicts;
   d["mma"] = s.mma;
   d["shuffles"] = s.shuffles;
+  d["wgmma"] = s.wgmma;
+  d["tma"] = s.tma;
   return d;
 }
 
@@ -152,6 +155,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed"), "cp.async timing, thread order (0 up, 1 down, 2 shuffled); resets the stats");
   m.def("stats", &attnkern::stats, "counters since set_options: CTAs, barriers, instructions, ldmatrix bank conflicts");
   m.def("why_not", &attnkern::cuda_ops::why_not);
+  m.def("selftest_sm90", &attnkern::sm90_selftest::selftest, pybind11::arg("seed"), pybind11::arg("late_copies") = true,
+        pybind11::arg("fault") = "", "the emulated sm90 instructions on random tiles (tests/test_cuda_emu_sm90.py)");
   m.def("decode_num_splits", [](int64_t len_q, int64_t heads_q, int64_t heads_kv, int64_t len_k, int64_t head_dim,
                                 int64_t batch, int sm_count) {
     attnkern::AttnParams p;
