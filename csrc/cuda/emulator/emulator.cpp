@@ -21,7 +21,7 @@
 namespace attnkern {
 namespace cuda {
 
-__attribute__((aligned(128))) unsigned char smem_raw[emu::kSharedCapacity];
+__attribute__((aligned(1024))) unsigned char smem_raw[emu::kSharedCapacity];  // like the shared window: 1024-aligned
 
 namespace {
 

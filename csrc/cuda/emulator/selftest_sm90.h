@@ -114,6 +114,7 @@ pybind11::dict run_case(const Case& cs, uint64_t seed, const std::string& fault)
       }
       return;
     }
+    cuda::setmaxnreg_inc<240>();
     // the warpgroup: lane coordinates of the fragment layouts
     const int w = tid / 32, g = (tid % 32) / 4, q = tid % 4;
     float d[N / 2];
