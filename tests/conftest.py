@@ -11,9 +11,12 @@ dq when every row attends exactly one key), and must stay below TOLERANCE[dtype]
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
+import sysconfig
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -64,6 +67,25 @@ def seed(request):
     s = (_BASE_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31)
     torch.manual_seed(s)
     return s
+
+
+@pytest.fixture(scope="session")
+def emu():
+    """The CUDA kernels' source built for the CPU emulator (csrc/cuda/emulator), once per session."""
+    from torch.utils.cpp_extension import load
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # one build folder per checkout and Python ABI; ninja rebuilds when a header changes
+    tag = f"{sysconfig.get_config_var('SOABI') or 'py'}_{hashlib.sha1(root.encode()).hexdigest()[:8]}"
+    build_dir = os.environ.get("ATTNKERN_EMU_BUILD_DIR", os.path.join(tempfile.gettempdir(), f"attnkern_cuda_emu_{tag}"))
+    os.makedirs(build_dir, exist_ok=True)
+    return load(
+        name="attnkern_cuda_emu",
+        sources=[os.path.join(root, "csrc", "cuda", "emulator", "emulator.cpp")],
+        extra_cflags=["-O1", "-DATTNKERN_CUDA_EMULATOR", "-Wno-unknown-pragmas"],
+        build_directory=build_dir,
+        verbose=False,
+    )
 
 
 def device_backends(device: str):

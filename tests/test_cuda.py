@@ -14,13 +14,10 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.util
 import os
 import re
 import sys
-import sysconfig
-import tempfile
 
 import pytest
 import torch
@@ -185,23 +182,6 @@ def test_dispatch_row_consults_the_extension():
 
 # ---------------------------------------------------------------------------------------------
 # emulator
-
-
-@pytest.fixture(scope="session")
-def emu():
-    from torch.utils.cpp_extension import load
-
-    # one build folder per checkout and Python ABI; ninja rebuilds when a header changes
-    tag = f"{sysconfig.get_config_var('SOABI') or 'py'}_{hashlib.sha1(ROOT.encode()).hexdigest()[:8]}"
-    build_dir = os.environ.get("ATTNKERN_EMU_BUILD_DIR", os.path.join(tempfile.gettempdir(), f"attnkern_cuda_emu_{tag}"))
-    os.makedirs(build_dir, exist_ok=True)
-    return load(
-        name="attnkern_cuda_emu",
-        sources=[os.path.join(CUDA_DIR, "emulator", "emulator.cpp")],
-        extra_cflags=["-O1", "-DATTNKERN_CUDA_EMULATOR", "-Wno-unknown-pragmas"],
-        build_directory=build_dir,
-        verbose=False,
-    )
 
 
 def emulate(emu, case: Case, dtype, seed, mask_grad=False, sm_count=4, late_copies=True, order=0, bottom_right=False,

@@ -17,11 +17,12 @@
 #include "../launch_fwd_sm90.cuh"
 #include "../torch_ops.h"
 #include "runtime.h"
+#include "selftest_sm90.h"
 
 namespace attnkern {
 namespace cuda {
 
-__attribute__((aligned(1024))) unsigned char smem_raw[emu::kSharedCapacity];
+__attribute__((aligned(1024))) unsigned char smem_raw[emu::kSharedCapacity];  // like the shared window: 1024-aligned
 int emulated_device_arch = 80;  // 90 sends eligible forwards to the wgmma kernel (with ATTNKERN_CUDA_WGMMA=1)
 
 namespace {
@@ -128,6 +129,8 @@ pybind11::dict stats() {
   d["ldmatrix_conflicts"] = s.ldmatrix_conflicts;
   d["mma"] = s.mma;
   d["shuffles"] = s.shuffles;
+  d["wgmma"] = s.wgmma;
+  d["tma"] = s.tma;
   return d;
 }
 
@@ -173,6 +176,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     for (const auto& inst : attnkern::cuda::compiled_sm90_instances()) dims.push_back(inst.head_dim);
     return dims;
   });
+  m.def("selftest_sm90", &attnkern::sm90_selftest::selftest, pybind11::arg("seed"), pybind11::arg("late_copies") = true,
+        pybind11::arg("fault") = "", "the emulated sm90 instructions on random tiles (tests/test_cuda_emu_sm90.py)");
   m.def("decode_num_splits", [](int64_t len_q, int64_t heads_q, int64_t heads_kv, int64_t len_k, int64_t head_dim,
                                 int64_t batch, int sm_count) {
     attnkern::AttnParams p;

@@ -8,6 +8,8 @@
 // after a thread exited, and deadlock. Shared memory starts filled with NaN bytes, and cp.async
 // copies land either when issued or only at the wait that needs them, so a read of a stage
 // that has not landed, or a copy into a stage still being read, gives wrong numbers.
+// The sm90 instructions (mbarrier, TMA, wgmma) live in ptx_sm90_emu.h; this file only calls
+// its per-CTA hooks and counts its waiting threads.
 #pragma once
 
 #include <ucontext.h>
@@ -32,17 +34,18 @@ extern unsigned char smem_raw[];  // defined by the emulator's translation unit
 namespace emu {
 
 constexpr uint32_t kSharedBase = 1024;  // sm80+ reserve the first KB of a CTA's shared window
-constexpr uint32_t kSharedCapacity = 128 * 1024;
+constexpr uint32_t kSharedCapacity = 232448;  // 227 KB, the sm90 opt-in maximum per CTA
 constexpr size_t kStackBytes = 256 * 1024;
 
 struct Options {
-  bool late_copies = true;  // cp.async lands at the wait that needs it (else when issued)
+  bool late_copies = true;  // cp.async, TMA and wgmma complete at the wait that needs them (else when issued)
   int order = 0;            // thread scheduling order: 0 ascending, 1 descending, 2 shuffled
   uint64_t seed = 0;
 };
 
 struct Stats {  // warp-wide instructions are counted once per warp
   uint64_t ctas = 0, barriers = 0, cp_async = 0, ldmatrix = 0, ldmatrix_conflicts = 0, mma = 0, shuffles = 0;
+  uint64_t wgmma = 0, tma = 0;  // wgmma counted once per warpgroup, TMA once per copy
 };
 
 struct Range {
@@ -56,7 +59,7 @@ struct Copy {
   bool valid;
 };
 
-enum class Wait { kNone, kBarrier, kWarp };
+enum class Wait { kNone, kBarrier, kWarp, kWarpgroup, kMbarrier };
 enum class Op { kNone, kShuffle, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBf16 };
 
 struct Thread {
@@ -65,6 +68,7 @@ struct Thread {
   Index index{0, 0, 0};
   int linear = 0;
   Wait wait = Wait::kNone;
+  uint32_t wait_bar = 0;  // the mbarrier of Wait::kMbarrier
   bool done = false;
   std::vector<Copy> open;                 // issued, not yet committed
   std::vector<std::vector<Copy>> groups;  // committed, oldest first, not yet landed
@@ -114,6 +118,11 @@ inline State& state() {
   msg << ")";
   throw std::runtime_error(msg.str());
 }
+
+// per-CTA state of the sm90 instructions, defined in ptx_sm90_emu.h
+inline void sm90_begin_cta();
+inline void sm90_thread_exit(const Thread& t);
+inline void sm90_end_cta();
 
 inline const Index& thread_index() { return state().current->index; }
 inline const Index& block_index() { return state().block; }
@@ -329,6 +338,7 @@ inline void fiber_entry(unsigned lo, unsigned hi) {
     if (!t.open.empty()) fail("cp.async copies issued but never committed when the thread exited");
     for (const auto& g : t.groups)
       if (!g.empty()) fail("cp.async copies still in flight when the thread exited");
+    sm90_thread_exit(t);
   } catch (const std::exception& e) {
     if (s.error.empty()) s.error = e.what();
   }
@@ -353,7 +363,8 @@ inline void run_cta() {
   }
   for (Warp& w : s.warps) w = Warp{};
   s.barrier_arrived = 0;
-  std::memset(cuda::smem_raw, 0xff, kSharedCapacity);  // NaN in fp16, bf16 and fp32
+  std::memset(cuda::smem_raw, 0xff, s.smem_bytes);  // NaN in fp16, bf16 and fp32; bytes past it fail bounds checks
+  sm90_begin_cta();
   std::vector<int> order(s.nthreads);
   for (int i = 0; i < s.nthreads; ++i) order[i] = s.options.order == 1 ? s.nthreads - 1 - i : i;
   for (;;) {
@@ -370,15 +381,23 @@ inline void run_cta() {
       ran = true;
       if (!s.error.empty()) throw std::runtime_error(s.error);
     }
-    if (all_done) break;
+    if (all_done) {
+      sm90_end_cta();
+      break;
+    }
     if (!ran) {
-      int at_barrier = 0, at_warp = 0;
+      int at_barrier = 0, at_warp = 0, at_warpgroup = 0, at_mbarrier = 0;
+      std::string bars;
       for (const Thread& t : s.threads) {
         at_barrier += t.wait == Wait::kBarrier;
         at_warp += t.wait == Wait::kWarp;
+        at_warpgroup += t.wait == Wait::kWarpgroup;
+        if (t.wait == Wait::kMbarrier && at_mbarrier++ < 4)
+          bars += " thread " + std::to_string(t.linear) + " on " + std::to_string(t.wait_bar) + ";";
       }
       fail("deadlock: " + std::to_string(at_barrier) + " threads wait at __syncthreads, " + std::to_string(at_warp) +
-           " at warp-wide instructions, the others exited");
+           " at warp-wide instructions, " + std::to_string(at_warpgroup) + " at warpgroup-wide instructions, " +
+           std::to_string(at_mbarrier) + " threads wait on mbarriers (" + bars + " ...), the others exited");
     }
   }
   ++s.stats.ctas;
