@@ -40,9 +40,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr uint32_t kQColBlock = kBlockM * kRowBytes;
   constexpr uint32_t kKVColBlock = kBlockN * kRowBytes;
 
-  extern __shared__ __align__(1024) unsigned char smem_sm90[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // aligned up to 1024 below
   // TMA's 128-byte swizzle and the descriptors assume 1024-byte-aligned atoms
-  const uint32_t sQ = (smem_addr(smem_sm90) + 1023u) & ~1023u;
+  const uint32_t sQ = (smem_addr(smem_raw) + 1023u) & ~1023u;
   const uint32_t sK = sQ + Cfg::kQBytes;
   const uint32_t sV = sK + kStages * Cfg::kKVBytes;
   const uint32_t bar_q = sV + kStages * Cfg::kKVBytes;
