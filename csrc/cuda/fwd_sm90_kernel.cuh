@@ -18,14 +18,10 @@
 #include <type_traits>
 
 #include "fwd_kernel.cuh"
-#include "ptx_sm90.cuh"
+#include "sm90_tile.cuh"
 
 namespace attnkern {
 namespace cuda {
-
-struct Sm90Maps {
-  TmaMap q, k, v;  // 4-D: (dim, row, head, batch), boxes of 64 columns
-};
 
 template <class Cfg, typename T>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
@@ -36,16 +32,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kNT = kBlockN / 8, kDT = kD / 8;  // n8-tiles of S and of O
   constexpr bool kBf16 = sizeof(T) == 2 && !std::is_same<T, __half>::value;
-  constexpr uint32_t kRowBytes = 128;               // one swizzled row of a 64-column block
-  constexpr uint32_t kQColBlock = kBlockM * kRowBytes;
-  constexpr uint32_t kKVColBlock = kBlockN * kRowBytes;
+  using QTile = Sm90Tile<kBlockM, Cfg::kColBlocks>;
+  using KVTile = Sm90Tile<kBlockN, Cfg::kColBlocks>;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];  // aligned up to 1024 below
   // TMA's 128-byte swizzle and the descriptors assume 1024-byte-aligned atoms
   const uint32_t sQ = (smem_addr(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sK = sQ + Cfg::kQBytes;
-  const uint32_t sV = sK + kStages * Cfg::kKVBytes;
-  const uint32_t bar_q = sV + kStages * Cfg::kKVBytes;
+  const uint32_t sK = sQ + QTile::kBytes;
+  const uint32_t sV = sK + kStages * KVTile::kBytes;
+  const uint32_t bar_q = sV + kStages * KVTile::kBytes;
   auto bar_k_full = [&](int s) { return bar_q + 8u * (1 + s); };
   auto bar_v_full = [&](int s) { return bar_q + 8u * (1 + kStages + s); };
   auto bar_empty = [&](int s) { return bar_q + 8u * (1 + 2 * kStages + s); };
@@ -85,22 +80,17 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   if (warpgroup == 0) {
     setmaxnreg_dec<24>();
     if (tid != 0 || n_blocks == 0) return;
-    mbar_arrive_expect_tx(bar_q, Cfg::kQBytes);
-    for (int c = 0; c < Cfg::kColBlocks; ++c)
-      tma_load_4d(sQ + c * kQColBlock, maps.q, bar_q, 64 * c, static_cast<int32_t>(row0), hq, static_cast<int32_t>(b));
+    mbar_arrive_expect_tx(bar_q, QTile::kBytes);
+    QTile::load(sQ, maps.q, bar_q, row0, hq, b);
     for (int64_t it = 0; it < n_blocks; ++it) {
       const int s = static_cast<int>(it % kStages);
       // stage s is free once every consumer thread released its previous use
       if (it >= kStages) mbar_wait(bar_empty(s), static_cast<uint32_t>((it / kStages - 1) & 1));
-      const int32_t key0 = static_cast<int32_t>(key_first + it * kBlockN);
-      mbar_arrive_expect_tx(bar_k_full(s), Cfg::kKVBytes);
-      for (int c = 0; c < Cfg::kColBlocks; ++c)
-        tma_load_4d(sK + s * Cfg::kKVBytes + c * kKVColBlock, maps.k, bar_k_full(s), 64 * c, key0, hkv,
-                    static_cast<int32_t>(b));
-      mbar_arrive_expect_tx(bar_v_full(s), Cfg::kKVBytes);
-      for (int c = 0; c < Cfg::kColBlocks; ++c)
-        tma_load_4d(sV + s * Cfg::kKVBytes + c * kKVColBlock, maps.v, bar_v_full(s), 64 * c, key0, hkv,
-                    static_cast<int32_t>(b));
+      const int64_t key0 = key_first + it * kBlockN;
+      mbar_arrive_expect_tx(bar_k_full(s), KVTile::kBytes);
+      KVTile::load(sK + s * KVTile::kBytes, maps.k, bar_k_full(s), key0, hkv, b);
+      mbar_arrive_expect_tx(bar_v_full(s), KVTile::kBytes);
+      KVTile::load(sV + s * KVTile::kBytes, maps.v, bar_v_full(s), key0, hkv, b);
     }
     return;
   }
@@ -126,7 +116,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   float(&acc_o_flat)[kD / 2] = *reinterpret_cast<float(*)[kD / 2]>(&acc_o[0][0]);
 
   if (n_blocks > 0) mbar_wait(bar_q, 0);
-  const uint32_t sQ_wg = sQ + consumer * 64 * kRowBytes;  // rows 64 * consumer .. + 63 of each column block
   for (int64_t it = 0; it < n_blocks; ++it) {
     const int s = static_cast<int>(it % kStages);
     const uint32_t phase = static_cast<uint32_t>((it / kStages) & 1);
@@ -140,18 +129,15 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
     const bool edge = key0 + kBlockN > p.len_k || !band.tile_full(wg_lo, wg_hi, key0, key0 + kBlockN);
 
-    // S = Q K^T: k-steps of 16 columns; within a 128-byte swizzled row a step is 32 bytes
+    // S = Q K^T over the head dim in k-steps of 16
     float acc_s[kNT][4];
     float(&acc_s_flat)[kBlockN / 2] = *reinterpret_cast<float(*)[kBlockN / 2]>(&acc_s[0][0]);
-    const uint32_t sK_s = sK + s * Cfg::kKVBytes;
+    const uint32_t sK_s = sK + s * KVTile::kBytes;
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      const uint32_t col = (kk % 4) * 32;
-      const uint64_t da = gmma_desc_sw128(sQ_wg + (kk / 4) * kQColBlock + col, 16, 1024);
-      const uint64_t db = gmma_desc_sw128(sK_s + (kk / 4) * kKVColBlock + col, 16, 1024);
-      wgmma_ss<kBlockN, kBf16>(acc_s_flat, da, db, kk > 0);
-    }
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_ss<kBlockN, kBf16>(acc_s_flat, QTile::k_major(sQ, 64 * consumer, kk), KVTile::k_major(sK_s, 0, kk),
+                               kk > 0);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(acc_s_flat);
@@ -193,20 +179,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       row_sum[h] += sum;  // per-thread partial; the quad's sum is taken once at the end
     }
 
-    // O += P V: P's fragments come straight from the S accumulators; V is read MN-major, 16
-    // keys (two groups of 8 swizzled 128-byte rows) per k-step
+    // O += P V: P's fragments come straight from the S accumulators; V is read MN-major
     uint32_t pa[kBlockN / 16][4];
 #pragma unroll
     for (int k2 = 0; k2 < kBlockN / 16; ++k2) acc_to_a<T>(pa[k2], acc_s[2 * k2], acc_s[2 * k2 + 1]);
     mbar_wait(bar_v_full(s), phase);
-    const uint32_t sV_s = sV + s * Cfg::kKVBytes;
+    const uint32_t sV_s = sV + s * KVTile::kBytes;
     fence_operands(acc_o_flat);
     wgmma_fence();
 #pragma unroll
-    for (int k2 = 0; k2 < kBlockN / 16; ++k2) {
-      const uint64_t dv = gmma_desc_sw128(sV_s + k2 * 2 * 1024, kKVColBlock, 1024);
-      wgmma_rs<kD, kBf16>(acc_o_flat, pa[k2], dv, true);
-    }
+    for (int k2 = 0; k2 < kBlockN / 16; ++k2) wgmma_rs<kD, kBf16>(acc_o_flat, pa[k2], KVTile::mn_major(sV_s, k2), true);
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(acc_o_flat);
