@@ -149,7 +149,7 @@ def test_sass_has_tensor_core_code_for_every_arch():
     assert wanted <= set(report), f"archs in the binary {sorted(report)}, build list {sorted(wanted)}"
     assert check_sass.check(report) == []
     hopper = [c for name, c in report.get("sm_90a", {}).items() if check_sass.is_sm90_kernel(name)]
-    assert len(hopper) == len(ops._C_cuda.sm90_instances())  # one wgmma forward per (bucket, dtype) built
+    assert len(hopper) == 3 * len(ops._C_cuda.sm90_instances())  # forward, dK/dV, dQ per (bucket, dtype)
     assert all(c["HGMMA"] > 0 and c["UTMALDG"] > 0 for c in hopper)
 
 
@@ -355,12 +355,13 @@ WGMMA_CASES = [
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("case", WGMMA_CASES, ids=lambda c: c.id)
-def test_emulated_wgmma_forward(wgmma, case, dtype, seed):
-    """The wgmma forward against the float64 reference, with its output then fed to the sm80
-    backward; the counters show the forward ran wgmma and no mma.sync."""
+def test_emulated_wgmma_parity(wgmma, case, dtype, seed):
+    """The Hopper forward and backward against the float64 reference; the counters show that
+    both ran wgmma and no mma.sync."""
     bottom_right = case.id == "causal-l<s"
-    fwd, _ = emulate(wgmma, case, dtype, seed, bottom_right=bottom_right, backward=case.id in ("d64", "window"))
+    fwd, bwd = emulate(wgmma, case, dtype, seed, bottom_right=bottom_right)
     assert fwd["wgmma"] > 0 and fwd["mma"] == 0, fwd
+    assert bwd["wgmma"] > 0 and bwd["mma"] == 0, bwd
 
 
 @pytest.mark.parametrize("late_copies,order", [(False, 0), (True, 1), (False, 2), (True, 2)])
@@ -371,15 +372,15 @@ def test_emulated_wgmma_under_other_timings(wgmma, late_copies, order, seed):
     assert fwd["wgmma"] > 0
 
 
-@pytest.mark.parametrize("what", ["mask", "dropout", "decode", "head_dim_96", "switched_off", "sm80_device"])
+@pytest.mark.parametrize("what", ["mask", "dropout", "decode", "head_dim_160", "switched_off", "sm80_device"])
 def test_emulated_wgmma_leaves_the_rest_to_sm80(wgmma, monkeypatch, what, seed):
-    """Masks, dropout, decoding and buckets without a wgmma kernel run the sm80 kernels, as does
+    """Masks, dropout, decoding (forward) and head dims past 128 run the sm80 kernels, as does
     everything when the switch is off or the device is not compute capability 9.0."""
     case = {
         "mask": Case(mask="bool", len_q=70, len_k=90, id=""),
         "dropout": Case(dropout_p=0.2, len_q=70, len_k=90, id=""),
         "decode": Case(len_q=4, len_k=300, heads_q=4, heads_kv=1, id=""),
-        "head_dim_96": Case(head_dim=96, len_q=70, len_k=90, id=""),
+        "head_dim_160": Case(head_dim=160, len_q=70, len_k=90, id=""),
     }.get(what, Case(len_q=70, len_k=90, id=""))
     if what == "switched_off":
         monkeypatch.setenv("ATTNKERN_CUDA_WGMMA", "0")
@@ -521,13 +522,15 @@ def _kernel_names(fn):
     Case(batch=2, heads_q=16, heads_kv=2, len_q=2048, len_k=2048, head_dim=128, causal=True, id="2k-causal"),
     Case(batch=1, heads_q=8, heads_kv=8, len_q=4096, len_k=4096, head_dim=64, window=(1023, 0), id="4k-window"),
 ], ids=lambda c: c.id)
-def test_gpu_wgmma_forward(monkeypatch, case, dtype, seed):
-    """The Hopper forward (ATTNKERN_CUDA_WGMMA=1) on the device against the float64 reference,
-    and the profiler shows that fwd_sm90_kernel, not the sm80 kernel, ran."""
+def test_gpu_wgmma_parity(monkeypatch, case, dtype, seed):
+    """The Hopper kernels (ATTNKERN_CUDA_WGMMA=1) on the device against the float64 reference,
+    forward and backward, and the profiler shows that they, not the sm80 kernels, ran."""
     monkeypatch.setenv("ATTNKERN_CUDA_WGMMA", "1")
     require_served(case, dtype)
     names = _kernel_names(lambda: run_case(case, dtype, "cuda", seed, device="cuda"))
-    assert any("fwd_sm90_kernel" in n for n in names), sorted(names)
+    for kernel in ("fwd_sm90_kernel", "bwd_kv_sm90_kernel", "bwd_q_sm90_kernel"):
+        assert any(kernel in n for n in names), (kernel, sorted(names))
+    assert not any("fwd_kernel" in n.split("<")[0] or "bwd_q_kernel" in n for n in names), sorted(names)
 
 
 @gpu

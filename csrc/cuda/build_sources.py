@@ -29,10 +29,13 @@ PASSES = {
     "fwd": ("launch_fwd.cuh", "run_fwd", "register_forward"),
     "bwd": ("launch_bwd.cuh", "run_bwd", "register_backward"),
 }
-# The Hopper wgmma/TMA forward (fwd_sm90_kernel.cuh): its own instantiation files, compiled only
+# The Hopper wgmma/TMA kernels (fwd_sm90_kernel.cuh, bwd_sm90_kernel.cuh): their own instantiation files, compiled only
 # when TORCH_CUDA_ARCH_LIST holds 9.0a (wgmma exists only there), for these head-dim buckets.
 SM90_HEAD_DIMS = (64, 128)
-SM90_PASS = ("launch_fwd_sm90.cuh", "run_fwd_sm90", "register_forward_sm90")
+SM90_PASSES = {
+    "fwd": ("launch_fwd_sm90.cuh", "run_fwd_sm90", "register_forward_sm90"),
+    "bwd": ("launch_bwd_sm90.cuh", "run_bwd_sm90", "register_backward_sm90"),
+}
 SM90_ARCH = "9.0a"
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMMON_SOURCES = ("bindings_cuda.cpp", "dispatch.cu", "tma_map.cpp")
@@ -86,7 +89,7 @@ def instantiation_files() -> Dict[str, str]:
     """Every instantiation file (name -> text), whatever the environment selects."""
     files = {}
     jobs = [(kind, pass_, HEAD_DIMS, arch) for arch in ARCH_FAMILIES for kind, pass_ in PASSES.items()]
-    jobs.append(("fwd", SM90_PASS, SM90_HEAD_DIMS, "sm90"))
+    jobs += [(kind, pass_, SM90_HEAD_DIMS, "sm90") for kind, pass_ in SM90_PASSES.items()]
     for kind, (header, launcher, register), head_dims, arch in jobs:
         for head_dim in head_dims:
             for dtype, (ctype, dtype_enum) in DTYPES.items():
@@ -153,9 +156,10 @@ def sources(root: str) -> List[str]:
                 for dtype in selected_dtypes():
                     out.append(os.path.join(cuda_dir, "instantiations", instantiation_name(kind, head_dim, dtype, arch)))
     if builds_sm90():
-        for head_dim in (h for h in SM90_HEAD_DIMS if h in selected_head_dims()):
-            for dtype in selected_dtypes():
-                out.append(os.path.join(cuda_dir, "instantiations", instantiation_name("fwd", head_dim, dtype, "sm90")))
+        for kind in SM90_PASSES:
+            for head_dim in (h for h in SM90_HEAD_DIMS if h in selected_head_dims()):
+                for dtype in selected_dtypes():
+                    out.append(os.path.join(cuda_dir, "instantiations", instantiation_name(kind, head_dim, dtype, "sm90")))
     missing = [p for p in out if not os.path.exists(os.path.join(root, p))]
     if missing:
         raise FileNotFoundError(f"CUDA sources missing (run python csrc/cuda/build_sources.py --write): {missing}")

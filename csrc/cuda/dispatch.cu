@@ -15,7 +15,8 @@ namespace {
 struct Launchers {
   FwdLauncher fwd = nullptr;
   BwdLauncher bwd = nullptr;
-  Sm90FwdLauncher fwd_sm90 = nullptr;
+  Sm90Launcher fwd_sm90 = nullptr;
+  Sm90Launcher bwd_sm90 = nullptr;
 };
 
 // ordered by (head dim, dtype): bucket search walks head dims upwards
@@ -66,15 +67,20 @@ bool register_backward(int head_dim, DType dtype, BwdLauncher launcher) {
   return true;
 }
 
-bool register_forward_sm90(int head_dim, DType dtype, Sm90FwdLauncher launcher) {
+bool register_forward_sm90(int head_dim, DType dtype, Sm90Launcher launcher) {
   registry()[{head_dim, static_cast<int>(dtype)}].fwd_sm90 = launcher;
+  return true;
+}
+
+bool register_backward_sm90(int head_dim, DType dtype, Sm90Launcher launcher) {
+  registry()[{head_dim, static_cast<int>(dtype)}].bwd_sm90 = launcher;
   return true;
 }
 
 std::vector<Instance> compiled_sm90_instances() {
   std::vector<Instance> out;
   for (const auto& [key, l] : registry())
-    if (l.fwd_sm90 != nullptr) out.push_back({key.first, static_cast<DType>(key.second)});
+    if (l.fwd_sm90 != nullptr && l.bwd_sm90 != nullptr) out.push_back({key.first, static_cast<DType>(key.second)});
   return out;
 }
 
@@ -97,7 +103,7 @@ int current_device_arch() {
 }
 #endif
 
-bool wgmma_forward_enabled() {
+bool wgmma_enabled() {
   const char* flag = std::getenv("ATTNKERN_CUDA_WGMMA");
   return flag != nullptr && flag[0] == '1' && flag[1] == '\0';
 }
@@ -135,18 +141,35 @@ int decode_num_splits(const AttnParams& p, int sm_count) {
   return static_cast<int>(std::clamp<int64_t>(want, 1, most));
 }
 
+// The Hopper launcher for p, or nullptr: sm_90a code runs on compute capability 9.0 only (the
+// "a" features are not forward-compatible), and its kernels take no mask or dropout. Head dims
+// go to the smallest Hopper bucket that holds them, which may be larger than the sm80 one.
+Sm90Launcher hopper_launcher(const AttnParams& p, bool backward) {
+  if (p.mask_kind != MaskKind::kNone || p.dropout_p != 0.f || !wgmma_enabled() || current_device_arch() != 90)
+    return nullptr;
+  const int64_t need = std::max(p.head_dim, p.head_dim_v);
+  for (const Instance& inst : compiled_sm90_instances())
+    if (inst.dtype == p.dtype && inst.head_dim >= need) {
+      const Launchers l = find(inst.head_dim, inst.dtype);
+      return backward ? l.bwd_sm90 : l.fwd_sm90;
+    }
+  return nullptr;
+}
+
 cudaError_t forward(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
-  const Launchers l = find(head_dim_bucket(p.head_dim, p.head_dim_v, p.dtype), p.dtype);
-  // sm_90a code runs on compute capability 9.0 only (the "a" features are not forward-compatible)
-  if (l.fwd_sm90 != nullptr && !takes_decode_path(p) && p.mask_kind == MaskKind::kNone && p.dropout_p == 0.f &&
-      wgmma_forward_enabled() && current_device_arch() == 90) {
-    const cudaError_t err = l.fwd_sm90(p, stream);
+  if (const Sm90Launcher hopper = takes_decode_path(p) ? nullptr : hopper_launcher(p, false)) {
+    const cudaError_t err = hopper(p, stream);
     if (err != cudaErrorNotSupported) return err;
   }
+  const Launchers l = find(head_dim_bucket(p.head_dim, p.head_dim_v, p.dtype), p.dtype);
   return l.fwd == nullptr ? cudaErrorInvalidValue : l.fwd(p, split, stream);
 }
 
 cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
+  if (const Sm90Launcher hopper = hopper_launcher(p, true)) {
+    const cudaError_t err = hopper(p, stream);
+    if (err != cudaErrorNotSupported) return err;
+  }
   const Launchers l = find(head_dim_bucket(p.head_dim, p.head_dim_v, p.dtype), p.dtype);
   return l.bwd == nullptr ? cudaErrorInvalidValue : l.bwd(p, stream);
 }

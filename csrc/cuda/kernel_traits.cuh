@@ -200,5 +200,44 @@ struct FwdSm90Traits<128> {
   using Cfg = FwdSm90Config<128, 128, 2>;
 };
 
+
+// Hopper backward (bwd_sm90_kernel.cuh): like the forward, a producer warpgroup and two
+// consumer warpgroups of 64 rows. A CTA owns 128 rows of two tensors, loaded once (the dK/dV
+// pass: K and V of 128 keys; the dQ pass: Q and dO of 128 queries), and streams blocks of
+// kStreamRows rows of the two others (Q and dO; K and V) through kStages stages. Every operand
+// fits wgmma's N of 64 or 128, and each consumer thread holds at most two 64 x kStreamRows
+// score tiles plus its two (or one) 64 x kD gradient accumulators.
+template <int kD_, int kStreamRows_, int kStages_>
+struct BwdSm90Config {
+  static constexpr int kD = kD_;
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kOwnRows = 64 * kConsumers;
+  static constexpr int kStreamRows = kStreamRows_;
+  static constexpr int kStages = kStages_;
+  static constexpr int kColBlocks = kD / 64;
+  static constexpr int kOwnBytes = kOwnRows * kD * 2;        // one of the two owned tensors
+  static constexpr int kStreamBytes = kStreamRows * kD * 2;  // one of the two streamed tensors, one stage
+  static constexpr int kBarrierBytes = 8 * (1 + 3 * kStages);
+  static constexpr int kSmemBytes = 1024 + 2 * kOwnBytes + 2 * kStages * kStreamBytes + kBarrierBytes;
+  static_assert(kD % 64 == 0, "rows are whole 128-byte swizzle rows");
+  static_assert(kStreamRows == 64 || kStreamRows == 128, "a streamed block is one wgmma N");
+  static_assert(kStages >= 2, "the ring needs two stages");
+  static_assert(kSmemBytes <= kMaxSmemBytesSm90, "shared memory budget");
+};
+
+template <int kD>
+struct BwdSm90Traits;
+template <>
+struct BwdSm90Traits<64> {
+  using KV = BwdSm90Config<64, 64, 3>;
+  using Q = BwdSm90Config<64, 128, 2>;
+};
+template <>
+struct BwdSm90Traits<128> {
+  using KV = BwdSm90Config<128, 64, 2>;
+  using Q = BwdSm90Config<128, 64, 2>;
+};
+
 }  // namespace cuda
 }  // namespace attnkern

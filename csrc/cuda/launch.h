@@ -43,14 +43,16 @@ using BwdLauncher = cudaError_t (*)(const AttnParams&, cudaStream_t);
 bool register_forward(int head_dim, DType dtype, FwdLauncher launcher);
 bool register_backward(int head_dim, DType dtype, BwdLauncher launcher);
 
-// The Hopper (wgmma/TMA) forward, compiled only into sm_90a builds. It serves the prefill path
-// without mask or dropout on compute capability 9.0 when enabled (wgmma_forward_enabled), and
-// answers cudaErrorNotSupported, launching nothing, for tensors TMA cannot describe; forward()
-// then runs the sm80 kernel. Off by default until it has run on a GPU: ATTNKERN_CUDA_WGMMA=1.
-using Sm90FwdLauncher = cudaError_t (*)(const AttnParams&, cudaStream_t);
-bool register_forward_sm90(int head_dim, DType dtype, Sm90FwdLauncher launcher);
-std::vector<Instance> compiled_sm90_instances();
-bool wgmma_forward_enabled();
+// The Hopper (wgmma/TMA) kernels, compiled only into sm_90a builds. They serve calls without
+// mask or dropout (the forward: also not the decode path) on compute capability 9.0 when enabled
+// (wgmma_enabled), and answer cudaErrorNotSupported, launching nothing, for tensors TMA cannot
+// describe; forward()/backward() then run the sm80 kernels. Off by default until they have run
+// on a GPU: ATTNKERN_CUDA_WGMMA=1.
+using Sm90Launcher = cudaError_t (*)(const AttnParams&, cudaStream_t);
+bool register_forward_sm90(int head_dim, DType dtype, Sm90Launcher launcher);
+bool register_backward_sm90(int head_dim, DType dtype, Sm90Launcher launcher);
+std::vector<Instance> compiled_sm90_instances();  // forward and backward both compiled
+bool wgmma_enabled();
 // compute capability of the current device as 10 * major + minor (80, 90, ...)
 int current_device_arch();
 

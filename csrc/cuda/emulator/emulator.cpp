@@ -14,6 +14,7 @@
 #include "../dispatch.cu"
 #include "../launch_bwd.cuh"
 #include "../launch_fwd.cuh"
+#include "../launch_bwd_sm90.cuh"
 #include "../launch_fwd_sm90.cuh"
 #include "../torch_ops.h"
 #include "runtime.h"
@@ -49,6 +50,8 @@ template <int kD>
 bool register_sm90_bucket() {
   register_forward_sm90(kD, DType::kFloat16, &run_fwd_sm90<kD, __half>);
   register_forward_sm90(kD, DType::kBFloat16, &run_fwd_sm90<kD, __nv_bfloat16>);
+  register_backward_sm90(kD, DType::kFloat16, &run_bwd_sm90<kD, __half>);
+  register_backward_sm90(kD, DType::kBFloat16, &run_bwd_sm90<kD, __nv_bfloat16>);
   return true;
 }
 #ifndef ATTNKERN_EMU_SM90

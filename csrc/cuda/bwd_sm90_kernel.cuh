@@ -1,0 +1,403 @@
+// The Hopper backward (sm_90a), deterministic and without atomics like the sm80 one
+// (bwd_kernel.cuh), with the producer/consumer warpgroups of the Hopper forward:
+//   bwd_kv_sm90_kernel  a CTA owns 128 keys of one kv head (K and V loaded once, 64 keys per
+//                       consumer warpgroup) and streams the Q and dO blocks of every query head
+//                       of the group that meet the band: S^T = K Q^T and dP^T = V dO^T by wgmma
+//                       from shared memory, P^T = exp2(S^T - lse), dS^T = P^T (dP^T - delta),
+//                       then dV += P^T dO and dK += dS^T Q by wgmma with P^T, dS^T from
+//                       registers and dO, Q read MN-major;
+//   bwd_q_sm90_kernel   a CTA owns 128 queries (Q and dO loaded once) and streams the K and V
+//                       blocks of their band: S, dP, dS as above, dQ += dS K.
+// delta = rowsum(dO * O) - dLSE comes from bwd_kernel.cuh's delta_kernel. Served: head-dim
+// buckets 64 and 128, fp16/bf16, no mask, no dropout; the rest runs the sm80 kernels.
+#pragma once
+
+#include <cmath>
+#include <type_traits>
+
+#include "bwd_kernel.cuh"
+#include "sm90_tile.cuh"
+
+namespace attnkern {
+namespace cuda {
+
+// Shared memory of a backward CTA: the two owned tiles, the two streamed tiles of every stage,
+// and the mbarriers (owned tiles landed; per stage: first and second streamed tile landed, and
+// the stage released by all 256 consumer threads).
+template <class Cfg>
+struct BwdSm90Smem {
+  using OwnTile = Sm90Tile<Cfg::kOwnRows, Cfg::kColBlocks>;
+  using StreamTile = Sm90Tile<Cfg::kStreamRows, Cfg::kColBlocks>;
+  static constexpr int kStages = Cfg::kStages;
+  uint32_t own0, own1, stream_base, bar_own;
+
+  __device__ explicit BwdSm90Smem(uint32_t base) {
+    own0 = (base + 1023u) & ~1023u;
+    own1 = own0 + OwnTile::kBytes;
+    stream_base = own1 + OwnTile::kBytes;
+    bar_own = stream_base + 2 * kStages * StreamTile::kBytes;
+  }
+  __device__ uint32_t stream0(int s) const { return stream_base + s * StreamTile::kBytes; }
+  __device__ uint32_t stream1(int s) const { return stream_base + (kStages + s) * StreamTile::kBytes; }
+  __device__ uint32_t full0(int s) const { return bar_own + 8u * (1 + s); }
+  __device__ uint32_t full1(int s) const { return bar_own + 8u * (1 + kStages + s); }
+  __device__ uint32_t empty(int s) const { return bar_own + 8u * (1 + 2 * kStages + s); }
+
+  __device__ void init_barriers() const {
+    mbar_init(bar_own, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full0(s), 1);
+      mbar_init(full1(s), 1);
+      mbar_init(empty(s), 128 * Cfg::kConsumers);
+    }
+    fence_barrier_init();
+  }
+
+  // The producer thread: the owned tiles at (own_row, own_head), then for iteration it the
+  // streamed tiles at stream_at(it) = (row, head) into stage it % kStages, once it is free.
+  template <class StreamAt>
+  __device__ void produce(const TmaMap& own0_map, const TmaMap& own1_map, int64_t own_row, int own_head,
+                          const TmaMap& stream0_map, const TmaMap& stream1_map, int64_t n_iters, int64_t batch,
+                          StreamAt stream_at) const {
+    mbar_arrive_expect_tx(bar_own, 2 * OwnTile::kBytes);
+    OwnTile::load(own0, own0_map, bar_own, own_row, own_head, batch);
+    OwnTile::load(own1, own1_map, bar_own, own_row, own_head, batch);
+    for (int64_t it = 0; it < n_iters; ++it) {
+      const int s = static_cast<int>(it % kStages);
+      if (it >= kStages) mbar_wait(empty(s), static_cast<uint32_t>((it / kStages - 1) & 1));
+      int64_t row;
+      int head;
+      stream_at(it, row, head);
+      mbar_arrive_expect_tx(full0(s), StreamTile::kBytes);
+      StreamTile::load(stream0(s), stream0_map, full0(s), row, head, batch);
+      mbar_arrive_expect_tx(full1(s), StreamTile::kBytes);
+      StreamTile::load(stream1(s), stream1_map, full1(s), row, head, batch);
+    }
+  }
+};
+
+#if !defined(ATTNKERN_CUDA_EMULATOR) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ATTNKERN_SM90_BODY 0  // built for an arch without wgmma: the kernels trap, and are never launched
+#else
+#define ATTNKERN_SM90_BODY 1
+#endif
+
+template <class Cfg, typename T>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    bwd_kv_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90Maps maps) {
+#if !ATTNKERN_SM90_BODY
+  __trap();
+#else
+  using Smem = BwdSm90Smem<Cfg>;
+  using OwnTile = typename Smem::OwnTile;
+  using StreamTile = typename Smem::StreamTile;
+  constexpr int kD = Cfg::kD, kStages = Cfg::kStages, kM = Cfg::kStreamRows;  // kM queries per stage
+  constexpr int kNT = kM / 8, kDT = kD / 8;
+  constexpr bool kBf16 = !std::is_same<T, __half>::value;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // aligned up to 1024 by Smem
+  const Smem sm(smem_addr(smem_raw));
+  const int tid = threadIdx.x, warpgroup = tid / 128;
+  const int64_t b = blockIdx.z;
+  const int hkv = blockIdx.y;
+  const int group = static_cast<int>(p.heads_q / p.heads_kv);
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::kOwnRows;
+  const ScoreRules<false> rules(p);
+  const Band& band = rules.band;
+
+  // query blocks meeting the band of keys [n0, n_end), for each query head of the group
+  const int64_t n_end = min(n0 + Cfg::kOwnRows, p.len_k);
+  const int64_t rows_lo = band.rows_lo(n0, p.len_q), rows_hi = band.rows_hi(n_end, p.len_q);
+  int64_t m_first = 0, n_mblocks = 0;
+  if (rows_hi > rows_lo) {
+    m_first = rows_lo / kM * kM;
+    n_mblocks = (rows_hi - m_first + kM - 1) / kM;
+  }
+  const int64_t n_iters = group * n_mblocks;
+  auto stream_at = [&](int64_t it, int64_t& m0, int& hq) {
+    hq = hkv * group + static_cast<int>(it / n_mblocks);
+    m0 = m_first + (it % n_mblocks) * kM;
+  };
+
+  if (tid == 0) sm.init_barriers();
+  __syncthreads();  // the last CTA-wide barrier: producer threads leave early below
+  if (warpgroup == 0) {
+    setmaxnreg_dec<24>();
+    if (tid == 0 && n_iters > 0) sm.produce(maps.k, maps.v, n0, hkv, maps.q, maps.dout, n_iters, b, stream_at);
+    return;
+  }
+
+  setmaxnreg_inc<240>();
+  const int consumer = warpgroup - 1;
+  const int lane = tid & 31, warp = (tid % 128) / 32;
+  const int64_t wj0 = n0 + 64 * consumer;  // this warpgroup's first key
+  const int64_t wj_lo = min(wj0, p.len_k), wj_hi = min(wj0 + 64, p.len_k);
+  const bool wg_has_keys = wj_hi > wj_lo;
+  const int64_t wg_rows_lo = wg_has_keys ? band.rows_lo(wj_lo, p.len_q) : 0;
+  const int64_t wg_rows_hi = wg_has_keys ? band.rows_hi(wj_hi, p.len_q) : 0;
+  int64_t key_j[2];  // this thread's keys: fragment rows g and g + 8 of its warp
+  for (int h = 0; h < 2; ++h) key_j[h] = wj0 + 16 * warp + (lane >> 2) + 8 * h;
+
+  float acc_dk[kDT][4], acc_dv[kDT][4];
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[dt][e] = acc_dv[dt][e] = 0.f;
+  float(&dk_flat)[kD / 2] = *reinterpret_cast<float(*)[kD / 2]>(&acc_dk[0][0]);
+  float(&dv_flat)[kD / 2] = *reinterpret_cast<float(*)[kD / 2]>(&acc_dv[0][0]);
+
+  if (n_iters > 0) mbar_wait(sm.bar_own, 0);
+  for (int64_t it = 0; it < n_iters; ++it) {
+    const int s = static_cast<int>(it % kStages);
+    const uint32_t phase = static_cast<uint32_t>((it / kStages) & 1);
+    int64_t m0;
+    int hq;
+    stream_at(it, m0, hq);
+    const int64_t m_end = min(m0 + kM, p.len_q);
+    mbar_wait(sm.full0(s), phase);
+    if (!wg_has_keys || max(wg_rows_lo, m0) >= min(wg_rows_hi, m_end)) {
+      mbar_wait(sm.full1(s), phase);  // a stage is released only once seen full
+      mbar_arrive(sm.empty(s));
+      continue;
+    }
+    const bool edge = wj0 + 64 > p.len_k || !band.tile_full(m0, m_end, wj0, wj0 + 64);
+
+    // S^T = K Q^T, then dP^T = V dO^T, both in flight while P^T is formed
+    float st[kNT][4], dpt[kNT][4];
+    float(&st_flat)[kM / 2] = *reinterpret_cast<float(*)[kM / 2]>(&st[0][0]);
+    float(&dpt_flat)[kM / 2] = *reinterpret_cast<float(*)[kM / 2]>(&dpt[0][0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_ss<kM, kBf16>(st_flat, OwnTile::k_major(sm.own0, 64 * consumer, kk), StreamTile::k_major(sm.stream0(s), 0, kk),
+                          kk > 0);
+    wgmma_commit();
+    mbar_wait(sm.full1(s), phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_ss<kM, kBf16>(dpt_flat, OwnTile::k_major(sm.own1, 64 * consumer, kk),
+                          StreamTile::k_major(sm.stream1(s), 0, kk), kk > 0);
+    wgmma_commit();
+
+    const int64_t row_base = (b * p.heads_q + hq) * p.len_q + m0;  // lse/delta index of query m0
+    wgmma_wait<1>();
+    fence_operands(st_flat);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int lo = 0, hi = kM;
+      if (edge) rules.key_window(key_j[h], m0, kM, lo, hi);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = nt * 8 + 2 * (lane & 3) + c;
+          float& x = st[nt][2 * h + c];
+          x = exp2f(rules(x, col, lo, hi, edge, 0, 0) - backward_lse_log2(p.lse, row_base + col, m0 + col < p.len_q));
+        }
+    }
+    wgmma_wait<0>();
+    fence_operands(dpt_flat);
+    // dS^T = P^T (dP^T - delta); the softmax scale is applied to dK once at the end
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * (lane & 3) + (e & 1);
+        dpt[nt][e] = st[nt][e] * (dpt[nt][e] - (m0 + col < p.len_q ? p.delta[row_base + col] : 0.f));
+      }
+    uint32_t pa[kM / 16][4], dsa[kM / 16][4];
+#pragma unroll
+    for (int k2 = 0; k2 < kM / 16; ++k2) {
+      acc_to_a<T>(pa[k2], st[2 * k2], st[2 * k2 + 1]);
+      acc_to_a<T>(dsa[k2], dpt[2 * k2], dpt[2 * k2 + 1]);
+    }
+    // dV += P^T dO and dK += dS^T Q: dO and Q read MN-major (the queries are the reduction)
+    fence_operands(dv_flat);
+    fence_operands(dk_flat);
+    wgmma_fence();
+#pragma unroll
+    for (int k2 = 0; k2 < kM / 16; ++k2) wgmma_rs<kD, kBf16>(dv_flat, pa[k2], StreamTile::mn_major(sm.stream1(s), k2), true);
+#pragma unroll
+    for (int k2 = 0; k2 < kM / 16; ++k2) wgmma_rs<kD, kBf16>(dk_flat, dsa[k2], StreamTile::mn_major(sm.stream0(s), k2), true);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(dv_flat);
+    fence_operands(dk_flat);
+    mbar_arrive(sm.empty(s));  // every product has read stage s
+  }
+
+  // every key of the CTA gets its rows written, zeros where no query attends it
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t j = key_j[h];
+    if (j >= p.len_k) continue;
+    T* const dk_row = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1] + j * p.dk_stride[2];
+    T* const dv_row = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1] + j * p.dv_stride[2];
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      const int col = dt * 8 + 2 * (lane & 3);
+      if (col < p.head_dim)
+        *reinterpret_cast<uint32_t*>(dk_row + col) =
+            Elem<T>::pack(acc_dk[dt][2 * h] * p.scale, acc_dk[dt][2 * h + 1] * p.scale);
+      if (col < p.head_dim_v)
+        *reinterpret_cast<uint32_t*>(dv_row + col) = Elem<T>::pack(acc_dv[dt][2 * h], acc_dv[dt][2 * h + 1]);
+    }
+  }
+#endif
+}
+
+template <class Cfg, typename T>
+__global__ void __launch_bounds__(Cfg::kThreads, 1)
+    bwd_q_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90Maps maps) {
+#if !ATTNKERN_SM90_BODY
+  __trap();
+#else
+  using Smem = BwdSm90Smem<Cfg>;
+  using OwnTile = typename Smem::OwnTile;
+  using StreamTile = typename Smem::StreamTile;
+  constexpr int kD = Cfg::kD, kStages = Cfg::kStages, kN = Cfg::kStreamRows;  // kN keys per stage
+  constexpr int kNT = kN / 8, kDT = kD / 8;
+  constexpr bool kBf16 = !std::is_same<T, __half>::value;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const Smem sm(smem_addr(smem_raw));
+  const int tid = threadIdx.x, warpgroup = tid / 128;
+  const int64_t b = blockIdx.z;
+  const int hq = blockIdx.y;
+  const int hkv = hq / static_cast<int>(p.heads_q / p.heads_kv);
+  // the last query blocks meet the most keys under a causal band: start them first
+  const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * Cfg::kOwnRows;
+  const ScoreRules<false> rules(p);
+  const Band& band = rules.band;
+
+  int64_t key_first = 0, n_blocks = 0;
+  {
+    const int64_t lo = band.range_lo(m0), hi = band.range_hi(min(m0 + Cfg::kOwnRows, p.len_q));
+    if (hi > lo) {
+      key_first = lo / kN * kN;
+      n_blocks = (hi - key_first + kN - 1) / kN;
+    }
+  }
+
+  if (tid == 0) sm.init_barriers();
+  __syncthreads();
+  if (warpgroup == 0) {
+    setmaxnreg_dec<24>();
+    if (tid == 0 && n_blocks > 0)
+      sm.produce(maps.q, maps.dout, m0, hq, maps.k, maps.v, n_blocks, b, [&](int64_t it, int64_t& row, int& head) {
+        row = key_first + it * kN;
+        head = hkv;
+      });
+    return;
+  }
+
+  setmaxnreg_inc<240>();
+  const int consumer = warpgroup - 1;
+  const int lane = tid & 31, warp = (tid % 128) / 32;
+  const int64_t wm0 = m0 + 64 * consumer;
+  const int64_t wm_lo = min(wm0, p.len_q), wm_hi = min(wm0 + 64, p.len_q);
+  const bool wg_has_rows = wm_hi > wm_lo;
+  const int64_t wg_key_lo = wg_has_rows ? band.lo(wm_lo) : 0;
+  const int64_t wg_key_hi = wg_has_rows ? band.hi(wm_hi - 1) : 0;
+  const int64_t row_base = (b * p.heads_q + hq) * p.len_q;
+  int64_t row_i[2];
+  float row_lse[2], row_delta[2];
+  for (int h = 0; h < 2; ++h) {
+    const int64_t i = wm0 + 16 * warp + (lane >> 2) + 8 * h;
+    row_i[h] = min(i, p.len_q);  // len_q: a padding row, no keys
+    row_lse[h] = backward_lse_log2(p.lse, row_base + i, i < p.len_q);
+    row_delta[h] = i < p.len_q ? p.delta[row_base + i] : 0.f;
+  }
+
+  float acc_dq[kDT][4];
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dq[dt][e] = 0.f;
+  float(&dq_flat)[kD / 2] = *reinterpret_cast<float(*)[kD / 2]>(&acc_dq[0][0]);
+
+  if (n_blocks > 0) mbar_wait(sm.bar_own, 0);
+  for (int64_t it = 0; it < n_blocks; ++it) {
+    const int s = static_cast<int>(it % kStages);
+    const uint32_t phase = static_cast<uint32_t>((it / kStages) & 1);
+    const int64_t key0 = key_first + it * kN;
+    mbar_wait(sm.full0(s), phase);
+    if (!wg_has_rows || key0 >= p.len_k || key0 + kN <= wg_key_lo || key0 >= wg_key_hi) {
+      mbar_wait(sm.full1(s), phase);
+      mbar_arrive(sm.empty(s));
+      continue;
+    }
+    const bool edge = key0 + kN > p.len_k || !band.tile_full(wm_lo, wm_hi, key0, key0 + kN);
+
+    // S = Q K^T, then dP = dO V^T, both in flight while P is formed
+    float sc[kNT][4], dp[kNT][4];
+    float(&sc_flat)[kN / 2] = *reinterpret_cast<float(*)[kN / 2]>(&sc[0][0]);
+    float(&dp_flat)[kN / 2] = *reinterpret_cast<float(*)[kN / 2]>(&dp[0][0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_ss<kN, kBf16>(sc_flat, OwnTile::k_major(sm.own0, 64 * consumer, kk), StreamTile::k_major(sm.stream0(s), 0, kk),
+                          kk > 0);
+    wgmma_commit();
+    mbar_wait(sm.full1(s), phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_ss<kN, kBf16>(dp_flat, OwnTile::k_major(sm.own1, 64 * consumer, kk), StreamTile::k_major(sm.stream1(s), 0, kk),
+                          kk > 0);
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_operands(sc_flat);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      int lo = 0, hi = kN;
+      if (edge) rules.query_window(row_i[h], key0, kN, lo, hi);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = sc[nt][2 * h + c];
+          x = exp2f(rules(x, nt * 8 + 2 * (lane & 3) + c, lo, hi, edge, 0, 0) - row_lse[h]);
+        }
+    }
+    wgmma_wait<0>();
+    fence_operands(dp_flat);
+    // dS = P (dP - delta), then dQ += dS K with K read MN-major (the keys are the reduction)
+    uint32_t dsa[kN / 16][4];
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[nt][e] = sc[nt][e] * (dp[nt][e] - row_delta[e >> 1]);
+#pragma unroll
+    for (int k2 = 0; k2 < kN / 16; ++k2) acc_to_a<T>(dsa[k2], dp[2 * k2], dp[2 * k2 + 1]);
+    fence_operands(dq_flat);
+    wgmma_fence();
+#pragma unroll
+    for (int k2 = 0; k2 < kN / 16; ++k2) wgmma_rs<kD, kBf16>(dq_flat, dsa[k2], StreamTile::mn_major(sm.stream0(s), k2), true);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(dq_flat);
+    mbar_arrive(sm.empty(s));
+  }
+
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t i = row_i[h];
+    if (i >= p.len_q) continue;
+    T* const dq_row = static_cast<T*>(p.dq) + b * p.dq_stride[0] + hq * p.dq_stride[1] + i * p.dq_stride[2];
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt) {
+      const int col = dt * 8 + 2 * (lane & 3);
+      if (col < p.head_dim)
+        *reinterpret_cast<uint32_t*>(dq_row + col) =
+            Elem<T>::pack(acc_dq[dt][2 * h] * p.scale, acc_dq[dt][2 * h + 1] * p.scale);
+    }
+  }
+#endif
+}
+
+#undef ATTNKERN_SM90_BODY
+
+}  // namespace cuda
+}  // namespace attnkern
