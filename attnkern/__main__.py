@@ -97,7 +97,7 @@ def report() -> int:
         hopper = sorted({hd for hd, _ in ops._C_cuda.sm90_instances()})
         if hopper:
             state = "on" if os.environ.get("ATTNKERN_CUDA_WGMMA") == "1" else "off (ATTNKERN_CUDA_WGMMA=1 enables it)"
-            print(f"    Hopper wgmma forward: head-dim buckets {hopper}, {state}; unverified on a GPU")
+            print(f"    Hopper wgmma kernels: head-dim buckets {hopper}, {state}; unverified on a GPU")
     else:
         print(f"  cuda backend: not available ({ops.CUDA_IMPORT_ERROR})")
     print(f"  triton backend: {dispatch.CAPABILITIES['triton'].available() or 'available'}")

@@ -89,8 +89,8 @@ def _attnkern_subject(backend: str) -> Subject:
 
 
 def _wgmma_subject() -> Subject:
-    """backend="cuda" with the Hopper wgmma forward switched on (ATTNKERN_CUDA_WGMMA=1 around each
-    call: it is opt-in until verified on a GPU). Only the forward differs from attnkern-cuda."""
+    """backend="cuda" with the Hopper wgmma kernels switched on (ATTNKERN_CUDA_WGMMA=1 around each
+    call: they are opt-in until verified on a GPU)."""
     base = _attnkern_subject("cuda")
 
     def unavailable(device: str) -> Optional[str]:
@@ -100,9 +100,9 @@ def _wgmma_subject() -> Subject:
         from .. import ops
 
         if not ops._C_cuda.sm90_instances():
-            return "the CUDA extension was built without 9.0a, so without the wgmma forward"
+            return "the CUDA extension was built without 9.0a, so without the wgmma kernels"
         if torch.cuda.get_device_capability() != (9, 0):
-            return "the wgmma forward runs on compute capability 9.0 only"
+            return "the wgmma kernels run on compute capability 9.0 only"
         return None
 
     def build(case: Case, device: str) -> Fn:
@@ -121,14 +121,12 @@ def _wgmma_subject() -> Subject:
         return fn
 
     def limits(case: Case, device: str) -> Optional[str]:
-        if case.mode != "fwd":
-            return "only the forward differs from attnkern-cuda"
         if case.len_q <= 16:
             return "decoding (L <= 16) takes the split-KV kernel, as attnkern-cuda does"
         return base.limits(case, device)
 
     return dataclasses.replace(base, name="attnkern-cuda-wgmma", unavailable=unavailable, build=build, limits=limits,
-                               description="attnkern backend='cuda' with the Hopper wgmma forward (sm_90a)")
+                               description="attnkern backend='cuda' with the Hopper wgmma kernels (sm_90a)")
 
 
 # ---------------------------------------------------------------------------------------

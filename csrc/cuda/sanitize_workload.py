@@ -4,7 +4,7 @@ Covers the prefill forward (fast and masked/dropout variants), the split-KV deco
 its merge, the delta, dK/dV (both passes at head dim 256) and dQ kernels, with odd lengths,
 GQA, windows in both alignments, a broadcast float mask with its gradient, and dropout.
 On compute capability 9.0 with a 9.0a build, the fast-path calls run once more through the
-Hopper wgmma forward (ATTNKERN_CUDA_WGMMA=1; its TMA and mbarrier traffic under racecheck and
+Hopper wgmma kernels (ATTNKERN_CUDA_WGMMA=1; their TMA and mbarrier traffic under racecheck and
 synccheck). Shapes are small so the sanitizers finish in minutes. Exit status 0 if every call ran; the
 numbers are checked by tests/test_cuda.py, not here.
 """
@@ -78,7 +78,7 @@ def main() -> int:
                 continue  # served by the sm80 kernels, run above
             results = run(**kwargs)
             assert all(torch.isfinite(t).all() for t in results), f"non-finite result for {kwargs} (wgmma)"
-            print(f"ran {kwargs} with the wgmma forward")
+            print(f"ran {kwargs} with the wgmma kernels")
         del os.environ["ATTNKERN_CUDA_WGMMA"]
     return 0
 
