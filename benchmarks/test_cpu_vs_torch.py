@@ -13,6 +13,7 @@ it is recorded because it is the case where reading K and V once per kv group ma
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -47,6 +48,7 @@ def record(benchmark, ours, theirs, flops, rounds):
         tflops=flops / t_ours / 1e12,
         torch_tflops=flops / t_theirs / 1e12,
         threads=torch.get_num_threads(),
+        loadavg_1m=os.getloadavg()[0],  # other work on the machine during the run
     )
     benchmark.pedantic(ours, rounds=rounds, warmup_rounds=1)
 
