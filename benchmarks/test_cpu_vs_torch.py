@@ -7,11 +7,13 @@ attnkern (A B A B ...), so machine drift hits both alike, and records the median
 ``extra_info`` (``speedup_vs_torch`` > 1 means attnkern is faster). Targets (issue 2):
 forward fp32 B=1 H=8 L=S=2048 D=64 >= 1.0x causal and not; forward+backward L=S=1024
 causal >= 1.0x; window (255, 0) at L=S=8192 >= 15x torch given the equivalent bool mask;
-window time 8192 -> 32768 at most 4.4x.
+window time 8192 -> 32768 at most 4.4x. Decoding (L=1, S=4096, GQA 32/8, D=128) has no target;
+it is recorded because it is the case where reading K and V once per kv group matters.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -46,6 +48,7 @@ def record(benchmark, ours, theirs, flops, rounds):
         tflops=flops / t_ours / 1e12,
         torch_tflops=flops / t_theirs / 1e12,
         threads=torch.get_num_threads(),
+        loadavg_1m=os.getloadavg()[0],  # other work on the machine during the run
     )
     benchmark.pedantic(ours, rounds=rounds, warmup_rounds=1)
 
@@ -83,6 +86,21 @@ def test_forward_backward_1024_causal(benchmark):
         step(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True)),
         attention_flops(1, 8, 1024, 1024, 64, causal=True, mode="fwd+bwd"),
         rounds=7,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_gqa(benchmark, dtype):
+    torch.manual_seed(0)
+    q = torch.randn(1, 32, 1, 128, dtype=dtype)
+    k, v = (torch.randn(1, 8, 4096, 128, dtype=dtype) for _ in range(2))
+    benchmark.group = f"decode fwd {str(dtype)[6:]} B1 Hq32 Hkv8 L=1 S=4096 D128"
+    record(
+        benchmark,
+        lambda: attnkern.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu"),
+        lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
+        attention_flops(1, 32, 1, 4096, 128),
+        rounds=31,
     )
 
 

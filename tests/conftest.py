@@ -26,6 +26,7 @@ import torch
 
 import attnkern
 from attnkern import dispatch
+from attnkern._semantics import check_backend, normalize_torch_layout
 
 # relative-norm tolerance per input dtype (one place; every backend is held to it)
 TOLERANCE = {
@@ -106,6 +107,7 @@ class Case:
     head_dim_v: Optional[int] = None
     causal: bool = False
     window: Optional[Tuple[int, int]] = None
+    bottom_right: bool = False  # causal/window alignment: query i sits at key position i + S - L
     mask: Optional[str] = None  # None | "bool" | "float" | "bool-bcast" | "float-bcast"
     dropout_p: float = 0.0
     three_d: bool = False
@@ -155,6 +157,18 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu", requires_gr
     return tensors[0], tensors[1], tensors[2], mask
 
 
+def case_attention(case: Case, q, k, v, mask, backend: str):
+    """The case's attention through the public normalisation and dispatch. No public function
+    takes both a mask and the bottom-right alignment, so this calls what
+    scaled_dot_product_attention calls, with the case's alignment."""
+    q4, k4, v4, m4, problem, out_shape = normalize_torch_layout(
+        q, k, v, mask, case.dropout_p, case.causal, None, case.heads_q != case.heads_kv, case.window,
+        bottom_right=case.bottom_right,
+    )
+    out, _ = dispatch.run(problem, q4, k4, v4, m4, check_backend(backend))
+    return out.reshape(out_shape)
+
+
 def reference_forward_backward(case: Case, q, k, v, mask, grad_out, seed: int, mask_grad: bool = False):
     """float64 oracle: outputs and gradients through attnkern.reference (backend='math')."""
     q64, k64, v64 = (t.detach().double().cpu().requires_grad_(True) for t in (q, k, v))
@@ -164,10 +178,7 @@ def reference_forward_backward(case: Case, q, k, v, mask, grad_out, seed: int, m
         if m64.is_floating_point():
             m64 = m64.double().requires_grad_(mask_grad)
     torch.manual_seed(seed)
-    out = attnkern.scaled_dot_product_attention(
-        q64, k64, v64, attn_mask=m64, dropout_p=case.dropout_p, is_causal=case.causal,
-        enable_gqa=case.heads_q != case.heads_kv, window_size=case.window, backend="math",
-    )
+    out = case_attention(case, q64, k64, v64, m64, "math")
     inputs = [q64, k64, v64] + ([m64] if mask_grad else [])
     grads = torch.autograd.grad(out, inputs, grad_out.detach().double().cpu())
     return out, grads

@@ -29,7 +29,7 @@ def test_parity_subset_under_isa(isa):
         pytest.skip(f"{isa} not available on this CPU")
     assert probe.stdout.strip() == isa
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, "test_parity.py"),
-           "-k", "dense or causal or window or mask or gqa or E40 or head_dims or dropout"]
+           "-k", "dense or causal or window or mask or gqa or E40 or head_dims or dropout or decode"]
     run = subprocess.run(cmd, env={**os.environ, "ATTNKERN_CPU_ISA": isa}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout

@@ -14,6 +14,7 @@ import attnkern
 from conftest import (
     Case,
     assert_close,
+    case_attention,
     device_backends,
     make_inputs,
     reference_forward_backward,
@@ -47,6 +48,32 @@ CASES = [
     Case(layout="strided", heads_q=4, heads_kv=2, id="strided"),
     Case(head_dim=40, head_dim_v=72, id="E40-Ev72"),
 ]
+# Decoding-sized queries: the CPU forward packs the rows of all query heads of a kv head into
+# one tile (csrc/cpu/tiling.h forward_plan), and with few tiles (B * Hkv = 1 here, S > 1024)
+# splits the keys across threads. Bottom-right is the decoding alignment.
+DECODE_CASES = [
+    Case(batch=1, heads_q=32, heads_kv=8, len_q=1, len_k=301, id="L1-gqa32/8"),
+    Case(batch=1, heads_q=32, heads_kv=8, len_q=3, len_k=301, causal=True, bottom_right=True, id="L3-gqa-causal-br"),
+    Case(batch=2, heads_q=32, heads_kv=8, len_q=16, len_k=257, window=(40, 0), bottom_right=True, id="L16-gqa-win-br"),
+    Case(batch=1, heads_q=8, heads_kv=2, len_q=16, len_k=203, window=(3, 5), id="L16-gqa-win-tl"),
+    Case(batch=1, heads_q=8, heads_kv=2, len_q=3, len_k=301, causal=True, id="L3-gqa-causal-tl"),
+    Case(batch=1, heads_q=8, heads_kv=2, len_q=16, len_k=5, causal=True, bottom_right=True, id="L>S-causal-br"),
+    Case(batch=1, heads_q=8, heads_kv=1, len_q=1, len_k=1537, id="L1-mqa-split"),
+    Case(batch=1, heads_q=8, heads_kv=1, len_q=3, len_k=1537, causal=True, bottom_right=True, id="L3-mqa-split-br"),
+    Case(batch=1, heads_q=8, heads_kv=1, len_q=16, len_k=1029, window=(100, 5), bottom_right=True, id="L16-mqa-win"),
+    Case(batch=2, heads_q=4, heads_kv=4, len_q=1, len_k=77, id="L1-mha"),
+    Case(batch=1, heads_q=4, heads_kv=2, len_q=9, len_k=133, causal=True, bottom_right=True, id="L9-gqa2-unpacked"),
+    Case(batch=1, heads_q=32, heads_kv=8, len_q=3, len_k=301, mask="bool", id="L3-gqa-mask-bool"),
+    Case(batch=1, heads_q=32, heads_kv=8, len_q=1, len_k=301, mask="float-bcast", id="L1-gqa-mask-float-bcast"),
+    Case(batch=1, heads_q=8, heads_kv=2, len_q=16, len_k=150, mask="bool-bcast", window=(20, 0), bottom_right=True,
+         id="L16-gqa-mask-bool-bcast-win"),
+    Case(batch=1, heads_q=8, heads_kv=1, len_q=3, len_k=1537, mask="float", id="L3-mqa-split-mask-float"),
+    Case(batch=1, heads_q=8, heads_kv=1, len_q=3, len_k=1100, mask="bool", id="L3-mqa-split-mask-bool"),
+    Case(batch=1, heads_q=8, heads_kv=2, len_q=3, len_k=301, dropout_p=0.2, causal=True, bottom_right=True,
+         id="L3-gqa-dropout"),
+    Case(batch=1, heads_q=8, heads_kv=1, len_q=1, len_k=1537, dropout_p=0.3, id="L1-mqa-split-dropout"),
+    Case(batch=1, heads_q=8, heads_kv=2, len_q=1, len_k=301, layout="transposed", id="L1-gqa-transposed"),
+]
 HEAD_DIMS = [16, 17, 33, 40, 72, 80, 100, 128, 160, 256]
 
 
@@ -55,10 +82,7 @@ def run_case(case: Case, dtype, backend, seed, device="cpu", mask_grad=False):
     if mask_grad:
         mask.requires_grad_(True)
     torch.manual_seed(seed)
-    out = attnkern.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=case.dropout_p, is_causal=case.causal,
-        enable_gqa=case.heads_q != case.heads_kv, window_size=case.window, backend=backend,
-    )
+    out = case_attention(case, q, k, v, mask, backend)
     grad_out = torch.randn_like(out)
     inputs = [q, k, v] + ([mask] if mask_grad else [])
     grads = torch.autograd.grad(out, inputs, grad_out)
@@ -74,6 +98,13 @@ def run_case(case: Case, dtype, backend, seed, device="cpu", mask_grad=False):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_parity(case, dtype, backend, seed):
+    run_case(case, dtype, backend, seed)
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: c.id)
+def test_decode(case, dtype, backend, seed):
     run_case(case, dtype, backend, seed)
 
 

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../mask.h"
 #include "../params.h"
 
 namespace attnkern::cpu {
@@ -14,13 +15,39 @@ namespace attnkern::cpu {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockQNarrow = 16;
 
+// Query rows of one forward tile. Unpacked: tile row m is query row0 + m of head hq0.
+// Packed (decoding, GQA): the rows of all query heads of one kv group are numbered
+// x = g * len_q + i (head hq0 + g, query i), and tile row m is x = row0 + m, so the group's
+// K/V blocks are read once for all of its heads and short queries still fill a tile.
+struct RowMap {
+  int64_t hq0, row0, len_q;
+  bool packed;
+
+  // always_inline (ATTNKERN_HD): no out-of-line copy compiled for one ISA may serve another
+  ATTNKERN_HD int64_t head(int64_t m) const { return packed ? hq0 + (row0 + m) / len_q : hq0; }
+  ATTNKERN_HD int64_t query(int64_t m) const { return packed ? (row0 + m) % len_q : row0 + m; }
+};
+
+// One forward work item: `rows` rows (at most block_q) of batch b. With splits > 1 it covers
+// only key blocks [split * n / splits, (split + 1) * n / splits) of the n blocks its rows
+// meet, and writes its normalised partial output and LSE to o_part / lse_part (fp32, indexed
+// [split][(b * Hq + h) * L + i][:]) for forward_merge_splits, instead of o and lse.
+struct ForwardItem {
+  int64_t b;
+  RowMap map;
+  int64_t rows, block_q, block_k;
+  int64_t split, splits;
+  float *o_part, *lse_part;
+};
+
 struct KernelTable {
   const char* isa;
-  // Forward of query block `q_block` (rows q_block*block_q ...) of query head (b, h), with
-  // block_q kBlockQ or kBlockQNarrow: writes those rows of o and lse.
-  void (*forward_item)(const AttnParams& p, int64_t b, int64_t h, int64_t q_block, int64_t block_q, int64_t block_k,
-                       float* scratch);
+  // Forward of one item (block_q kBlockQ or kBlockQNarrow).
+  void (*forward_item)(const AttnParams& p, const ForwardItem& item, float* scratch);
   size_t (*forward_scratch_floats)(const AttnParams& p, int64_t block_q, int64_t block_k);
+  // o, lse of head (b, h) from `splits` partial results (ForwardItem), weighted by their LSE
+  void (*forward_merge_splits)(const AttnParams& p, int64_t b, int64_t h, int64_t splits, const float* o_part,
+                               const float* lse_part);
   // Backward for keys [key_begin, key_end) of kv head (b, hkv) against every query head of
   // its group: writes those rows of dk and dv, and adds into dq_acc (fp32, (B, Hq, L, E)
   // contiguous, unscaled) the contribution of these keys. Items with disjoint key ranges

@@ -1,8 +1,10 @@
-// Tile sizes for the CPU kernels: one place, shared by forward and backward.
+// Tile sizes and the forward's work split for the CPU kernels: one place, shared by forward
+// and backward.
 #pragma once
 
 #include <cstdint>
 
+#include "../mask.h"
 #include "../params.h"
 #include "cpu_kernels.h"
 
@@ -12,7 +14,49 @@ namespace attnkern::cpu {
 // rows it came from; 128 keys keeps it at 32 KiB.
 inline int64_t key_block_size(const AttnParams&) { return 128; }
 
-// Query rows per forward tile: narrow tiles for decoding-sized queries.
-inline int64_t forward_block_q(const AttnParams& p) { return p.len_q <= kBlockQNarrow ? kBlockQNarrow : kBlockQ; }
+// Query rows per forward tile for `rows` rows: narrow tiles for decoding-sized queries.
+inline int64_t forward_block_q(int64_t rows) { return rows <= kBlockQNarrow ? kBlockQNarrow : kBlockQ; }
+
+// Tile columns spent on `rows` rows, padding included.
+inline int64_t padded_rows(int64_t rows) {
+  const int64_t bq = forward_block_q(rows);
+  return (rows + bq - 1) / bq * bq;
+}
+
+// How the forward cuts its work: per batch, `row_groups` groups of `group_rows` rows (query
+// heads of L rows, or, packed, kv heads of (Hq / Hkv) * L rows: see RowMap), each in tiles of
+// block_q rows, each tile's key range in `splits` parts.
+struct ForwardPlan {
+  bool packed;
+  int64_t row_groups, group_rows, block_q, tiles, splits;
+};
+
+// Keys per split part worth a merge: below this the partial outputs cost more than they share.
+constexpr int64_t kMinKeysPerSplit = 512;
+
+inline ForwardPlan forward_plan(const AttnParams& p, int64_t threads) {
+  ForwardPlan plan;
+  const int64_t group = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
+  // Packing reads each K/V block once per kv group instead of once per query head; it pays
+  // while one head's queries leave a tile part empty (short queries), and the padded tile
+  // columns must not grow.
+  plan.packed = group > 1 && p.len_q < kBlockQ && padded_rows(group * p.len_q) <= group * padded_rows(p.len_q);
+  plan.row_groups = plan.packed ? p.heads_kv : p.heads_q;
+  plan.group_rows = plan.packed ? group * p.len_q : p.len_q;
+  plan.block_q = forward_block_q(plan.group_rows);
+  plan.tiles = (plan.group_rows + plan.block_q - 1) / plan.block_q;
+  // Flash-decoding: too few tiles to occupy the threads, and a long key range, so the keys
+  // are split across threads and the parts merged by their LSE (forward_merge_splits).
+  plan.splits = 1;
+  const int64_t items = p.batch * plan.row_groups * plan.tiles;
+  if (p.len_q <= kBlockQNarrow && items > 0 && items < 2 * threads) {
+    const Band band = make_band(p);
+    const int64_t keys = band.range_hi(p.len_q) - band.range_lo(0);
+    const int64_t most = keys / kMinKeysPerSplit;
+    const int64_t want = (2 * threads + items - 1) / items;
+    plan.splits = most < 1 ? 1 : (want < most ? want : most);
+  }
+  return plan;
+}
 
 }  // namespace attnkern::cpu
