@@ -249,19 +249,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
     if (j >= p.len_k) continue;
     T* const dk_row = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1] + j * p.dk_stride[2];
     T* const dv_row = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1] + j * p.dv_stride[2];
-#pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      const int col = dt * 8 + 2 * (lane & 3);
-      if constexpr (kDoDK) {
-        if (col < p.head_dim)
-          *reinterpret_cast<uint32_t*>(dk_row + col) =
-              Elem<T>::pack(acc_dk[dt][2 * h] * p.scale, acc_dk[dt][2 * h + 1] * p.scale);
-      }
-      if constexpr (kDoDV) {
-        if (col < p.head_dim_v)
-          *reinterpret_cast<uint32_t*>(dv_row + col) = Elem<T>::pack(acc_dv[dt][2 * h], acc_dv[dt][2 * h + 1]);
-      }
-    }
+    if constexpr (kDoDK) store_acc_row(dk_row, acc_dk, h, lane, p.head_dim, p.scale);
+    if constexpr (kDoDV) store_acc_row(dv_row, acc_dv, h, lane, p.head_dim_v, 1.f);
   }
 }
 
@@ -423,13 +412,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
     const int64_t i = wm0 + (lane >> 2) + 8 * h;
     if (i >= p.len_q) continue;
     T* const dq_row = static_cast<T*>(p.dq) + b * p.dq_stride[0] + hq * p.dq_stride[1] + i * p.dq_stride[2];
-#pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      const int col = dt * 8 + 2 * (lane & 3);
-      if (col < p.head_dim)
-        *reinterpret_cast<uint32_t*>(dq_row + col) =
-            Elem<T>::pack(acc_dq[dt][2 * h] * p.scale, acc_dq[dt][2 * h + 1] * p.scale);
-    }
+    store_acc_row(dq_row, acc_dq, h, lane, p.head_dim, p.scale);
   }
 }
 

@@ -21,61 +21,6 @@
 namespace attnkern {
 namespace cuda {
 
-// Shared memory of a backward CTA: the two owned tiles, the two streamed tiles of every stage,
-// and the mbarriers (owned tiles landed; per stage: first and second streamed tile landed, and
-// the stage released by all 256 consumer threads).
-template <class Cfg>
-struct BwdSm90Smem {
-  using OwnTile = Sm90Tile<Cfg::kOwnRows, Cfg::kColBlocks>;
-  using StreamTile = Sm90Tile<Cfg::kStreamRows, Cfg::kColBlocks>;
-  static constexpr int kStages = Cfg::kStages;
-  uint32_t own0, own1, stream_base, bar_own;
-
-  __device__ explicit BwdSm90Smem(uint32_t base) {
-    own0 = (base + 1023u) & ~1023u;
-    own1 = own0 + OwnTile::kBytes;
-    stream_base = own1 + OwnTile::kBytes;
-    bar_own = stream_base + 2 * kStages * StreamTile::kBytes;
-  }
-  __device__ uint32_t stream0(int s) const { return stream_base + s * StreamTile::kBytes; }
-  __device__ uint32_t stream1(int s) const { return stream_base + (kStages + s) * StreamTile::kBytes; }
-  __device__ uint32_t full0(int s) const { return bar_own + 8u * (1 + s); }
-  __device__ uint32_t full1(int s) const { return bar_own + 8u * (1 + kStages + s); }
-  __device__ uint32_t empty(int s) const { return bar_own + 8u * (1 + 2 * kStages + s); }
-
-  __device__ void init_barriers() const {
-    mbar_init(bar_own, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(full0(s), 1);
-      mbar_init(full1(s), 1);
-      mbar_init(empty(s), 128 * Cfg::kConsumers);
-    }
-    fence_barrier_init();
-  }
-
-  // The producer thread: the owned tiles at (own_row, own_head), then for iteration it the
-  // streamed tiles at stream_at(it) = (row, head) into stage it % kStages, once it is free.
-  template <class StreamAt>
-  __device__ void produce(const TmaMap& own0_map, const TmaMap& own1_map, int64_t own_row, int own_head,
-                          const TmaMap& stream0_map, const TmaMap& stream1_map, int64_t n_iters, int64_t batch,
-                          StreamAt stream_at) const {
-    mbar_arrive_expect_tx(bar_own, 2 * OwnTile::kBytes);
-    OwnTile::load(own0, own0_map, bar_own, own_row, own_head, batch);
-    OwnTile::load(own1, own1_map, bar_own, own_row, own_head, batch);
-    for (int64_t it = 0; it < n_iters; ++it) {
-      const int s = static_cast<int>(it % kStages);
-      if (it >= kStages) mbar_wait(empty(s), static_cast<uint32_t>((it / kStages - 1) & 1));
-      int64_t row;
-      int head;
-      stream_at(it, row, head);
-      mbar_arrive_expect_tx(full0(s), StreamTile::kBytes);
-      StreamTile::load(stream0(s), stream0_map, full0(s), row, head, batch);
-      mbar_arrive_expect_tx(full1(s), StreamTile::kBytes);
-      StreamTile::load(stream1(s), stream1_map, full1(s), row, head, batch);
-    }
-  }
-};
-
 #if !defined(ATTNKERN_CUDA_EMULATOR) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define ATTNKERN_SM90_BODY 0  // built for an arch without wgmma: the kernels trap, and are never launched
 #else
@@ -88,9 +33,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #if !ATTNKERN_SM90_BODY
   __trap();
 #else
-  using Smem = BwdSm90Smem<Cfg>;
+  using Smem = Sm90Ring<Cfg::kOwnRows, 2, Cfg::kStreamRows, Cfg::kColBlocks, Cfg::kStages, Cfg::kConsumers>;
   using OwnTile = typename Smem::OwnTile;
   using StreamTile = typename Smem::StreamTile;
+  static_assert(Smem::kSmemBytes == Cfg::kSmemBytes, "the launch requests what the ring uses");
   constexpr int kD = Cfg::kD, kStages = Cfg::kStages, kM = Cfg::kStreamRows;  // kM queries per stage
   constexpr int kNT = kM / 8, kDT = kD / 8;
   constexpr bool kBf16 = !std::is_same<T, __half>::value;
@@ -234,15 +180,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     if (j >= p.len_k) continue;
     T* const dk_row = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1] + j * p.dk_stride[2];
     T* const dv_row = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1] + j * p.dv_stride[2];
-#pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      const int col = dt * 8 + 2 * (lane & 3);
-      if (col < p.head_dim)
-        *reinterpret_cast<uint32_t*>(dk_row + col) =
-            Elem<T>::pack(acc_dk[dt][2 * h] * p.scale, acc_dk[dt][2 * h + 1] * p.scale);
-      if (col < p.head_dim_v)
-        *reinterpret_cast<uint32_t*>(dv_row + col) = Elem<T>::pack(acc_dv[dt][2 * h], acc_dv[dt][2 * h + 1]);
-    }
+    store_acc_row(dk_row, acc_dk, h, lane, p.head_dim, p.scale);
+    store_acc_row(dv_row, acc_dv, h, lane, p.head_dim_v, 1.f);
   }
 #endif
 }
@@ -253,9 +192,10 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #if !ATTNKERN_SM90_BODY
   __trap();
 #else
-  using Smem = BwdSm90Smem<Cfg>;
+  using Smem = Sm90Ring<Cfg::kOwnRows, 2, Cfg::kStreamRows, Cfg::kColBlocks, Cfg::kStages, Cfg::kConsumers>;
   using OwnTile = typename Smem::OwnTile;
   using StreamTile = typename Smem::StreamTile;
+  static_assert(Smem::kSmemBytes == Cfg::kSmemBytes, "the launch requests what the ring uses");
   constexpr int kD = Cfg::kD, kStages = Cfg::kStages, kN = Cfg::kStreamRows;  // kN keys per stage
   constexpr int kNT = kN / 8, kDT = kD / 8;
   constexpr bool kBf16 = !std::is_same<T, __half>::value;
@@ -386,13 +326,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const int64_t i = row_i[h];
     if (i >= p.len_q) continue;
     T* const dq_row = static_cast<T*>(p.dq) + b * p.dq_stride[0] + hq * p.dq_stride[1] + i * p.dq_stride[2];
-#pragma unroll
-    for (int dt = 0; dt < kDT; ++dt) {
-      const int col = dt * 8 + 2 * (lane & 3);
-      if (col < p.head_dim)
-        *reinterpret_cast<uint32_t*>(dq_row + col) =
-            Elem<T>::pack(acc_dq[dt][2 * h] * p.scale, acc_dq[dt][2 * h + 1] * p.scale);
-    }
+    store_acc_row(dq_row, acc_dq, h, lane, p.head_dim, p.scale);
   }
 #endif
 }

@@ -32,18 +32,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kNT = kBlockN / 8, kDT = kD / 8;  // n8-tiles of S and of O
   constexpr bool kBf16 = sizeof(T) == 2 && !std::is_same<T, __half>::value;
-  using QTile = Sm90Tile<kBlockM, Cfg::kColBlocks>;
-  using KVTile = Sm90Tile<kBlockN, Cfg::kColBlocks>;
+  using Ring = Sm90Ring<kBlockM, 1, kBlockN, Cfg::kColBlocks, kStages, Cfg::kConsumers>;  // Q; K and V stages
+  using QTile = typename Ring::OwnTile;
+  using KVTile = typename Ring::StreamTile;
+  static_assert(Ring::kSmemBytes == Cfg::kSmemBytes, "the launch requests what the ring uses");
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];  // aligned up to 1024 below
-  // TMA's 128-byte swizzle and the descriptors assume 1024-byte-aligned atoms
-  const uint32_t sQ = (smem_addr(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sK = sQ + QTile::kBytes;
-  const uint32_t sV = sK + kStages * KVTile::kBytes;
-  const uint32_t bar_q = sV + kStages * KVTile::kBytes;
-  auto bar_k_full = [&](int s) { return bar_q + 8u * (1 + s); };
-  auto bar_v_full = [&](int s) { return bar_q + 8u * (1 + kStages + s); };
-  auto bar_empty = [&](int s) { return bar_q + 8u * (1 + 2 * kStages + s); };
+  extern __shared__ __align__(128) unsigned char smem_raw[];  // aligned up to 1024 by Ring
+  const Ring ring(smem_addr(smem_raw));
 
   const int tid = threadIdx.x;
   const int warpgroup = tid / 128;
@@ -66,32 +61,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     }
   }
 
-  if (tid == 0) {
-    mbar_init(bar_q, 1);
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(bar_k_full(s), 1);
-      mbar_init(bar_v_full(s), 1);
-      mbar_init(bar_empty(s), 128 * Cfg::kConsumers);
-    }
-    fence_barrier_init();
-  }
+  if (tid == 0) ring.init_barriers();
   __syncthreads();  // the last CTA-wide barrier: producer threads leave early below
 
   if (warpgroup == 0) {
     setmaxnreg_dec<24>();
-    if (tid != 0 || n_blocks == 0) return;
-    mbar_arrive_expect_tx(bar_q, QTile::kBytes);
-    QTile::load(sQ, maps.q, bar_q, row0, hq, b);
-    for (int64_t it = 0; it < n_blocks; ++it) {
-      const int s = static_cast<int>(it % kStages);
-      // stage s is free once every consumer thread released its previous use
-      if (it >= kStages) mbar_wait(bar_empty(s), static_cast<uint32_t>((it / kStages - 1) & 1));
-      const int64_t key0 = key_first + it * kBlockN;
-      mbar_arrive_expect_tx(bar_k_full(s), KVTile::kBytes);
-      KVTile::load(sK + s * KVTile::kBytes, maps.k, bar_k_full(s), key0, hkv, b);
-      mbar_arrive_expect_tx(bar_v_full(s), KVTile::kBytes);
-      KVTile::load(sV + s * KVTile::kBytes, maps.v, bar_v_full(s), key0, hkv, b);
-    }
+    if (tid == 0 && n_blocks > 0)
+      ring.produce(maps.q, maps.q, row0, hq, maps.k, maps.v, n_blocks, b, [&](int64_t it, int64_t& row, int& head) {
+        row = key_first + it * kBlockN;
+        head = hkv;
+      });
     return;
   }
 
@@ -115,16 +94,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int e = 0; e < 4; ++e) acc_o[dt][e] = 0.f;
   float(&acc_o_flat)[kD / 2] = *reinterpret_cast<float(*)[kD / 2]>(&acc_o[0][0]);
 
-  if (n_blocks > 0) mbar_wait(bar_q, 0);
+  if (n_blocks > 0) mbar_wait(ring.bar_own, 0);
   for (int64_t it = 0; it < n_blocks; ++it) {
     const int s = static_cast<int>(it % kStages);
     const uint32_t phase = static_cast<uint32_t>((it / kStages) & 1);
     const int64_t key0 = key_first + it * kBlockN;
     const bool meets = wg_has_rows && key0 < p.len_k && key0 + kBlockN > wg_key_lo && key0 < wg_key_hi;
-    mbar_wait(bar_k_full(s), phase);
+    mbar_wait(ring.full0(s), phase);
     if (!meets) {  // outside this warpgroup's band: nothing to compute, but the stage must be seen full
-      mbar_wait(bar_v_full(s), phase);
-      mbar_arrive(bar_empty(s));
+      mbar_wait(ring.full1(s), phase);
+      mbar_arrive(ring.empty(s));
       continue;
     }
     const bool edge = key0 + kBlockN > p.len_k || !band.tile_full(wg_lo, wg_hi, key0, key0 + kBlockN);
@@ -132,11 +111,11 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     // S = Q K^T over the head dim in k-steps of 16
     float acc_s[kNT][4];
     float(&acc_s_flat)[kBlockN / 2] = *reinterpret_cast<float(*)[kBlockN / 2]>(&acc_s[0][0]);
-    const uint32_t sK_s = sK + s * KVTile::kBytes;
+    const uint32_t sK_s = ring.stream0(s);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<kBlockN, kBf16>(acc_s_flat, QTile::k_major(sQ, 64 * consumer, kk), KVTile::k_major(sK_s, 0, kk),
+      wgmma_ss<kBlockN, kBf16>(acc_s_flat, QTile::k_major(ring.own0, 64 * consumer, kk), KVTile::k_major(sK_s, 0, kk),
                                kk > 0);
     wgmma_commit();
     wgmma_wait<0>();
@@ -183,8 +162,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     uint32_t pa[kBlockN / 16][4];
 #pragma unroll
     for (int k2 = 0; k2 < kBlockN / 16; ++k2) acc_to_a<T>(pa[k2], acc_s[2 * k2], acc_s[2 * k2 + 1]);
-    mbar_wait(bar_v_full(s), phase);
-    const uint32_t sV_s = sV + s * KVTile::kBytes;
+    mbar_wait(ring.full1(s), phase);
+    const uint32_t sV_s = ring.stream1(s);
     fence_operands(acc_o_flat);
     wgmma_fence();
 #pragma unroll
@@ -192,7 +171,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(acc_o_flat);
-    mbar_arrive(bar_empty(s));  // both products have read stage s
+    mbar_arrive(ring.empty(s));  // both products have read stage s
   }
 
   // ---- epilogue: O / l, LSE = ln(sum) + max; rows without keys give 0 and -inf

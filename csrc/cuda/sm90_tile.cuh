@@ -37,6 +37,66 @@ struct Sm90Tile {
   }
 };
 
+// The shared memory of a Hopper CTA: kOwnTiles tiles of kOwnRows rows loaded once (the forward:
+// Q; the dK/dV pass: K, V; the dQ pass: Q, dO), a ring of kStages stages of two tiles of
+// kStreamRows rows (K, V; or Q, dO), and the mbarriers: owned tiles landed; per stage, first
+// and second streamed tile landed (transaction-counted), and the stage released by every
+// consumer thread. Starts at the first 1024-byte boundary of the dynamic shared memory.
+template <int kOwnRows, int kOwnTiles, int kStreamRows, int kColBlocks, int kStages, int kConsumers>
+struct Sm90Ring {
+  using OwnTile = Sm90Tile<kOwnRows, kColBlocks>;
+  using StreamTile = Sm90Tile<kStreamRows, kColBlocks>;
+  static constexpr int kBarrierBytes = 8 * (1 + 3 * kStages);
+  // what a launch must request: the tiles, the barriers, and 1 KB for the alignment
+  static constexpr int kSmemBytes = 1024 + kOwnTiles * OwnTile::kBytes + 2 * kStages * StreamTile::kBytes + kBarrierBytes;
+  uint32_t own0, own1, stream_base, bar_own;
+
+  __device__ explicit Sm90Ring(uint32_t smem_base) {
+    own0 = (smem_base + 1023u) & ~1023u;
+    own1 = own0 + OwnTile::kBytes;
+    stream_base = own0 + kOwnTiles * OwnTile::kBytes;
+    bar_own = stream_base + 2 * kStages * StreamTile::kBytes;
+  }
+  __device__ uint32_t stream0(int s) const { return stream_base + s * StreamTile::kBytes; }
+  __device__ uint32_t stream1(int s) const { return stream_base + (kStages + s) * StreamTile::kBytes; }
+  __device__ uint32_t full0(int s) const { return bar_own + 8u * (1 + s); }
+  __device__ uint32_t full1(int s) const { return bar_own + 8u * (1 + kStages + s); }
+  __device__ uint32_t empty(int s) const { return bar_own + 8u * (1 + 2 * kStages + s); }
+
+  __device__ void init_barriers() const {
+    mbar_init(bar_own, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(full0(s), 1);
+      mbar_init(full1(s), 1);
+      mbar_init(empty(s), 128 * kConsumers);
+    }
+    fence_barrier_init();
+  }
+
+  // The producer thread: the owned tiles at (own_row, own_head) (own1_map unused with one
+  // owned tile), then for iteration it the streamed tiles at stream_at(it, row, head) into
+  // stage it % kStages, once every consumer thread has released it.
+  template <class StreamAt>
+  __device__ void produce(const TmaMap& own0_map, const TmaMap& own1_map, int64_t own_row, int own_head,
+                          const TmaMap& stream0_map, const TmaMap& stream1_map, int64_t n_iters, int64_t batch,
+                          StreamAt stream_at) const {
+    mbar_arrive_expect_tx(bar_own, kOwnTiles * OwnTile::kBytes);
+    OwnTile::load(own0, own0_map, bar_own, own_row, own_head, batch);
+    if (kOwnTiles > 1) OwnTile::load(own1, own1_map, bar_own, own_row, own_head, batch);
+    for (int64_t it = 0; it < n_iters; ++it) {
+      const int s = static_cast<int>(it % kStages);
+      if (it >= kStages) mbar_wait(empty(s), static_cast<uint32_t>((it / kStages - 1) & 1));
+      int64_t row;
+      int head;
+      stream_at(it, row, head);
+      mbar_arrive_expect_tx(full0(s), StreamTile::kBytes);
+      StreamTile::load(stream0(s), stream0_map, full0(s), row, head, batch);
+      mbar_arrive_expect_tx(full1(s), StreamTile::kBytes);
+      StreamTile::load(stream1(s), stream1_map, full1(s), row, head, batch);
+    }
+  }
+};
+
 // TMA maps of every tensor a Hopper kernel reads (the forward leaves dout unset)
 struct Sm90Maps {
   TmaMap q, k, v, dout;  // 4-D: (dim, row, head, batch), boxes of 64 columns

@@ -132,6 +132,19 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4],
   a[3] = Elem<T>::pack(hi[2], hi[3]);
 }
 
+// Row h (0: fragment row g, 1: row g + 8) of a 16 x (8 kDT) fp32 accumulator tile, times
+// `scale`, into dst[0 .. cols): a thread writes its column pairs 8 dt + 2 (lane % 4), + 1.
+template <typename T, int kDT>
+__device__ __forceinline__ void store_acc_row(T* dst, const float (&acc)[kDT][4], int h, int lane, int64_t cols,
+                                              float scale) {
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt) {
+    const int col = dt * 8 + 2 * (lane & 3);
+    if (col < cols)
+      *reinterpret_cast<uint32_t*>(dst + col) = Elem<T>::pack(acc[dt][2 * h] * scale, acc[dt][2 * h + 1] * scale);
+  }
+}
+
 // acc (16 x kD) += a (16 x 16) * B, with B rows k0 .. k0 + 15 of a tile stored k x n (V, dO, Q,
 // K as the right operand), read by the transposing ldmatrix; `lane` from lane_b_kn, `off` the
 // tile's byte offset from where `lane` was taken.
