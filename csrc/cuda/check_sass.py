@@ -7,7 +7,7 @@ Reads ``cuobjdump -res-usage`` (registers, local memory = spills) and ``cuobjdum
   * every arch of the build has code for each kernel family (fwd, decode, bwd_kv, bwd_q);
   * the attention kernels issue tensor-core HMMA.16816 with fp32 accumulate, ldmatrix (LDSM)
     and cp.async (LDGSTS);
-  * no kernel uses local memory (register spills), except those listed in ALLOWED_SPILLS.
+  * no kernel has a stack frame or local memory (register spills), beyond ALLOWED_SPILLS.
 Exit status 1 if a check fails. cuobjdump comes from the CUDA toolkit or, where the toolkit
 lacks it, from Triton's bundled copy. The Hopper kernels (fwd_sm90_kernel, bwd_kv_sm90_kernel,
 bwd_q_sm90_kernel, in builds with 9.0a) must issue wgmma (HGMMA) and TMA loads (UTMALDG) in their sm_90a code; its copies for other archs
@@ -42,12 +42,24 @@ SM90_ARCH = "sm_90a"
 
 def is_sm90_kernel(name: str) -> bool:
     return name.startswith(("fwd_sm90_kernel", "bwd_kv_sm90_kernel", "bwd_q_sm90_kernel"))
-# (arch, demangled kernel name) pairs allowed to use local memory. The Hopper dK/dV pass at head
-# dim 128 holds dK, dV (64 registers each), S^T and dP^T (32 each) and their fragments; with
-# CUDA 13 its consumer warpgroups need a few more than their 240 registers and spill about 76
-# bytes. Unmeasured on a GPU; fewer live tiles (e.g. a 32-query stream) would remove it.
-ALLOWED_SPILLS = {("sm_90a", "bwd_kv_sm90_kernel<BwdSm90Config<128, 64, 2>, __half>"),
-                  ("sm_90a", "bwd_kv_sm90_kernel<BwdSm90Config<128, 64, 2>, __nv_bfloat16>")}
+# (arch, demangled kernel name) -> bytes of stack frame allowed. ptxas puts spilled registers in
+# the stack frame (cuobjdump -res-usage STACK; its LOCAL stays 0), so any frame is counted. With
+# CUDA 13 these spill:
+#   * the Hopper dK/dV pass at head dim 128: its consumers hold dK, dV (64 registers each), S^T
+#     and dP^T (32 each) and their fragments, a few more than their 240 registers;
+#   * the split-KV decode forward at head dim 256 (two warps, 255 registers each);
+#   * the masked/dropout sm80 dK/dV pass at head dim 128, compiled for sm_90a (8 bytes).
+# None is measured on a GPU; each is a place to look when one is.
+ALLOWED_SPILLS = {
+    ("sm_90a", "bwd_kv_sm90_kernel<BwdSm90Config<128, 64, 2>, __half>"): 80,
+    ("sm_90a", "bwd_kv_sm90_kernel<BwdSm90Config<128, 64, 2>, __nv_bfloat16>"): 80,
+    ("sm_80", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, __half, false, true>"): 8,
+    ("sm_80", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, __nv_bfloat16, false, true>"): 8,
+    ("sm_90a", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, __half, false, true>"): 112,
+    ("sm_90a", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, __nv_bfloat16, false, true>"): 112,
+    ("sm_90a", "bwd_kv_kernel<BwdKVConfig<128, 8, 32, 2>, __half, true, true, true>"): 8,
+    ("sm_90a", "bwd_kv_kernel<BwdKVConfig<128, 8, 32, 2>, __nv_bfloat16, true, true, true>"): 8,
+}
 
 
 def find_cuobjdump() -> Optional[str]:
@@ -149,8 +161,9 @@ def check(report: Dict) -> list:
                         problems.append(f"{arch} {name}: no {op}")
             elif c.get("HGMMA", 0) > 0:
                 problems.append(f"{arch} {name}: HGMMA outside the Hopper forward")
-            if c.get("LOCAL", 0) > 0 and (arch, name) not in ALLOWED_SPILLS:
-                problems.append(f"{arch} {name}: {c['LOCAL']} bytes of local memory (spills)")
+            frame = c.get("LOCAL", 0) + c.get("STACK", 0)
+            if frame > ALLOWED_SPILLS.get((arch, name), 0):
+                problems.append(f"{arch} {name}: {frame} bytes of stack frame / local memory (spills)")
     return problems
 
 
@@ -168,8 +181,8 @@ def main(argv=None) -> int:
     for arch, per_kernel in sorted(report.items()):
         print(f"== {arch}")
         for name, c in sorted(per_kernel.items()):
-            counts = " ".join(f"{k}={c.get(k, 0)}" for k in ("REG", "LOCAL", "HMMA", "HGMMA", "UTMALDG", "LDSM", "LDGSTS",
-                                                              "BAR"))
+            shown = ("REG", "STACK", "LOCAL", "HMMA", "HGMMA", "UTMALDG", "LDSM", "LDGSTS", "BAR")
+            counts = " ".join(f"{k}={c.get(k, 0)}" for k in shown)
             print(f"  {counts}  {name}")
     if args.json:
         with open(args.json, "w") as f:
