@@ -112,17 +112,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     float st[kNT][4], dpt[kNT][4];
     float(&st_flat)[kM / 2] = *reinterpret_cast<float(*)[kM / 2]>(&st[0][0]);
     float(&dpt_flat)[kM / 2] = *reinterpret_cast<float(*)[kM / 2]>(&dpt[0][0]);
+    const uint32_t k_tile = opaque(sm.own0), v_tile = opaque(sm.own1);  // see opaque()
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<kM, kBf16>(st_flat, OwnTile::k_major(sm.own0, 64 * consumer, kk), StreamTile::k_major(sm.stream0(s), 0, kk),
+      wgmma_ss<kM, kBf16>(st_flat, OwnTile::k_major(k_tile, 64 * consumer, kk), StreamTile::k_major(sm.stream0(s), 0, kk),
                           kk > 0);
     wgmma_commit();
     mbar_wait(sm.full1(s), phase);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<kM, kBf16>(dpt_flat, OwnTile::k_major(sm.own1, 64 * consumer, kk),
+      wgmma_ss<kM, kBf16>(dpt_flat, OwnTile::k_major(v_tile, 64 * consumer, kk),
                           StreamTile::k_major(sm.stream1(s), 0, kk), kk > 0);
     wgmma_commit();
 
@@ -274,17 +275,18 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     float sc[kNT][4], dp[kNT][4];
     float(&sc_flat)[kN / 2] = *reinterpret_cast<float(*)[kN / 2]>(&sc[0][0]);
     float(&dp_flat)[kN / 2] = *reinterpret_cast<float(*)[kN / 2]>(&dp[0][0]);
+    const uint32_t q_tile = opaque(sm.own0), do_tile = opaque(sm.own1);  // see opaque()
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<kN, kBf16>(sc_flat, OwnTile::k_major(sm.own0, 64 * consumer, kk), StreamTile::k_major(sm.stream0(s), 0, kk),
+      wgmma_ss<kN, kBf16>(sc_flat, OwnTile::k_major(q_tile, 64 * consumer, kk), StreamTile::k_major(sm.stream0(s), 0, kk),
                           kk > 0);
     wgmma_commit();
     mbar_wait(sm.full1(s), phase);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<kN, kBf16>(dp_flat, OwnTile::k_major(sm.own1, 64 * consumer, kk), StreamTile::k_major(sm.stream1(s), 0, kk),
+      wgmma_ss<kN, kBf16>(dp_flat, OwnTile::k_major(do_tile, 64 * consumer, kk), StreamTile::k_major(sm.stream1(s), 0, kk),
                           kk > 0);
     wgmma_commit();
     wgmma_wait<1>();

@@ -1,12 +1,13 @@
-// The Hopper forward (sm_90a): FlashAttention-3's division of labour without its
-// intra-warpgroup overlap. One CTA owns 128 query rows of one head:
+// The Hopper forward (sm_90a), FlashAttention-3's design without its ping-pong schedule between
+// the consumer warpgroups. One CTA owns 128 query rows of one head:
 //   * warpgroup 0 is the producer: one thread loads Q once and streams the K and V blocks that
 //     meet the tile's band through a ring of shared-memory stages with TMA; mbarriers carry
 //     "stage full" (the copies' byte count) and "stage empty" (every consumer thread arrives);
 //   * warpgroups 1 and 2 are consumers, 64 rows each (wgmma's M): S = Q K^T by wgmma from
 //     shared memory, the online softmax in the exp2 domain on the S registers (the scoring and
 //     band rules of score.cuh, so it agrees with the sm80 kernels element for element), then
-//     O += P V by wgmma with P from registers and V read MN-major by descriptor.
+//     O += P V by wgmma with P from registers and V read MN-major by descriptor; the softmax of
+//     one block runs while the previous block's P V is in flight.
 // The producer gives up registers (setmaxnreg) so each consumer thread can hold S and O.
 //
 // Served: fp16/bf16, head-dim buckets 64 and 128, no mask, no dropout, the prefill path
@@ -94,58 +95,78 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int e = 0; e < 4; ++e) acc_o[dt][e] = 0.f;
   float(&acc_o_flat)[kD / 2] = *reinterpret_cast<float(*)[kD / 2]>(&acc_o[0][0]);
 
-  if (n_blocks > 0) mbar_wait(ring.bar_own, 0);
-  for (int64_t it = 0; it < n_blocks; ++it) {
-    const int s = static_cast<int>(it % kStages);
-    const uint32_t phase = static_cast<uint32_t>((it / kStages) & 1);
-    const int64_t key0 = key_first + it * kBlockN;
-    const bool meets = wg_has_rows && key0 < p.len_k && key0 + kBlockN > wg_key_lo && key0 < wg_key_hi;
-    mbar_wait(ring.full0(s), phase);
-    if (!meets) {  // outside this warpgroup's band: nothing to compute, but the stage must be seen full
-      mbar_wait(ring.full1(s), phase);
-      mbar_arrive(ring.empty(s));
-      continue;
-    }
-    const bool edge = key0 + kBlockN > p.len_k || !band.tile_full(wg_lo, wg_hi, key0, key0 + kBlockN);
+  // The blocks this warpgroup meets are a contiguous run [it_lo, it_hi) (the band's ends move
+  // monotonically with the row); the others are only waited for and released, since a stage
+  // is refilled once every consumer thread has released it.
+  int64_t it_lo = 0, it_hi = 0;
+  if (wg_has_rows) {
+    it_lo = min(n_blocks, max(int64_t{0}, (wg_key_lo - key_first) / kBlockN));
+    it_hi = min(n_blocks, max(it_lo, (min(wg_key_hi, p.len_k) - key_first + kBlockN - 1) / kBlockN));
+  }
+  auto stage = [&](int64_t it) { return static_cast<int>(it % kStages); };
+  auto parity = [&](int64_t it) { return static_cast<uint32_t>((it / kStages) & 1); };
+  auto skip = [&](int64_t it) {
+    mbar_wait(ring.full0(stage(it)), parity(it));
+    mbar_wait(ring.full1(stage(it)), parity(it));
+    mbar_arrive(ring.empty(stage(it)));
+  };
 
-    // S = Q K^T over the head dim in k-steps of 16
-    float acc_s[kNT][4];
-    float(&acc_s_flat)[kBlockN / 2] = *reinterpret_cast<float(*)[kBlockN / 2]>(&acc_s[0][0]);
-    const uint32_t sK_s = ring.stream0(s);
+  // Inside the run, a block's softmax overlaps the previous block's P V (FlashAttention-3's
+  // intra-warpgroup pipelining): S_it = Q K_it^T and O += P_{it-1} V_{it-1} are both in flight
+  // while S_it is scored, and O is rescaled once that P V has retired. The loop body has no
+  // branch between issuing and retiring a product (the window test is a select, made on every
+  // block), so ptxas need not serialise the asynchronous wgmma. P's fragments stay untouched
+  // until their product retires: wgmma reads registers asynchronously.
+  float acc_s[kNT][4];
+  float(&acc_s_flat)[kBlockN / 2] = *reinterpret_cast<float(*)[kBlockN / 2]>(&acc_s[0][0]);
+  uint32_t pa[kBlockN / 16][4];
+  auto issue_s = [&](int64_t it) {
+    mbar_wait(ring.full0(stage(it)), parity(it));
+    const uint32_t q_tile = opaque(ring.own0);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_ss<kBlockN, kBf16>(acc_s_flat, QTile::k_major(ring.own0, 64 * consumer, kk), KVTile::k_major(sK_s, 0, kk),
-                               kk > 0);
+      wgmma_ss<kBlockN, kBf16>(acc_s_flat, QTile::k_major(q_tile, 64 * consumer, kk),
+                               KVTile::k_major(ring.stream0(stage(it)), 0, kk), kk > 0);
     wgmma_commit();
+  };
+  auto issue_pv = [&](int64_t it) {
+    mbar_wait(ring.full1(stage(it)), parity(it));
+    fence_operands(acc_o_flat);
+    wgmma_fence();
+#pragma unroll
+    for (int k2 = 0; k2 < kBlockN / 16; ++k2)
+      wgmma_rs<kD, kBf16>(acc_o_flat, pa[k2], KVTile::mn_major(ring.stream1(stage(it)), k2), true);
+    wgmma_commit();
+  };
+  auto retire_pv = [&](int64_t it) {
     wgmma_wait<0>();
+    fence_operands(acc_o_flat);
+    mbar_arrive(ring.empty(stage(it)));  // both products have read the stage
+  };
+  // scores and the online softmax of S (as fwd_kernel.cuh, on the same fragment layout); alpha:
+  // the factor that brings sums and O to the new row max
+  auto softmax = [&](int64_t it, float (&alpha)[2]) {
     fence_operands(acc_s_flat);
-
-    // scores and the online softmax (as fwd_kernel.cuh, on the same fragment layout)
+    const int64_t key0 = key_first + it * kBlockN;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      int lo = 0, hi = kBlockN;
-      if (edge) rules.query_window(row_q[h], key0, kBlockN, lo, hi);
+      int lo, hi;
+      rules.query_window(row_q[h], key0, kBlockN, lo, hi);
       float mx = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           float& x = acc_s[nt][2 * h + c];
-          x = rules(x, nt * 8 + 2 * (lane & 3) + c, lo, hi, edge, 0, 0);
+          x = rules(x, nt * 8 + 2 * (lane & 3) + c, lo, hi, true, 0, 0);
           mx = fmaxf(mx, x);
         }
       mx = quad_max(mx);
       const float m_new = fmaxf(row_max[h], mx);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet stays at 0
-      const float alpha = exp2f(row_max[h] - m_use);
+      alpha[h] = exp2f(row_max[h] - m_use);
       row_max[h] = m_new;
-      row_sum[h] *= alpha;
-#pragma unroll
-      for (int dt = 0; dt < kDT; ++dt) {
-        acc_o[dt][2 * h] *= alpha;
-        acc_o[dt][2 * h + 1] *= alpha;
-      }
       float sum = 0.f;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
@@ -155,24 +176,38 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           x = exp2f(x - m_use);
           sum += x;
         }
-      row_sum[h] += sum;  // per-thread partial; the quad's sum is taken once at the end
+      row_sum[h] = row_sum[h] * alpha[h] + sum;  // per-thread partial; the quad's sum is taken at the end
     }
-
-    // O += P V: P's fragments come straight from the S accumulators; V is read MN-major
-    uint32_t pa[kBlockN / 16][4];
+  };
+  auto rescale_and_keep_p = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[dt][e] *= alpha[e >> 1];
 #pragma unroll
     for (int k2 = 0; k2 < kBlockN / 16; ++k2) acc_to_a<T>(pa[k2], acc_s[2 * k2], acc_s[2 * k2 + 1]);
-    mbar_wait(ring.full1(s), phase);
-    const uint32_t sV_s = ring.stream1(s);
-    fence_operands(acc_o_flat);
-    wgmma_fence();
-#pragma unroll
-    for (int k2 = 0; k2 < kBlockN / 16; ++k2) wgmma_rs<kD, kBf16>(acc_o_flat, pa[k2], KVTile::mn_major(sV_s, k2), true);
-    wgmma_commit();
+  };
+
+  if (n_blocks > 0) mbar_wait(ring.bar_own, 0);
+  for (int64_t it = 0; it < it_lo; ++it) skip(it);
+  if (it_lo < it_hi) {
+    float alpha[2];
+    issue_s(it_lo);
     wgmma_wait<0>();
-    fence_operands(acc_o_flat);
-    mbar_arrive(ring.empty(s));  // both products have read stage s
+    softmax(it_lo, alpha);
+    rescale_and_keep_p(alpha);
+    for (int64_t it = it_lo + 1; it < it_hi; ++it) {
+      issue_s(it);
+      issue_pv(it - 1);
+      wgmma_wait<1>();  // S (the older group) has retired; P V may still run
+      softmax(it, alpha);
+      retire_pv(it - 1);
+      rescale_and_keep_p(alpha);  // O now holds every earlier block
+    }
+    issue_pv(it_hi - 1);
+    retire_pv(it_hi - 1);
   }
+  for (int64_t it = it_hi; it < n_blocks; ++it) skip(it);
 
   // ---- epilogue: O / l, LSE = ln(sum) + max; rows without keys give 0 and -inf
   const FwdSplit whole;

@@ -117,6 +117,16 @@ __device__ __forceinline__ void fence_operands(float (&d)[N]) {
 #endif
 }
 
+// A value the optimiser must treat as unknown here, so what derives from it is rebuilt where it
+// is used instead of being hoisted out of the loop and held in registers (the wgmma descriptors
+// of a tile loaded once: cheap to rebuild, and holding all of them made the consumers spill).
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+#if !defined(ATTNKERN_CUDA_EMULATOR)
+  asm volatile("" : "+r"(x));
+#endif
+  return x;
+}
+
 // wgmma shared-memory matrix descriptor for a 128-byte-swizzled 16-bit operand (PTX ISA, "Matrix
 // Descriptor Format"): start address, leading- and stride-dimension byte offsets (all >> 4),
 // base offset 0 (every swizzle atom here starts 1024-byte aligned), swizzle mode 1 = 128B.
