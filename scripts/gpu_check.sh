@@ -32,6 +32,12 @@
 # JSON says how many) and the rest can follow in another call, e.g.
 #   scripts/gpu_check.sh "$OUT" --phase bench --preset gpu-window -- --where mode=bwd
 # How long test, bench and sanitize take on a GPU is not known yet: no GPU run so far.
+# On an H100/H200 (compute capability 9.0, build with 9.0a) the Hopper wgmma/TMA kernels, opt-in
+# with ATTNKERN_CUDA_WGMMA=1 until verified, come along by themselves: tests/test_cuda.py's
+# test_gpu_wgmma_parity sets the switch and checks with the profiler that they ran, the bench
+# adds the subject attnkern-cuda-wgmma next to attnkern-cuda, and the sanitize workload runs its
+# fast-path calls once more through them. Once they pass, make them the default in
+# csrc/cuda/dispatch.cu (wgmma_enabled).
 #
 # Environment: TORCH_CUDA_ARCH_LIST (default: this GPU's arch, 9.0a on Hopper), MAX_JOBS
 # (default: nproc), PYTHON (default: python), PHASE_TIMEOUT.
