@@ -1,5 +1,4 @@
-// The Hopper forward (sm_90a), FlashAttention-3's design without its ping-pong schedule between
-// the consumer warpgroups. One CTA owns 128 query rows of one head:
+// The Hopper forward (sm_90a), FlashAttention-3's design. One CTA owns 128 query rows of one head:
 //   * warpgroup 0 is the producer: one thread loads Q once and streams the K and V blocks that
 //     meet the tile's band through a ring of shared-memory stages with TMA; mbarriers carry
 //     "stage full" (the copies' byte count) and "stage empty" (every consumer thread arrives);
@@ -7,7 +6,8 @@
 //     shared memory, the online softmax in the exp2 domain on the S registers (the scoring and
 //     band rules of score.cuh, so it agrees with the sm80 kernels element for element), then
 //     O += P V by wgmma with P from registers and V read MN-major by descriptor; the softmax of
-//     one block runs while the previous block's P V is in flight.
+//     one block runs while the previous block's P V is in flight, and the two consumers take
+//     turns issuing their products (ping-pong), so one's softmax overlaps the other's products.
 // The producer gives up registers (setmaxnreg) so each consumer thread can hold S and O.
 //
 // Served: fp16/bf16, head-dim buckets 64 and 128, no mask, no dropout, the prefill path
@@ -80,10 +80,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int consumer = warpgroup - 1;
   const int wg_tid = tid % 128, lane = tid & 31, warp = wg_tid / 32;
   const int64_t wg_row0 = row0 + 64 * consumer;  // this warpgroup's first query
-  const int64_t wg_lo = min(wg_row0, p.len_q), wg_hi = min(wg_row0 + 64, p.len_q);
-  const bool wg_has_rows = wg_hi > wg_lo;
-  const int64_t wg_key_lo = wg_has_rows ? band.lo(wg_lo) : 0;
-  const int64_t wg_key_hi = wg_has_rows ? band.hi(wg_hi - 1) : 0;
   int64_t row_q[2];  // this thread's two rows (fragment rows g and g + 8 of its warp)
   for (int h = 0; h < 2; ++h) row_q[h] = min(wg_row0 + 16 * warp + (lane >> 2) + 8 * h, p.len_q);  // len_q: no keys
 
@@ -95,28 +91,21 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int e = 0; e < 4; ++e) acc_o[dt][e] = 0.f;
   float(&acc_o_flat)[kD / 2] = *reinterpret_cast<float(*)[kD / 2]>(&acc_o[0][0]);
 
-  // The blocks this warpgroup meets are a contiguous run [it_lo, it_hi) (the band's ends move
-  // monotonically with the row); the others are only waited for and released, since a stage
-  // is refilled once every consumer thread has released it.
-  int64_t it_lo = 0, it_hi = 0;
-  if (wg_has_rows) {
-    it_lo = min(n_blocks, max(int64_t{0}, (wg_key_lo - key_first) / kBlockN));
-    it_hi = min(n_blocks, max(it_lo, (min(wg_key_hi, p.len_k) - key_first + kBlockN - 1) / kBlockN));
-  }
   auto stage = [&](int64_t it) { return static_cast<int>(it % kStages); };
   auto parity = [&](int64_t it) { return static_cast<uint32_t>((it / kStages) & 1); };
-  auto skip = [&](int64_t it) {
-    mbar_wait(ring.full0(stage(it)), parity(it));
-    mbar_wait(ring.full1(stage(it)), parity(it));
-    mbar_arrive(ring.empty(stage(it)));
-  };
 
-  // Inside the run, a block's softmax overlaps the previous block's P V (FlashAttention-3's
-  // intra-warpgroup pipelining): S_it = Q K_it^T and O += P_{it-1} V_{it-1} are both in flight
-  // while S_it is scored, and O is rescaled once that P V has retired. The loop body has no
-  // branch between issuing and retiring a product (the window test is a select, made on every
-  // block), so ptxas need not serialise the asynchronous wgmma. P's fragments stay untouched
-  // until their product retires: wgmma reads registers asynchronously.
+  // Two overlaps, as in FlashAttention-3:
+  //  * within a warpgroup, a block's softmax runs while the previous block's P V is in flight:
+  //    S_it = Q K_it^T and O += P_{it-1} V_{it-1} are issued together, S_it is scored once it
+  //    retires, and O is rescaled once that P V has retired. P's fragments stay untouched until
+  //    their product retires (wgmma reads registers asynchronously);
+  //  * between the two consumer warpgroups, a ping-pong on named barriers: each issues its
+  //    products only in its turn, so one warpgroup's softmax overlaps the other's products
+  //    instead of both competing for the tensor cores at once.
+  // Both warpgroups walk every key block of the CTA (a block outside a warpgroup's band scores
+  // -inf throughout and adds nothing), so their turns stay in step; the loop body has no branch
+  // between issuing and retiring a product (the window test is a select), so ptxas need not
+  // serialise the asynchronous wgmma.
   float acc_s[kNT][4];
   float(&acc_s_flat)[kBlockN / 2] = *reinterpret_cast<float(*)[kBlockN / 2]>(&acc_s[0][0]);
   uint32_t pa[kBlockN / 16][4];
@@ -188,26 +177,38 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int k2 = 0; k2 < kBlockN / 16; ++k2) acc_to_a<T>(pa[k2], acc_s[2 * k2], acc_s[2 * k2 + 1]);
   };
 
-  if (n_blocks > 0) mbar_wait(ring.bar_own, 0);
-  for (int64_t it = 0; it < it_lo; ++it) skip(it);
-  if (it_lo < it_hi) {
+  // turns: consumer c issues once named barrier kTurnBarrier + c completes, which takes its 128
+  // threads' sync and the other consumer's 128 arrivals. Each makes n_blocks + 1 turns; consumer
+  // 1 hands the first turn over and skips the hand-over after its last, so every arrival is
+  // matched by a sync.
+  constexpr int kTurnBarrier = 1;
+  auto wait_turn = [&]() { named_barrier_sync(kTurnBarrier + consumer, 256); };
+  auto pass_turn = [&]() { named_barrier_arrive(kTurnBarrier + 1 - consumer, 256); };
+  if (n_blocks > 0) {
+    mbar_wait(ring.bar_own, 0);
+    if (consumer == 1) pass_turn();
     float alpha[2];
-    issue_s(it_lo);
+    wait_turn();
+    issue_s(0);
+    pass_turn();
     wgmma_wait<0>();
-    softmax(it_lo, alpha);
+    softmax(0, alpha);
     rescale_and_keep_p(alpha);
-    for (int64_t it = it_lo + 1; it < it_hi; ++it) {
+    for (int64_t it = 1; it < n_blocks; ++it) {
+      wait_turn();
       issue_s(it);
       issue_pv(it - 1);
+      pass_turn();
       wgmma_wait<1>();  // S (the older group) has retired; P V may still run
       softmax(it, alpha);
       retire_pv(it - 1);
       rescale_and_keep_p(alpha);  // O now holds every earlier block
     }
-    issue_pv(it_hi - 1);
-    retire_pv(it_hi - 1);
+    wait_turn();
+    issue_pv(n_blocks - 1);
+    if (consumer == 0) pass_turn();
+    retire_pv(n_blocks - 1);
   }
-  for (int64_t it = it_hi; it < n_blocks; ++it) skip(it);
 
   // ---- epilogue: O / l, LSE = ln(sum) + max; rows without keys give 0 and -inf
   const FwdSplit whole;

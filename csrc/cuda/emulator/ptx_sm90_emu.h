@@ -475,6 +475,8 @@ inline void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
 }
 inline void mbar_arrive(uint32_t bar) { emu::arrive(bar, 0, "mbarrier.arrive"); }
 inline void mbar_wait(uint32_t bar, uint32_t parity) { emu::mbarrier_wait(bar, parity); }
+inline void named_barrier_sync(int id, int count) { emu::named_barrier(id, count, true); }
+inline void named_barrier_arrive(int id, int count) { emu::named_barrier(id, count, false); }
 inline void fence_barrier_init() {}
 inline void fence_view_async_shared() {}
 

@@ -59,7 +59,7 @@ struct Copy {
   bool valid;
 };
 
-enum class Wait { kNone, kBarrier, kWarp, kWarpgroup, kMbarrier };
+enum class Wait { kNone, kBarrier, kWarp, kWarpgroup, kMbarrier, kNamedBarrier };
 enum class Op { kNone, kShuffle, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBf16 };
 
 struct Thread {
@@ -100,6 +100,10 @@ struct State {
   ucontext_t scheduler;
   Thread* current = nullptr;
   int barrier_arrived = 0;
+  struct NamedBarrier {
+    int expected = 0, arrived = 0;
+  };
+  std::array<NamedBarrier, 16> named{};  // bar.sync / bar.arrive ids 1 .. 15 (0 is __syncthreads)
   std::string error;
   const std::function<void()>* body = nullptr;
   std::mt19937_64 rng;
@@ -147,6 +151,35 @@ inline void syncthreads() {
   }
   s.current->wait = Wait::kBarrier;
   yield();
+}
+
+// bar.sync / bar.arrive with an id and a thread count: the barrier completes once `count` threads
+// have arrived (those of bar.sync wait for it, those of bar.arrive go on). Counts must agree
+// among a phase's arrivals; threads waiting count in deadlock reports.
+inline void named_barrier(int id, int count, bool wait) {
+  State& s = state();
+  if (id < 1 || id > 15) fail("named barrier id " + std::to_string(id) + " outside 1 .. 15 (0 is __syncthreads)");
+  if (count <= 0 || count % 32 != 0 || count > s.nthreads)
+    fail("named barrier thread count " + std::to_string(count) + " is not a multiple of 32 up to the block size");
+  State::NamedBarrier& b = s.named[id];
+  if (b.arrived == 0) {
+    b.expected = count;
+  } else if (b.expected != count) {
+    fail("named barrier " + std::to_string(id) + " reached with thread counts " + std::to_string(b.expected) +
+         " and " + std::to_string(count));
+  }
+  Thread& t = *s.current;
+  if (++b.arrived == b.expected) {
+    b = {};
+    for (Thread& other : s.threads)
+      if (other.wait == Wait::kNamedBarrier && other.wait_bar == static_cast<uint32_t>(id)) other.wait = Wait::kNone;
+    return;
+  }
+  if (wait) {
+    t.wait = Wait::kNamedBarrier;
+    t.wait_bar = static_cast<uint32_t>(id);
+    yield();
+  }
 }
 
 // One warp-wide instruction: every lane deposits its operands; the last to arrive computes the
@@ -363,6 +396,7 @@ inline void run_cta() {
   }
   for (Warp& w : s.warps) w = Warp{};
   s.barrier_arrived = 0;
+  s.named = {};
   std::memset(cuda::smem_raw, 0xff, s.smem_bytes);  // NaN in fp16, bf16 and fp32; bytes past it fail bounds checks
   sm90_begin_cta();
   std::vector<int> order(s.nthreads);
@@ -383,21 +417,27 @@ inline void run_cta() {
     }
     if (all_done) {
       sm90_end_cta();
+      for (int id = 1; id < 16; ++id)
+        if (s.named[id].arrived != 0)
+          fail("named barrier " + std::to_string(id) + " left with " + std::to_string(s.named[id].arrived) + " of " +
+               std::to_string(s.named[id].expected) + " arrivals when the CTA exited");
       break;
     }
     if (!ran) {
-      int at_barrier = 0, at_warp = 0, at_warpgroup = 0, at_mbarrier = 0;
+      int at_barrier = 0, at_warp = 0, at_warpgroup = 0, at_mbarrier = 0, at_named = 0;
       std::string bars;
       for (const Thread& t : s.threads) {
         at_barrier += t.wait == Wait::kBarrier;
         at_warp += t.wait == Wait::kWarp;
         at_warpgroup += t.wait == Wait::kWarpgroup;
+        at_named += t.wait == Wait::kNamedBarrier;
         if (t.wait == Wait::kMbarrier && at_mbarrier++ < 4)
           bars += " thread " + std::to_string(t.linear) + " on " + std::to_string(t.wait_bar) + ";";
       }
       fail("deadlock: " + std::to_string(at_barrier) + " threads wait at __syncthreads, " + std::to_string(at_warp) +
            " at warp-wide instructions, " + std::to_string(at_warpgroup) + " at warpgroup-wide instructions, " +
-           std::to_string(at_mbarrier) + " threads wait on mbarriers (" + bars + " ...), the others exited");
+           std::to_string(at_mbarrier) + " threads wait on mbarriers (" + bars + " ...), " + std::to_string(at_named) +
+           " at named barriers, the others exited");
     }
   }
   ++s.stats.ctas;
