@@ -59,6 +59,27 @@ struct Band {
     int64_t r = col_end - 1 - offset + left + 1;
     return r < 0 ? 0 : (r > len_q ? len_q : r);
   }
+
+  // Blocks of `block` keys, aligned to multiples of `block`, that meet the band of rows
+  // [row_begin, row_end): blocks first, first + block, ... (count of them); count 0 if none.
+  ATTNKERN_HD void key_blocks(int64_t row_begin, int64_t row_end, int64_t block, int64_t& first,
+                              int64_t& count) const {
+    first = count = 0;
+    if (row_end <= row_begin) return;
+    const int64_t a = range_lo(row_begin), z = range_hi(row_end);
+    if (z <= a) return;
+    first = a / block * block;
+    count = (z - first + block - 1) / block;
+  }
+  // Blocks of `block` query rows, aligned likewise, whose band meets keys [col_begin, col_end).
+  ATTNKERN_HD void row_blocks(int64_t col_begin, int64_t col_end, int64_t len_q, int64_t block, int64_t& first,
+                              int64_t& count) const {
+    first = count = 0;
+    const int64_t a = rows_lo(col_begin, len_q), z = rows_hi(col_end, len_q);
+    if (z <= a) return;
+    first = a / block * block;
+    count = (z - first + block - 1) / block;
+  }
 };
 
 template <typename P>

@@ -75,14 +75,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
   const ScoreRules<kFeatures> rules(p);
   const Band& band = rules.band;
 
-  // query blocks meeting the band of keys [n0, n_end), for each query head of the group
-  const int64_t n_end = min(n0 + kBlockN, p.len_k);
-  const int64_t rows_lo = band.rows_lo(n0, p.len_q), rows_hi = band.rows_hi(n_end, p.len_q);
-  int64_t m_first = 0, n_mblocks = 0;
-  if (rows_hi > rows_lo) {
-    m_first = rows_lo / kBlockM * kBlockM;
-    n_mblocks = (rows_hi - m_first + kBlockM - 1) / kBlockM;
-  }
+  // the query blocks meeting the band of this CTA's keys, walked for each query head of the group
+  int64_t m_first, n_mblocks;
+  band.row_blocks(n0, min(n0 + kBlockN, p.len_k), p.len_q, kBlockM, m_first, n_mblocks);
   const int64_t n_iters = group * n_mblocks;
 
   const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
@@ -280,14 +275,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
   const ScoreRules<kFeatures> rules(p);
   const Band& band = rules.band;
 
-  int64_t key_first = 0, n_blocks = 0;
-  {
-    const int64_t lo = band.range_lo(m0), hi = band.range_hi(m_end);
-    if (hi > lo) {
-      key_first = lo / kBlockN * kBlockN;
-      n_blocks = (hi - key_first + kBlockN - 1) / kBlockN;
-    }
-  }
+  int64_t key_first, n_blocks;
+  band.key_blocks(m0, m_end, kBlockN, key_first, n_blocks);
 
   const T* const q_head = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
   const T* const do_head = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1];

@@ -51,14 +51,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const ScoreRules<false> rules(p);
   const Band& band = rules.band;
 
-  // query blocks meeting the band of keys [n0, n_end), for each query head of the group
-  const int64_t n_end = min(n0 + Cfg::kOwnRows, p.len_k);
-  const int64_t rows_lo = band.rows_lo(n0, p.len_q), rows_hi = band.rows_hi(n_end, p.len_q);
-  int64_t m_first = 0, n_mblocks = 0;
-  if (rows_hi > rows_lo) {
-    m_first = rows_lo / kM * kM;
-    n_mblocks = (rows_hi - m_first + kM - 1) / kM;
-  }
+  // the query blocks meeting the band of this CTA's keys, walked for each query head of the group
+  int64_t m_first, n_mblocks;
+  band.row_blocks(n0, min(n0 + Cfg::kOwnRows, p.len_k), p.len_q, kM, m_first, n_mblocks);
   const int64_t n_iters = group * n_mblocks;
   auto stream_at = [&](int64_t it, int64_t& m0, int& hq) {
     hq = hkv * group + static_cast<int>(it / n_mblocks);
@@ -212,14 +207,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const ScoreRules<false> rules(p);
   const Band& band = rules.band;
 
-  int64_t key_first = 0, n_blocks = 0;
-  {
-    const int64_t lo = band.range_lo(m0), hi = band.range_hi(min(m0 + Cfg::kOwnRows, p.len_q));
-    if (hi > lo) {
-      key_first = lo / kN * kN;
-      n_blocks = (hi - key_first + kN - 1) / kN;
-    }
-  }
+  int64_t key_first, n_blocks;
+  band.key_blocks(m0, min(m0 + Cfg::kOwnRows, p.len_q), kN, key_first, n_blocks);
 
   if (tid == 0) sm.init_barriers();
   __syncthreads();

@@ -123,14 +123,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // band of any row of the tile, cut into num_splits ranges when splitting
   int64_t cta_lo, cta_hi;
   rows.query_hull(0, kBlockM, cta_lo, cta_hi);
-  int64_t key_first = 0, n_blocks = 0;
-  if (cta_hi > cta_lo) {
-    const int64_t lo = band.range_lo(cta_lo), hi = band.range_hi(cta_hi);
-    if (hi > lo) {
-      key_first = lo / kBlockN * kBlockN;
-      n_blocks = (hi - key_first + kBlockN - 1) / kBlockN;
-    }
-  }
+  int64_t key_first, n_blocks;
+  band.key_blocks(cta_lo, cta_hi, kBlockN, key_first, n_blocks);
   int64_t blk_begin = 0, blk_end = n_blocks;
   if (kPacked && split.num_splits > 1) {
     const int64_t per = (n_blocks + split.num_splits - 1) / split.num_splits;

@@ -52,15 +52,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const Band& band = rules.band;
 
   // key blocks [0, n_blocks) of kBlockN keys from key_first: those meeting the band of any row
-  const int64_t cta_hi = min(row0 + kBlockM, p.len_q);
-  int64_t key_first = 0, n_blocks = 0;
-  {
-    const int64_t lo = band.range_lo(row0), hi = band.range_hi(cta_hi);
-    if (hi > lo) {
-      key_first = lo / kBlockN * kBlockN;
-      n_blocks = (hi - key_first + kBlockN - 1) / kBlockN;
-    }
-  }
+  int64_t key_first, n_blocks;
+  band.key_blocks(row0, min(row0 + kBlockM, p.len_q), kBlockN, key_first, n_blocks);
 
   if (tid == 0) ring.init_barriers();
   __syncthreads();  // the last CTA-wide barrier: producer threads leave early below
