@@ -351,6 +351,7 @@ WGMMA_CASES = [
     Case(batch=1, heads_q=2, heads_kv=2, len_q=150, len_k=150, head_dim=40, head_dim_v=100, id="padded-ev"),
     Case(batch=2, heads_q=2, heads_kv=1, len_q=129, len_k=131, head_dim=128, layout="transposed", id="blhd"),
     Case(batch=1, heads_q=1, heads_kv=1, len_q=17, len_k=5, head_dim=64, id="short"),
+    Case(batch=1, heads_q=2, heads_kv=2, len_q=100, len_k=140, head_dim=96, causal=True, id="d96-in-128"),
 ]
 
 
@@ -368,9 +369,9 @@ def test_emulated_wgmma_parity(wgmma, case, dtype, seed):
 @pytest.mark.parametrize("late_copies,order", [(False, 0), (True, 1), (False, 2), (True, 2)])
 def test_emulated_wgmma_under_other_timings(wgmma, late_copies, order, seed):
     """TMA copies landing at issue or only when a consumer waits, threads in other orders."""
-    case = Case(batch=1, heads_q=2, heads_kv=1, len_q=260, len_k=700, head_dim=64, window=(300, 20), id="")
-    fwd, _ = emulate(wgmma, case, torch.float16, seed, late_copies=late_copies, order=order, backward=False)
-    assert fwd["wgmma"] > 0
+    case = Case(batch=1, heads_q=2, heads_kv=1, len_q=260, len_k=300, head_dim=64, window=(100, 20), id="")
+    fwd, bwd = emulate(wgmma, case, torch.float16, seed, late_copies=late_copies, order=order)
+    assert fwd["wgmma"] > 0 and bwd["wgmma"] > 0
 
 
 @pytest.mark.parametrize("what", ["mask", "dropout", "decode", "head_dim_160", "switched_off", "sm80_device"])
