@@ -352,6 +352,10 @@ WGMMA_CASES = [
     Case(batch=2, heads_q=2, heads_kv=1, len_q=129, len_k=131, head_dim=128, layout="transposed", id="blhd"),
     Case(batch=1, heads_q=1, heads_kv=1, len_q=17, len_k=5, head_dim=64, id="short"),
     Case(batch=1, heads_q=2, heads_kv=2, len_q=100, len_k=140, head_dim=96, causal=True, id="d96-in-128"),
+    Case(batch=2, heads_q=4, heads_kv=2, len_q=150, len_k=170, head_dim=64, mask="bool", causal=True, id="bool-mask"),
+    Case(batch=1, heads_q=2, heads_kv=1, len_q=140, len_k=200, head_dim=128, mask="float-bcast", window=(50, 10),
+         id="float-mask"),
+    Case(batch=1, heads_q=4, heads_kv=2, len_q=130, len_k=150, head_dim=64, dropout_p=0.3, id="dropout"),
 ]
 
 
@@ -361,7 +365,7 @@ def test_emulated_wgmma_parity(wgmma, case, dtype, seed):
     """The Hopper forward and backward against the float64 reference; the counters show that
     both ran wgmma and no mma.sync."""
     bottom_right = case.id == "causal-l<s"
-    fwd, bwd = emulate(wgmma, case, dtype, seed, bottom_right=bottom_right)
+    fwd, bwd = emulate(wgmma, case, dtype, seed, bottom_right=bottom_right, mask_grad=case.mask == "float-bcast")
     assert fwd["wgmma"] > 0 and fwd["mma"] == 0, fwd
     assert bwd["wgmma"] > 0 and bwd["mma"] == 0, bwd
 
@@ -374,13 +378,11 @@ def test_emulated_wgmma_under_other_timings(wgmma, late_copies, order, seed):
     assert fwd["wgmma"] > 0 and bwd["wgmma"] > 0
 
 
-@pytest.mark.parametrize("what", ["mask", "dropout", "decode", "head_dim_160", "switched_off", "sm80_device"])
+@pytest.mark.parametrize("what", ["decode", "head_dim_160", "switched_off", "sm80_device"])
 def test_emulated_wgmma_leaves_the_rest_to_sm80(wgmma, monkeypatch, what, seed):
-    """Masks, dropout, decoding (forward) and head dims past 128 run the sm80 kernels, as does
-    everything when the switch is off or the device is not compute capability 9.0."""
+    """Decoding (forward) and head dims past 128 run the sm80 kernels, as does everything when
+    the switch is off or the device is not compute capability 9.0."""
     case = {
-        "mask": Case(mask="bool", len_q=70, len_k=90, id=""),
-        "dropout": Case(dropout_p=0.2, len_q=70, len_k=90, id=""),
         "decode": Case(len_q=4, len_k=300, heads_q=4, heads_kv=1, id=""),
         "head_dim_160": Case(head_dim=160, len_q=70, len_k=90, id=""),
     }.get(what, Case(len_q=70, len_k=90, id=""))

@@ -9,7 +9,8 @@
 //   bwd_q_sm90_kernel   a CTA owns 128 queries (Q and dO loaded once) and streams the K and V
 //                       blocks of their band: S, dP, dS as above, dQ += dS K.
 // delta = rowsum(dO * O) - dLSE comes from bwd_kernel.cuh's delta_kernel. Served: head-dim
-// buckets 64 and 128, fp16/bf16, no mask, no dropout; the rest runs the sm80 kernels.
+// buckets 64 and 128, fp16/bf16; with kFeatures bool/float masks (and the float mask's
+// gradient, written by the dQ pass) and dropout.
 #pragma once
 
 #include <cmath>
@@ -27,7 +28,7 @@ namespace cuda {
 #define ATTNKERN_SM90_BODY 1
 #endif
 
-template <class Cfg, typename T>
+template <class Cfg, typename T, bool kFeatures>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     bwd_kv_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90Maps maps) {
 #if !ATTNKERN_SM90_BODY
@@ -48,7 +49,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int hkv = blockIdx.y;
   const int group = static_cast<int>(p.heads_q / p.heads_kv);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * Cfg::kOwnRows;
-  const ScoreRules<false> rules(p);
+  const ScoreRules<kFeatures> rules(p);
   const Band& band = rules.band;
 
   // the query blocks meeting the band of this CTA's keys, walked for each query head of the group
@@ -79,6 +80,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   int64_t key_j[2];  // this thread's keys: fragment rows g and g + 8 of its warp
   for (int h = 0; h < 2; ++h) key_j[h] = wj0 + 16 * warp + (lane >> 2) + 8 * h;
 
+  const float inv_keep = rules.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
   float acc_dk[kDT][4], acc_dv[kDT][4];
 #pragma unroll
   for (int dt = 0; dt < kDT; ++dt)
@@ -102,6 +104,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       continue;
     }
     const bool edge = wj0 + 64 > p.len_k || !band.tile_full(m0, m_end, wj0, wj0 + 64);
+    static_assert(kNT * 4 <= 32, "dropout keep bits of a thread's tile fit one word");
 
     // S^T = K Q^T, then dP^T = V dO^T, both in flight while P^T is formed
     float st[kNT][4], dpt[kNT][4];
@@ -123,37 +126,52 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     wgmma_commit();
 
     const int64_t row_base = (b * p.heads_q + hq) * p.len_q + m0;  // lse/delta index of query m0
+    const bool check = rules.checked(edge);
     wgmma_wait<1>();
     fence_operands(st_flat);
+    uint32_t keep_bits = 0xffffffffu;  // dropout: bit nt * 4 + e clear where st[nt][e] is dropped
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       int lo = 0, hi = kM;
-      if (edge) rules.key_window(key_j[h], m0, kM, lo, hi);
+      if (check) rules.key_window(key_j[h], m0, kM, lo, hi);
+      const int64_t mask_row = rules.mask_offset(b, hq, m0, key_j[h]);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int col = nt * 8 + 2 * (lane & 3) + c;
           float& x = st[nt][2 * h + c];
-          x = exp2f(rules(x, col, lo, hi, edge, 0, 0) - backward_lse_log2(p.lse, row_base + col, m0 + col < p.len_q));
+          x = exp2f(rules(x, col, lo, hi, check, mask_row, p.mask_stride[2]) -
+                    backward_lse_log2(p.lse, row_base + col, m0 + col < p.len_q));
+          if (rules.dropout() && !rules.keep(static_cast<uint32_t>(b * p.heads_q + hq), m0 + col, key_j[h]))
+            keep_bits &= ~(1u << (nt * 4 + 2 * h + c));
         }
     }
+    auto kept = [&](int nt, int e) -> float { return (keep_bits >> (nt * 4 + e)) & 1u ? inv_keep : 0.f; };
     wgmma_wait<0>();
     fence_operands(dpt_flat);
-    // dS^T = P^T (dP^T - delta); the softmax scale is applied to dK once at the end
+    // dS^T = P^T (dP^T keep / (1 - p) - delta), the dropped P^T for dV; the softmax scale is
+    // applied to dK once at the end
+    uint32_t pa[kM / 16][4], dsa[kM / 16][4];
+#pragma unroll
+    for (int k2 = 0; k2 < kM / 16; ++k2) {
+      float lo_p[4], hi_p[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        lo_p[e] = st[2 * k2][e] * kept(2 * k2, e);
+        hi_p[e] = st[2 * k2 + 1][e] * kept(2 * k2 + 1, e);
+      }
+      acc_to_a<T>(pa[k2], lo_p, hi_p);
+    }
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = nt * 8 + 2 * (lane & 3) + (e & 1);
-        dpt[nt][e] = st[nt][e] * (dpt[nt][e] - (m0 + col < p.len_q ? p.delta[row_base + col] : 0.f));
+        dpt[nt][e] = st[nt][e] * (dpt[nt][e] * kept(nt, e) - (m0 + col < p.len_q ? p.delta[row_base + col] : 0.f));
       }
-    uint32_t pa[kM / 16][4], dsa[kM / 16][4];
 #pragma unroll
-    for (int k2 = 0; k2 < kM / 16; ++k2) {
-      acc_to_a<T>(pa[k2], st[2 * k2], st[2 * k2 + 1]);
-      acc_to_a<T>(dsa[k2], dpt[2 * k2], dpt[2 * k2 + 1]);
-    }
+    for (int k2 = 0; k2 < kM / 16; ++k2) acc_to_a<T>(dsa[k2], dpt[2 * k2], dpt[2 * k2 + 1]);
     // dV += P^T dO and dK += dS^T Q: dO and Q read MN-major (the queries are the reduction)
     fence_operands(dv_flat);
     fence_operands(dk_flat);
@@ -182,7 +200,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #endif
 }
 
-template <class Cfg, typename T>
+template <class Cfg, typename T, bool kFeatures>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     bwd_q_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90Maps maps) {
 #if !ATTNKERN_SM90_BODY
@@ -204,7 +222,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int hkv = hq / static_cast<int>(p.heads_q / p.heads_kv);
   // the last query blocks meet the most keys under a causal band: start them first
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * Cfg::kOwnRows;
-  const ScoreRules<false> rules(p);
+  const ScoreRules<kFeatures> rules(p);
   const Band& band = rules.band;
 
   int64_t key_first, n_blocks;
@@ -240,6 +258,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     row_delta[h] = i < p.len_q ? p.delta[row_base + i] : 0.f;
   }
 
+  const uint32_t bh = static_cast<uint32_t>(b * p.heads_q + hq);
+  const float inv_keep = rules.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
+  float* const dmask_head = (kFeatures && p.dmask != nullptr) ? p.dmask + row_base * p.len_k : nullptr;
   float acc_dq[kDT][4];
 #pragma unroll
   for (int dt = 0; dt < kDT; ++dt)
@@ -278,30 +299,46 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       wgmma_ss<kN, kBf16>(dp_flat, OwnTile::k_major(do_tile, 64 * consumer, kk), StreamTile::k_major(sm.stream1(s), 0, kk),
                           kk > 0);
     wgmma_commit();
+    const bool check = rules.checked(edge);
     wgmma_wait<1>();
     fence_operands(sc_flat);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       int lo = 0, hi = kN;
-      if (edge) rules.query_window(row_i[h], key0, kN, lo, hi);
+      if (check) rules.query_window(row_i[h], key0, kN, lo, hi);
+      const int64_t mask_row = rules.mask_offset(b, hq, row_i[h], key0);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           float& x = sc[nt][2 * h + c];
-          x = exp2f(rules(x, nt * 8 + 2 * (lane & 3) + c, lo, hi, edge, 0, 0) - row_lse[h]);
+          x = exp2f(rules(x, nt * 8 + 2 * (lane & 3) + c, lo, hi, check, mask_row, p.mask_stride[3]) - row_lse[h]);
         }
     }
     wgmma_wait<0>();
     fence_operands(dp_flat);
-    // dS = P (dP - delta), then dQ += dS K with K read MN-major (the keys are the reduction)
+    // dS = P (dP keep / (1 - p) - delta), also the mask's gradient; then dQ += dS K with K read
+    // MN-major (the keys are the reduction)
     uint32_t dsa[kN / 16][4];
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
+    for (int h = 0; h < 2; ++h) {
+      const int64_t i = row_i[h];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dp[nt][e] = sc[nt][e] * (dp[nt][e] - row_delta[e >> 1]);
+      for (int nt = 0; nt < kNT; ++nt) {
+        const int col = nt * 8 + 2 * (lane & 3);
+        bool k0 = true, k1 = true;
+        if (rules.dropout()) rules.keep_pair(bh, i, key0 + col, k0, k1);
+        sc[nt][2 * h] *= dp[nt][2 * h] * (k0 ? inv_keep : 0.f) - row_delta[h];
+        sc[nt][2 * h + 1] *= dp[nt][2 * h + 1] * (k1 ? inv_keep : 0.f) - row_delta[h];
+        if (dmask_head != nullptr && i < p.len_q) {
+          float* const dm = dmask_head + i * p.len_k + key0 + col;
+          if (key0 + col < p.len_k) dm[0] = sc[nt][2 * h];
+          if (key0 + col + 1 < p.len_k) dm[1] = sc[nt][2 * h + 1];
+        }
+      }
+    }
 #pragma unroll
-    for (int k2 = 0; k2 < kN / 16; ++k2) acc_to_a<T>(dsa[k2], dp[2 * k2], dp[2 * k2 + 1]);
+    for (int k2 = 0; k2 < kN / 16; ++k2) acc_to_a<T>(dsa[k2], sc[2 * k2], sc[2 * k2 + 1]);
     fence_operands(dq_flat);
     wgmma_fence();
 #pragma unroll

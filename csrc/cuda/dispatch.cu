@@ -142,11 +142,10 @@ int decode_num_splits(const AttnParams& p, int sm_count) {
 }
 
 // The Hopper launcher for p, or nullptr: sm_90a code runs on compute capability 9.0 only (the
-// "a" features are not forward-compatible), and its kernels take no mask or dropout. Head dims
-// go to the smallest Hopper bucket that holds them, which may be larger than the sm80 one.
+// "a" features are not forward-compatible). Head dims go to the smallest Hopper bucket that
+// holds them, which may be larger than the sm80 one.
 Sm90Launcher hopper_launcher(const AttnParams& p, bool backward) {
-  if (p.mask_kind != MaskKind::kNone || p.dropout_p != 0.f || !wgmma_enabled() || current_device_arch() != 90)
-    return nullptr;
+  if (!wgmma_enabled() || current_device_arch() != 90) return nullptr;
   const int64_t need = std::max(p.head_dim, p.head_dim_v);
   for (const Instance& inst : compiled_sm90_instances())
     if (inst.dtype == p.dtype && inst.head_dim >= need) {

@@ -10,8 +10,8 @@
 //     turns issuing their products (ping-pong), so one's softmax overlaps the other's products.
 // The producer gives up registers (setmaxnreg) so each consumer thread can hold S and O.
 //
-// Served: fp16/bf16, head-dim buckets 64 and 128, no mask, no dropout, the prefill path
-// (launch_fwd_sm90.cuh decides; everything else runs the sm80 kernels). The kernel body exists
+// Served: fp16/bf16, head-dim buckets 64 and 128, the prefill path, with bool/float masks and
+// dropout when kFeatures (launch_fwd_sm90.cuh decides; everything else runs the sm80 kernels). The kernel body exists
 // only when compiled for sm_90a; for other archs it traps and the host never launches it.
 #pragma once
 
@@ -24,7 +24,7 @@
 namespace attnkern {
 namespace cuda {
 
-template <class Cfg, typename T>
+template <class Cfg, typename T, bool kFeatures>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90Maps maps) {
 #if !defined(ATTNKERN_CUDA_EMULATOR) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -48,7 +48,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   const int hkv = hq / static_cast<int>(p.heads_q / p.heads_kv);
   // the last query blocks meet the most keys under a causal band: start them first
   const int64_t row0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
-  const ScoreRules<false> rules(p);
+  const ScoreRules<kFeatures> rules(p);
   const Band& band = rules.band;
 
   // key blocks [0, n_blocks) of kBlockN keys from key_first: those meeting the band of any row
@@ -135,13 +135,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     for (int h = 0; h < 2; ++h) {
       int lo, hi;
       rules.query_window(row_q[h], key0, kBlockN, lo, hi);
+      const int64_t mask_row = rules.mask_offset(b, hq, row_q[h], key0);
       float mx = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           float& x = acc_s[nt][2 * h + c];
-          x = rules(x, nt * 8 + 2 * (lane & 3) + c, lo, hi, true, 0, 0);
+          x = rules(x, nt * 8 + 2 * (lane & 3) + c, lo, hi, true, mask_row, p.mask_stride[3]);
           mx = fmaxf(mx, x);
         }
       mx = quad_max(mx);
@@ -159,6 +160,16 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
           sum += x;
         }
       row_sum[h] = row_sum[h] * alpha[h] + sum;  // per-thread partial; the quad's sum is taken at the end
+      if (rules.dropout()) {  // the sum above is of the undropped weights, as softmax needs
+        const uint32_t bh = static_cast<uint32_t>(b * p.heads_q + hq);
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          bool k0, k1;
+          rules.keep_pair(bh, row_q[h], key0 + nt * 8 + 2 * (lane & 3), k0, k1);
+          if (!k0) acc_s[nt][2 * h] = 0.f;
+          if (!k1) acc_s[nt][2 * h + 1] = 0.f;
+        }
+      }
     }
   };
   auto rescale_and_keep_p = [&](const float (&alpha)[2]) {
@@ -212,7 +223,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const float l = quad_sum(row_sum[h]);
     const int64_t i = row_q[h];
     if (i >= p.len_q) continue;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const float inv = l > 0.f ? (rules.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f) / l : 0.f;
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
       const int col = dt * 8 + 2 * (lane & 3);

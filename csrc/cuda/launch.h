@@ -43,8 +43,8 @@ using BwdLauncher = cudaError_t (*)(const AttnParams&, cudaStream_t);
 bool register_forward(int head_dim, DType dtype, FwdLauncher launcher);
 bool register_backward(int head_dim, DType dtype, BwdLauncher launcher);
 
-// The Hopper (wgmma/TMA) kernels, compiled only into sm_90a builds. They serve calls without
-// mask or dropout (the forward: also not the decode path) on compute capability 9.0 when enabled
+// The Hopper (wgmma/TMA) kernels, compiled only into sm_90a builds. They serve head dims up to
+// 128 (the forward: not the decode path) on compute capability 9.0 when enabled
 // (wgmma_enabled), and answer cudaErrorNotSupported, launching nothing, for tensors TMA cannot
 // describe; forward()/backward() then run the sm80 kernels. Off by default until they have run
 // on a GPU: ATTNKERN_CUDA_WGMMA=1.

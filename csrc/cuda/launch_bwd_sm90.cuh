@@ -32,11 +32,16 @@ cudaError_t run_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   const dim3 kv_grid(static_cast<unsigned>((p.len_k + KV::kOwnRows - 1) / KV::kOwnRows),
                      static_cast<unsigned>(p.heads_kv), batch);
-  err = launch_kernel(bwd_kv_sm90_kernel<KV, T>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p, kv_maps);
-  if (err != cudaSuccess) return err;
   const dim3 q_grid(static_cast<unsigned>((p.len_q + Q::kOwnRows - 1) / Q::kOwnRows), static_cast<unsigned>(p.heads_q),
                     batch);
-  return launch_kernel(bwd_q_sm90_kernel<Q, T>, q_grid, Q::kThreads, Q::kSmemBytes, stream, p, q_maps);
+  if (p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f) {
+    err = launch_kernel(bwd_kv_sm90_kernel<KV, T, true>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p, kv_maps);
+    if (err != cudaSuccess) return err;
+    return launch_kernel(bwd_q_sm90_kernel<Q, T, true>, q_grid, Q::kThreads, Q::kSmemBytes, stream, p, q_maps);
+  }
+  err = launch_kernel(bwd_kv_sm90_kernel<KV, T, false>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p, kv_maps);
+  if (err != cudaSuccess) return err;
+  return launch_kernel(bwd_q_sm90_kernel<Q, T, false>, q_grid, Q::kThreads, Q::kSmemBytes, stream, p, q_maps);
 }
 
 }  // namespace cuda
