@@ -7,7 +7,9 @@ attnkern (A B A B ...), so machine drift hits both alike, and records the median
 ``extra_info`` (``speedup_vs_torch`` > 1 means attnkern is faster). Targets (issue 2):
 forward fp32 B=1 H=8 L=S=2048 D=64 >= 1.0x causal and not; forward+backward L=S=1024
 causal >= 1.0x; window (255, 0) at L=S=8192 >= 15x torch given the equivalent bool mask;
-window time 8192 -> 32768 at most 4.4x. Decoding (L=1, S=4096, GQA 32/8, D=128) has no target;
+window time 8192 -> 32768 at most 4.4x. Masked calls (a (B,1,1,S) bool padding mask, a
+(B,1,L,S) float mask) also record ``mask_overhead``: attnkern's time with the mask over its
+time without it, timed in the same rotation. Decoding (L=1, S=4096, GQA 32/8, D=128) has no target;
 it is recorded because it is the case where reading K and V once per kv group matters.
 """
 
@@ -27,16 +29,17 @@ from attnkern.bench.flops import attention_flops
 pytestmark = pytest.mark.skipif("cpu" not in attnkern.available_backends(), reason="CPU backend not built")
 
 
-def interleaved_medians(fn_a, fn_b, rounds: int):
-    """Median seconds of a and b, timed alternately after one warm-up each."""
-    fn_a(), fn_b()
-    ta, tb = [], []
+def interleaved_medians(*fns, rounds: int):
+    """Median seconds of each function, timed in turn (A B C A B C ...) after one warm-up each."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        for fn, acc in ((fn_a, ta), (fn_b, tb)):
+        for fn, acc in zip(fns, times):
             t0 = time.perf_counter()
             fn()
             acc.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    return tuple(statistics.median(t) for t in times)
 
 
 def record(benchmark, ours, theirs, flops, rounds):
@@ -131,3 +134,48 @@ def test_window_linear_in_length(benchmark):
     benchmark.group = "window(255,0) growth L 8192 -> 32768"
     benchmark.extra_info.update(time_ratio_32768_over_8192=t_large / t_small, t_8192_s=t_small, t_32768_s=t_large)
     benchmark.pedantic(run_large, rounds=3, warmup_rounds=1)
+
+
+def padding_and_float_masks(B: int, L: int, S: int, dtype):
+    """A (B,1,1,S) bool key-padding mask (batch b keeps its first S - b*S/4 keys) and a
+    (B,1,L,S) float mask of random finite values in the query dtype."""
+    keep = torch.arange(S)[None, :] < (S - torch.arange(B)[:, None] * (S // 4))
+    return keep[:, None, None, :], torch.randn(B, 1, L, S).to(dtype)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("mask_kind", ["bool_padding", "float_full"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_masked(benchmark, dtype, mask_kind, mode):
+    torch.manual_seed(0)
+    B, H, L, D = 2, 8, 1024, 64
+    bwd = mode == "fwd+bwd"
+    q, k, v = (torch.randn(B, H, L, D, dtype=dtype, requires_grad=bwd) for _ in range(3))
+    grad = torch.randn(B, H, L, D, dtype=dtype)
+    pad, full = padding_and_float_masks(B, L, L, dtype)
+    mask = pad if mask_kind == "bool_padding" else full
+
+    def step(fn, m):
+        def run():
+            out = fn(q, k, v, attn_mask=m)
+            if bwd:
+                torch.autograd.grad(out, (q, k, v), grad)
+
+        return run
+
+    ours = step(lambda *t, **kw: attnkern.scaled_dot_product_attention(*t, backend="cpu", **kw), mask)
+    unmasked = step(lambda *t, **kw: attnkern.scaled_dot_product_attention(*t, backend="cpu", **kw), None)
+    theirs = step(F.scaled_dot_product_attention, mask)
+    t_ours, t_unmasked, t_theirs = interleaved_medians(ours, unmasked, theirs, rounds=5)
+    benchmark.group = f"{mode} {str(dtype)[6:]} B2 H8 L=S=1024 D64 {mask_kind} mask"
+    benchmark.extra_info.update(
+        speedup_vs_torch=t_theirs / t_ours,
+        mask_overhead=t_ours / t_unmasked,
+        attnkern_median_s=t_ours,
+        attnkern_unmasked_median_s=t_unmasked,
+        torch_median_s=t_theirs,
+        tflops=attention_flops(B, H, L, L, D, mode=mode) / t_ours / 1e12,
+        threads=torch.get_num_threads(),
+        loadavg_1m=os.getloadavg()[0],
+    )
+    benchmark.pedantic(ours, rounds=3, warmup_rounds=0)

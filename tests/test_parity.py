@@ -241,3 +241,67 @@ def test_auto_never_fails_where_math_succeeds(seed):
     ref = attnkern.scaled_dot_product_attention(q, q, q, backend="math")
     assert torch.equal(out, ref)
     assert "math" in attnkern.available_backends()
+
+
+# Mask layouts, each taking its own route through the CPU kernels' mask code (apply_mask):
+# a row shared by the whole tile (padding broadcast over queries), rows with contiguous keys
+# (transposed in registers), and other strides. Bool masks have whole key blocks (128 keys)
+# True and False and fully masked rows; float masks carry -inf where a bool one would be False.
+def _layout_mask(layout: str, kind: str, B: int, H: int, L: int, S: int, dtype):
+    if layout == "key-padding":  # (B,1,1,S): batch b keeps its first S - 130 b keys, the last none
+        keep = torch.arange(S)[None, :] < torch.tensor([S - 130 * b for b in range(B - 1)] + [0])[:, None]
+        keep = keep[:, None, None, :]
+    elif layout == "head-padding":  # (1,H,1,S): differs per head, so a packed tile mixes rows
+        keep = torch.rand(1, H, 1, S) > 0.3
+        keep[:, 1] = False
+    elif layout == "rows":  # (B,1,L,S) contiguous
+        keep = torch.rand(B, 1, L, S) > 0.3
+        keep[..., 128:256] = True
+        keep[:, :, :, 256:] = False
+        keep[:, :, :, 256:] |= torch.rand(B, 1, L, S - 256) > 0.9
+        keep[:, :, 0] = False
+    elif layout == "transposed":  # (B,H,L,S) view of (B,H,S,L) memory: keys strided
+        keep = (torch.rand(B, H, S, L) > 0.3).transpose(-1, -2)
+        keep[:, :, 0] = False
+    else:  # "query-padding", (B,1,L,1): keys broadcast, rows differ
+        keep = torch.rand(B, 1, L, 1) > 0.2
+        keep[:, :, 0] = False
+    if kind == "bool":
+        return keep
+    values = torch.randn(keep.shape, dtype=torch.float64).masked_fill(~keep, float("-inf"))
+    if layout == "transposed":  # keep the strided storage
+        values = values.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return values.to(torch.float32 if kind == "float32" else dtype)
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+@pytest.mark.parametrize("dtype,kind", [(d, k) for d in DTYPES for k in ("bool", "float", "float32")
+                                        if not (k == "float32" and d == torch.float32)],
+                         ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("len_q", [70, 1, 3, 16], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("layout", ["key-padding", "head-padding", "rows", "transposed", "query-padding"])
+def test_mask_layouts(layout, len_q, dtype, kind, backend, seed):
+    """Forward, backward and (float) mask gradient for each mask layout; L <= 16 with GQA 8/2
+    runs the packed decoding tiles, whose rows span heads."""
+    case = Case(batch=3, heads_q=8, heads_kv=2, len_q=len_q, len_k=300, head_dim=32, id="")
+    q, k, v, _ = make_inputs(case, dtype)
+    mask = _layout_mask(layout, kind, 3, 8, len_q, 300, dtype)
+    # a mask constant along the keys shifts every score of a row alike: its gradient is exactly
+    # 0 and the kernels' is rounding noise, so it is not compared
+    mask_grad = kind != "bool" and layout != "query-padding"
+    if mask_grad:
+        mask = mask.detach().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = case_attention(case, q, k, v, mask, backend)
+    grad_out = torch.randn_like(out)
+    inputs = [q, k, v] + ([mask] if mask_grad else [])
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    ref_out, ref_grads = reference_forward_backward(case, q, k, v, mask, grad_out, seed, mask_grad=mask_grad)
+    assert_close(out, ref_out, dtype, "out")
+    for name, g, r in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
+        assert_close(g, r, dtype, name)
+    # rows that attend no key are exactly 0
+    keep = mask if kind == "bool" else mask > float("-inf")
+    empty = ~keep.expand(3, 8, len_q, 300).any(-1)
+    assert empty.any()
+    assert torch.equal(out[empty], torch.zeros_like(out[empty]))

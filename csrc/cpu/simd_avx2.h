@@ -76,6 +76,33 @@ struct VecAVX2 {
     __m256 r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
     return {_mm256_andnot_ps(tiny, r)};
   }
+  static ATTNKERN_VEC_INLINE VecAVX2 load_bytes(const uint8_t* p, int n = kWidth) {
+    uint64_t w = 0;
+    __builtin_memcpy(&w, p, n < kWidth ? n : kWidth);
+    return {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(w))))};
+  }
+  static ATTNKERN_VEC_INLINE VecAVX2 fill_where_zero(VecAVX2 a, VecAVX2 key, float fill) {
+    __m256 z = _mm256_cmp_ps(key.v, _mm256_setzero_ps(), _CMP_EQ_OQ);
+    return {_mm256_blendv_ps(a.v, _mm256_set1_ps(fill), z)};
+  }
+  // r[i][j] <-> r[j][i] (an 8 x 8 tile), as VecAVX512::transpose with 128-bit halves
+  static ATTNKERN_VEC_INLINE void transpose(VecAVX2* r) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i].v, r[2 * i + 1].v);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i].v, r[2 * i + 1].v);
+    }
+    for (int g = 0; g < 2; ++g) {
+      u[4 * g] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+      u[4 * g + 1] = _mm256_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+      u[4 * g + 2] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+      u[4 * g + 3] = _mm256_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      r[c].v = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+      r[4 + c].v = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+  }
   // eight 16-bit values, zero-filled past n (AVX2 has no masked 16-bit load)
   static ATTNKERN_VEC_INLINE __m128i load_u16(const uint16_t* p, int n) {
     if (n >= kWidth) return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));

@@ -72,6 +72,40 @@ struct VecAVX512 {
     return {_mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), r)};
   }
 
+  // lanes i < n: float(p[i]) of bytes (a bool mask's 0/1), the rest 0
+  static ATTNKERN_VEC_INLINE VecAVX512 load_bytes(const uint8_t* p, int n = kWidth) {
+    return {_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(tail_mask(n), p)))};
+  }
+  // lanes where `key` is 0 become `fill`, the others keep `a`
+  static ATTNKERN_VEC_INLINE VecAVX512 fill_where_zero(VecAVX512 a, VecAVX512 key, float fill) {
+    __mmask16 z = _mm512_cmp_ps_mask(key.v, _mm512_setzero_ps(), _CMP_EQ_OQ);
+    return {_mm512_mask_blend_ps(z, a.v, _mm512_set1_ps(fill))};
+  }
+  // r[i][j] <-> r[j][i] (a 16 x 16 tile): 32 in-lane shuffles, then a 4 x 4 transpose of the
+  // 128-bit lanes
+  static ATTNKERN_VEC_INLINE void transpose(VecAVX512* r) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i].v, r[2 * i + 1].v);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i].v, r[2 * i + 1].v);
+    }
+    // u[4g + c], 128-bit lane l: element 4l + c of rows 4g .. 4g + 3
+    for (int g = 0; g < 4; ++g) {
+      u[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0x44);
+      u[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], 0xEE);
+      u[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0x44);
+      u[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+      const __m512 ab_lo = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), cd_lo = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+      const __m512 ab_hi = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE), cd_hi = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+      r[c].v = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
+      r[4 + c].v = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
+      r[8 + c].v = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
+      r[12 + c].v = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
+    }
+  }
+
   // bf16 <-> fp32 (round to nearest even; NaN stays NaN)
   static ATTNKERN_VEC_INLINE VecAVX512 load_bf16(const uint16_t* p, int n = kWidth) {
     __m256i h = _mm256_maskz_loadu_epi16(tail_mask(n), p);

@@ -74,6 +74,24 @@ struct VecGeneric {
     for (int i = 0; i < kWidth; ++i) r.v[i] = a.v[i] < -126.f ? 0.f : std::exp2(a.v[i]);
     return r;
   }
+  static ATTNKERN_VEC_INLINE VecGeneric load_bytes(const uint8_t* p, int n = kWidth) {
+    VecGeneric r;
+    for (int i = 0; i < kWidth; ++i) r.v[i] = i < n ? static_cast<float>(p[i]) : 0.f;
+    return r;
+  }
+  static ATTNKERN_VEC_INLINE VecGeneric fill_where_zero(VecGeneric a, VecGeneric key, float fill) {
+    for (int i = 0; i < kWidth; ++i)
+      if (key.v[i] == 0.f) a.v[i] = fill;
+    return a;
+  }
+  static ATTNKERN_VEC_INLINE void transpose(VecGeneric* r) {
+    for (int i = 0; i < kWidth; ++i)
+      for (int j = i + 1; j < kWidth; ++j) {
+        const float x = r[i].v[j];
+        r[i].v[j] = r[j].v[i];
+        r[j].v[i] = x;
+      }
+  }
   static ATTNKERN_VEC_INLINE VecGeneric load_bf16(const uint16_t* p, int n = kWidth) {
     VecGeneric r;
     for (int i = 0; i < kWidth; ++i) r.v[i] = i < n ? attnkern::bf16_to_float(p[i]) : 0.f;
