@@ -188,14 +188,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
     if constexpr (kDoDV) {
 #pragma unroll
       for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
-        float lo[4], hi[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          lo[e] = st[2 * k2][e] * kept(2 * k2, e);
-          hi[e] = st[2 * k2 + 1][e] * kept(2 * k2 + 1, e);
-        }
         uint32_t a[4];
-        acc_to_a<T>(a, lo, hi);
+        acc_to_a_kept<T>(a, st, k2, kept);
         mma_a_tile_kn<QTile, T>(acc_dv, a, q_kn, 16 * k2, do_off);
       }
     }

@@ -34,12 +34,12 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #if !ATTNKERN_SM90_BODY
   __trap();
 #else
-  using Smem = Sm90Ring<Cfg::kOwnRows, 2, Cfg::kStreamRows, Cfg::kColBlocks, Cfg::kStages, Cfg::kConsumers>;
+  using Smem = typename Cfg::Ring;
   using OwnTile = typename Smem::OwnTile;
   using StreamTile = typename Smem::StreamTile;
-  static_assert(Smem::kSmemBytes == Cfg::kSmemBytes, "the launch requests what the ring uses");
   constexpr int kD = Cfg::kD, kStages = Cfg::kStages, kM = Cfg::kStreamRows;  // kM queries per stage
   constexpr int kNT = kM / 8, kDT = kD / 8;
+  static_assert(kNT * 4 <= 32, "dropout keep bits of a thread's tile fit one word");
   constexpr bool kBf16 = !std::is_same<T, __half>::value;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];  // aligned up to 1024 by Smem
@@ -61,15 +61,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     m0 = m_first + (it % n_mblocks) * kM;
   };
 
-  if (tid == 0) sm.init_barriers();
-  __syncthreads();  // the last CTA-wide barrier: producer threads leave early below
-  if (warpgroup == 0) {
-    setmaxnreg_dec<24>();
-    if (tid == 0 && n_iters > 0) sm.produce(maps.k, maps.v, n0, hkv, maps.q, maps.dout, n_iters, b, stream_at);
-    return;
-  }
+  if (!sm.start(maps.k, maps.v, n0, hkv, maps.q, maps.dout, n_iters, b, stream_at)) return;
 
-  setmaxnreg_inc<240>();
   const int consumer = warpgroup - 1;
   const int lane = tid & 31, warp = (tid % 128) / 32;
   const int64_t wj0 = n0 + 64 * consumer;  // this warpgroup's first key
@@ -104,7 +97,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       continue;
     }
     const bool edge = wj0 + 64 > p.len_k || !band.tile_full(m0, m_end, wj0, wj0 + 64);
-    static_assert(kNT * 4 <= 32, "dropout keep bits of a thread's tile fit one word");
 
     // S^T = K Q^T, then dP^T = V dO^T, both in flight while P^T is formed
     float st[kNT][4], dpt[kNT][4];
@@ -157,15 +149,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     uint32_t pa[kM / 16][4], dsa[kM / 16][4];
     auto p_fragments = [&]() {
 #pragma unroll
-      for (int k2 = 0; k2 < kM / 16; ++k2) {
-        float lo_p[4], hi_p[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          lo_p[e] = st[2 * k2][e] * kept(2 * k2, e);
-          hi_p[e] = st[2 * k2 + 1][e] * kept(2 * k2 + 1, e);
-        }
-        acc_to_a<T>(pa[k2], lo_p, hi_p);
-      }
+      for (int k2 = 0; k2 < kM / 16; ++k2) acc_to_a_kept<T>(pa[k2], st, k2, kept);
     };
     if constexpr (kFeatures) p_fragments();
 #pragma unroll
@@ -212,10 +196,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
 #if !ATTNKERN_SM90_BODY
   __trap();
 #else
-  using Smem = Sm90Ring<Cfg::kOwnRows, 2, Cfg::kStreamRows, Cfg::kColBlocks, Cfg::kStages, Cfg::kConsumers>;
+  using Smem = typename Cfg::Ring;
   using OwnTile = typename Smem::OwnTile;
   using StreamTile = typename Smem::StreamTile;
-  static_assert(Smem::kSmemBytes == Cfg::kSmemBytes, "the launch requests what the ring uses");
   constexpr int kD = Cfg::kD, kStages = Cfg::kStages, kN = Cfg::kStreamRows;  // kN keys per stage
   constexpr int kNT = kN / 8, kDT = kD / 8;
   constexpr bool kBf16 = !std::is_same<T, __half>::value;
@@ -234,19 +217,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   int64_t key_first, n_blocks;
   band.key_blocks(m0, min(m0 + Cfg::kOwnRows, p.len_q), kN, key_first, n_blocks);
 
-  if (tid == 0) sm.init_barriers();
-  __syncthreads();
-  if (warpgroup == 0) {
-    setmaxnreg_dec<24>();
-    if (tid == 0 && n_blocks > 0)
-      sm.produce(maps.q, maps.dout, m0, hq, maps.k, maps.v, n_blocks, b, [&](int64_t it, int64_t& row, int& head) {
+  const bool consumes =
+      sm.start(maps.q, maps.dout, m0, hq, maps.k, maps.v, n_blocks, b, [&](int64_t it, int64_t& row, int& head) {
         row = key_first + it * kN;
         head = hkv;
       });
-    return;
-  }
+  if (!consumes) return;
 
-  setmaxnreg_inc<240>();
   const int consumer = warpgroup - 1;
   const int lane = tid & 31, warp = (tid % 128) / 32;
   const int64_t wm0 = m0 + 64 * consumer;

@@ -33,10 +33,9 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kNT = kBlockN / 8, kDT = kD / 8;  // n8-tiles of S and of O
   constexpr bool kBf16 = sizeof(T) == 2 && !std::is_same<T, __half>::value;
-  using Ring = Sm90Ring<kBlockM, 1, kBlockN, Cfg::kColBlocks, kStages, Cfg::kConsumers>;  // Q; K and V stages
+  using Ring = typename Cfg::Ring;  // Q; K and V stages
   using QTile = typename Ring::OwnTile;
   using KVTile = typename Ring::StreamTile;
-  static_assert(Ring::kSmemBytes == Cfg::kSmemBytes, "the launch requests what the ring uses");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];  // aligned up to 1024 by Ring
   const Ring ring(smem_addr(smem_raw));
@@ -55,21 +54,14 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   int64_t key_first, n_blocks;
   band.key_blocks(row0, min(row0 + kBlockM, p.len_q), kBlockN, key_first, n_blocks);
 
-  if (tid == 0) ring.init_barriers();
-  __syncthreads();  // the last CTA-wide barrier: producer threads leave early below
-
-  if (warpgroup == 0) {
-    setmaxnreg_dec<24>();
-    if (tid == 0 && n_blocks > 0)
-      ring.produce(maps.q, maps.q, row0, hq, maps.k, maps.v, n_blocks, b, [&](int64_t it, int64_t& row, int& head) {
+  const bool consumes =
+      ring.start(maps.q, maps.q, row0, hq, maps.k, maps.v, n_blocks, b, [&](int64_t it, int64_t& row, int& head) {
         row = key_first + it * kBlockN;
         head = hkv;
       });
-    return;
-  }
+  if (!consumes) return;
 
   // ---- consumers
-  setmaxnreg_inc<240>();
   const int consumer = warpgroup - 1;
   const int wg_tid = tid % 128, lane = tid & 31, warp = wg_tid / 32;
   const int64_t wg_row0 = row0 + 64 * consumer;  // this warpgroup's first query

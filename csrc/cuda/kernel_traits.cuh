@@ -12,6 +12,7 @@
 // None of this is tuned on a GPU yet.
 #pragma once
 
+#include "sm90_tile.cuh"
 #include "smem_tile.cuh"
 
 namespace attnkern {
@@ -172,18 +173,13 @@ constexpr int kMaxSmemBytesSm90 = 227 * 1024;
 template <int kD_, int kBlockN_, int kStages_>
 struct FwdSm90Config {
   static constexpr int kD = kD_;
-  static constexpr int kConsumers = 2;  // consumer warpgroups
-  static constexpr int kThreads = 128 * (kConsumers + 1);
-  static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
-  static constexpr int kColBlocks = kD / 64;  // 64-element column blocks of a row
-  static constexpr int kQBytes = kBlockM * kD * 2;
-  static constexpr int kKVBytes = kBlockN * kD * 2;  // one K or one V block
-  // Q, K stages, V stages, then the mbarriers (Q; K full, V full and stage empty per stage),
-  // plus 1 KB to align the start to the 1024 bytes of a swizzle atom
-  static constexpr int kBarrierBytes = 8 * (1 + 3 * kStages);
-  static constexpr int kSmemBytes = 1024 + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  // two consumer warpgroups; owned: Q; streamed: K, V (sm90_tile.cuh holds the layout)
+  using Ring = Sm90Ring<1, kBlockN, kD / 64, kStages, 2>;
+  static constexpr int kThreads = Ring::kThreads;
+  static constexpr int kBlockM = Ring::kOwnRows;
+  static constexpr int kSmemBytes = Ring::kSmemBytes;
   static_assert(kD % 64 == 0, "rows are whole 128-byte swizzle rows");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "key blocks are whole k-steps of P V and one wgmma N");
   static_assert(kStages >= 2, "the K/V ring needs two stages");
@@ -211,16 +207,12 @@ struct FwdSm90Traits<128> {
 template <int kD_, int kStreamRows_, int kStages_>
 struct BwdSm90Config {
   static constexpr int kD = kD_;
-  static constexpr int kConsumers = 2;
-  static constexpr int kThreads = 128 * (kConsumers + 1);
-  static constexpr int kOwnRows = 64 * kConsumers;
   static constexpr int kStreamRows = kStreamRows_;
   static constexpr int kStages = kStages_;
-  static constexpr int kColBlocks = kD / 64;
-  static constexpr int kOwnBytes = kOwnRows * kD * 2;        // one of the two owned tensors
-  static constexpr int kStreamBytes = kStreamRows * kD * 2;  // one of the two streamed tensors, one stage
-  static constexpr int kBarrierBytes = 8 * (1 + 3 * kStages);
-  static constexpr int kSmemBytes = 1024 + 2 * kOwnBytes + 2 * kStages * kStreamBytes + kBarrierBytes;
+  using Ring = Sm90Ring<2, kStreamRows, kD / 64, kStages, 2>;  // two consumer warpgroups
+  static constexpr int kThreads = Ring::kThreads;
+  static constexpr int kOwnRows = Ring::kOwnRows;
+  static constexpr int kSmemBytes = Ring::kSmemBytes;
   static_assert(kD % 64 == 0, "rows are whole 128-byte swizzle rows");
   static_assert(kStreamRows == 64 || kStreamRows == 128, "a streamed block is one wgmma N");
   static_assert(kStages >= 2, "the ring needs two stages");

@@ -37,18 +37,26 @@ struct Sm90Tile {
   }
 };
 
-// The shared memory of a Hopper CTA: kOwnTiles tiles of kOwnRows rows loaded once (the forward:
-// Q; the dK/dV pass: K, V; the dQ pass: Q, dO), a ring of kStages stages of two tiles of
-// kStreamRows rows (K, V; or Q, dO), and the mbarriers: owned tiles landed; per stage, first
-// and second streamed tile landed (transaction-counted), and the stage released by every
-// consumer thread. Starts at the first 1024-byte boundary of the dynamic shared memory.
-template <int kOwnRows, int kOwnTiles, int kStreamRows, int kColBlocks, int kStages, int kConsumers>
+// A Hopper CTA: a producer warpgroup and kConsumers consumer warpgroups of 64 rows, and its
+// shared memory: kOwnTiles tiles of 64 * kConsumers rows loaded once (the forward: Q; the dK/dV
+// pass: K, V; the dQ pass: Q, dO), a ring of kStages stages of two tiles of kStreamRows rows
+// (K, V; or Q, dO), and the mbarriers: owned tiles landed; per stage, first and second streamed
+// tile landed (transaction-counted), and the stage released by every consumer thread. Starts at
+// the first 1024-byte boundary of the dynamic shared memory.
+template <int kOwnTiles, int kStreamRows, int kColBlocks, int kStages, int kConsumers>
 struct Sm90Ring {
+  static constexpr int kOwnRows = 64 * kConsumers;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
   using OwnTile = Sm90Tile<kOwnRows, kColBlocks>;
   using StreamTile = Sm90Tile<kStreamRows, kColBlocks>;
   static constexpr int kBarrierBytes = 8 * (1 + 3 * kStages);
   // what a launch must request: the tiles, the barriers, and 1 KB for the alignment
   static constexpr int kSmemBytes = 1024 + kOwnTiles * OwnTile::kBytes + 2 * kStages * StreamTile::kBytes + kBarrierBytes;
+  // registers per thread after setmaxnreg: the producer gives up what the consumers take, all of
+  // the 64 K of the SM (one CTA per SM)
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegs = 240;
+  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <= 64 * 1024, "register file");
   uint32_t own0, own1, stream_base, bar_own;
 
   __device__ explicit Sm90Ring(uint32_t smem_base) {
@@ -71,6 +79,27 @@ struct Sm90Ring {
       mbar_init(empty(s), 128 * kConsumers);
     }
     fence_barrier_init();
+  }
+
+  // The start of every Hopper kernel: barriers set up, then the roles. Warpgroup 0 gives up
+  // registers and its first thread runs produce() over n_iters iterations; the other producer
+  // threads leave. Returns whether the caller is a consumer (with its registers raised); after
+  // this no CTA-wide barrier may be used, since the producer threads have left.
+  template <class StreamAt>
+  __device__ bool start(const TmaMap& own0_map, const TmaMap& own1_map, int64_t own_row, int own_head,
+                        const TmaMap& stream0_map, const TmaMap& stream1_map, int64_t n_iters, int64_t batch,
+                        StreamAt stream_at) const {
+    const int tid = threadIdx.x;
+    if (tid == 0) init_barriers();
+    __syncthreads();
+    if (tid < 128) {
+      setmaxnreg_dec<kProducerRegs>();
+      if (tid == 0 && n_iters > 0)
+        produce(own0_map, own1_map, own_row, own_head, stream0_map, stream1_map, n_iters, batch, stream_at);
+      return false;
+    }
+    setmaxnreg_inc<kConsumerRegs>();
+    return true;
   }
 
   // The producer thread: the owned tiles at (own_row, own_head) (own1_map unused with one

@@ -132,6 +132,19 @@ __device__ __forceinline__ void acc_to_a(uint32_t (&a)[4], const float (&lo)[4],
   a[3] = Elem<T>::pack(hi[2], hi[3]);
 }
 
+// acc_to_a of the 16 columns 16 k2 .. 16 k2 + 15 of an accumulator tile acc[kNT][4], each
+// element acc[nt][e] times kept(nt, e) (dropout: 1 / (1 - p) where kept, else 0)
+template <typename T, int kNT, class Kept>
+__device__ __forceinline__ void acc_to_a_kept(uint32_t (&a)[4], const float (&acc)[kNT][4], int k2, Kept kept) {
+  float lo[4], hi[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    lo[e] = acc[2 * k2][e] * kept(2 * k2, e);
+    hi[e] = acc[2 * k2 + 1][e] * kept(2 * k2 + 1, e);
+  }
+  acc_to_a<T>(a, lo, hi);
+}
+
 // Row h (0: fragment row g, 1: row g + 8) of a 16 x (8 kDT) fp32 accumulator tile, times
 // `scale`, into dst[0 .. cols): a thread writes its column pairs 8 dt + 2 (lane % 4), + 1.
 template <typename T, int kDT>
