@@ -30,6 +30,26 @@ Launchers find(int head_dim, DType dtype) {
   return it == registry().end() ? Launchers{} : it->second;
 }
 
+// whether both passes of the sm80 kernels (or of the Hopper ones) are registered
+bool complete(const Launchers& l, bool hopper) {
+  return hopper ? l.fwd_sm90 != nullptr && l.bwd_sm90 != nullptr : l.fwd != nullptr && l.bwd != nullptr;
+}
+
+std::vector<Instance> instances(bool hopper) {
+  std::vector<Instance> out;
+  for (const auto& [key, l] : registry())
+    if (complete(l, hopper)) out.push_back({key.first, static_cast<DType>(key.second)});
+  return out;
+}
+
+// The smallest complete bucket >= need for dtype, 0 if none: the registry is ordered by head
+// dim, so the first match is the smallest. Walked in place, since every call asks.
+int smallest_bucket(int64_t need, DType dtype, bool hopper) {
+  for (const auto& [key, l] : registry())
+    if (key.second == static_cast<int>(dtype) && key.first >= need && complete(l, hopper)) return key.first;
+  return 0;
+}
+
 template <template <int> class Traits>
 int decode_block(int bucket, bool rows) {
   switch (bucket) {
@@ -77,12 +97,7 @@ bool register_backward_sm90(int head_dim, DType dtype, Sm90Launcher launcher) {
   return true;
 }
 
-std::vector<Instance> compiled_sm90_instances() {
-  std::vector<Instance> out;
-  for (const auto& [key, l] : registry())
-    if (l.fwd_sm90 != nullptr && l.bwd_sm90 != nullptr) out.push_back({key.first, static_cast<DType>(key.second)});
-  return out;
-}
+std::vector<Instance> compiled_sm90_instances() { return instances(true); }
 
 #if defined(ATTNKERN_CUDA_EMULATOR)
 extern int emulated_device_arch;  // emulator.cpp: the compute capability the emulator pretends to be
@@ -108,18 +123,10 @@ bool wgmma_enabled() {
   return flag != nullptr && flag[0] == '1' && flag[1] == '\0';
 }
 
-std::vector<Instance> compiled_instances() {
-  std::vector<Instance> out;
-  for (const auto& [key, l] : registry())
-    if (l.fwd != nullptr && l.bwd != nullptr) out.push_back({key.first, static_cast<DType>(key.second)});
-  return out;
-}
+std::vector<Instance> compiled_instances() { return instances(false); }
 
 int head_dim_bucket(int64_t head_dim, int64_t head_dim_v, DType dtype) {
-  const int64_t need = std::max(head_dim, head_dim_v);
-  for (const Instance& inst : compiled_instances())
-    if (inst.dtype == dtype && inst.head_dim >= need) return inst.head_dim;
-  return 0;
+  return smallest_bucket(std::max(head_dim, head_dim_v), dtype, false);
 }
 
 bool takes_decode_path(const AttnParams& p) {
@@ -146,13 +153,10 @@ int decode_num_splits(const AttnParams& p, int sm_count) {
 // holds them, which may be larger than the sm80 one.
 Sm90Launcher hopper_launcher(const AttnParams& p, bool backward) {
   if (!wgmma_enabled() || current_device_arch() != 90) return nullptr;
-  const int64_t need = std::max(p.head_dim, p.head_dim_v);
-  for (const Instance& inst : compiled_sm90_instances())
-    if (inst.dtype == p.dtype && inst.head_dim >= need) {
-      const Launchers l = find(inst.head_dim, inst.dtype);
-      return backward ? l.bwd_sm90 : l.fwd_sm90;
-    }
-  return nullptr;
+  const int bucket = smallest_bucket(std::max(p.head_dim, p.head_dim_v), p.dtype, true);
+  if (bucket == 0) return nullptr;
+  const Launchers l = find(bucket, p.dtype);
+  return backward ? l.bwd_sm90 : l.fwd_sm90;
 }
 
 cudaError_t forward(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
