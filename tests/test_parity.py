@@ -77,10 +77,13 @@ DECODE_CASES = [
 HEAD_DIMS = [16, 17, 33, 40, 72, 80, 100, 128, 160, 256]
 
 
-def run_case(case: Case, dtype, backend, seed, device="cpu", mask_grad=False):
-    q, k, v, mask = make_inputs(case, dtype, device)
+def run_case(case: Case, dtype, backend, seed, device="cpu", mask_grad=False, mask=None):
+    """Forward and backward of `case` against the float64 reference; `mask`, if given, replaces
+    the one make_inputs builds from case.mask."""
+    q, k, v, made = make_inputs(case, dtype, device)
+    mask = made if mask is None else mask
     if mask_grad:
-        mask.requires_grad_(True)
+        mask = mask.detach().requires_grad_(True)
     torch.manual_seed(seed)
     out = case_attention(case, q, k, v, mask, backend)
     grad_out = torch.randn_like(out)
@@ -284,22 +287,11 @@ def test_mask_layouts(layout, len_q, dtype, kind, backend, seed):
     """Forward, backward and (float) mask gradient for each mask layout; L <= 16 with GQA 8/2
     runs the packed decoding tiles, whose rows span heads."""
     case = Case(batch=3, heads_q=8, heads_kv=2, len_q=len_q, len_k=300, head_dim=32, id="")
-    q, k, v, _ = make_inputs(case, dtype)
     mask = _layout_mask(layout, kind, 3, 8, len_q, 300, dtype)
     # a mask constant along the keys shifts every score of a row alike: its gradient is exactly
     # 0 and the kernels' is rounding noise, so it is not compared
     mask_grad = kind != "bool" and layout != "query-padding"
-    if mask_grad:
-        mask = mask.detach().requires_grad_(True)
-    torch.manual_seed(seed)
-    out = case_attention(case, q, k, v, mask, backend)
-    grad_out = torch.randn_like(out)
-    inputs = [q, k, v] + ([mask] if mask_grad else [])
-    grads = torch.autograd.grad(out, inputs, grad_out)
-    ref_out, ref_grads = reference_forward_backward(case, q, k, v, mask, grad_out, seed, mask_grad=mask_grad)
-    assert_close(out, ref_out, dtype, "out")
-    for name, g, r in zip(("dq", "dk", "dv", "dmask"), grads, ref_grads):
-        assert_close(g, r, dtype, name)
+    out, _ = run_case(case, dtype, backend, seed, mask_grad=mask_grad, mask=mask)
     # rows that attend no key are exactly 0
     keep = mask if kind == "bool" else mask > float("-inf")
     empty = ~keep.expand(3, 8, len_q, 300).any(-1)
