@@ -22,12 +22,6 @@
 namespace attnkern {
 namespace cuda {
 
-#if !defined(ATTNKERN_CUDA_EMULATOR) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define ATTNKERN_SM90_BODY 0  // built for an arch without wgmma: the kernels trap, and are never launched
-#else
-#define ATTNKERN_SM90_BODY 1
-#endif
-
 template <class Cfg, typename T, bool kFeatures>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     bwd_kv_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90Maps maps) {
@@ -341,8 +335,6 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
   }
 #endif
 }
-
-#undef ATTNKERN_SM90_BODY
 
 }  // namespace cuda
 }  // namespace attnkern

@@ -130,7 +130,7 @@ int head_dim_bucket(int64_t head_dim, int64_t head_dim_v, DType dtype) {
 }
 
 bool takes_decode_path(const AttnParams& p) {
-  return p.len_q <= kDecodeMaxLenQ && p.mask_kind == MaskKind::kNone && p.dropout_p == 0.f;
+  return p.len_q <= kDecodeMaxLenQ && !has_features(p);
 }
 
 int decode_num_splits(const AttnParams& p, int sm_count) {

@@ -27,12 +27,12 @@ namespace cuda {
 template <class Cfg, typename T, bool kFeatures>
 __global__ void __launch_bounds__(Cfg::kThreads, 1)
     fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90Maps maps) {
-#if !defined(ATTNKERN_CUDA_EMULATOR) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  __trap();  // built for an arch without wgmma; launch_fwd_sm90.cuh only launches on sm_90a builds
+#if !ATTNKERN_SM90_BODY
+  __trap();
 #else
   constexpr int kD = Cfg::kD, kBlockM = Cfg::kBlockM, kBlockN = Cfg::kBlockN, kStages = Cfg::kStages;
   constexpr int kNT = kBlockN / 8, kDT = kD / 8;  // n8-tiles of S and of O
-  constexpr bool kBf16 = sizeof(T) == 2 && !std::is_same<T, __half>::value;
+  constexpr bool kBf16 = !std::is_same<T, __half>::value;
   using Ring = typename Cfg::Ring;  // Q; K and V stages
   using QTile = typename Ring::OwnTile;
   using KVTile = typename Ring::StreamTile;

@@ -56,6 +56,9 @@ bool wgmma_enabled();
 // compute capability of the current device as 10 * major + minor (80, 90, ...)
 int current_device_arch();
 
+// Whether a call needs the kernels' kFeatures variants (the masked/dropout ones)
+inline bool has_features(const AttnParams& p) { return p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f; }
+
 // The forward takes the split-KV decode path for at most this many query rows (and no mask or
 // dropout); it packs the query heads of a GQA group into one tile so K/V stream once.
 constexpr int64_t kDecodeMaxLenQ = 16;

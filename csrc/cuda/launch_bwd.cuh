@@ -30,13 +30,18 @@ cudaError_t run_bwd_passes(const AttnParams& p, cudaStream_t stream) {
   return launch_kernel(bwd_q_kernel<Q, T, kFeatures>, q_grid, Q::kThreads, Q::kSmemBytes, stream, p);
 }
 
+// delta = rowsum(dO * O) - dLSE, the first step of every backward (sm80 and Hopper)
+template <typename T>
+cudaError_t launch_delta(const AttnParams& p, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.heads_q * p.len_q;
+  return launch_kernel(delta_kernel<T>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
+}
+
 template <int kD, typename T>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
-  const int64_t rows = p.batch * p.heads_q * p.len_q;
-  const cudaError_t err =
-      launch_kernel(delta_kernel<T>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
+  const cudaError_t err = launch_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
-  if (p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f) return run_bwd_passes<kD, T, true>(p, stream);
+  if (has_features(p)) return run_bwd_passes<kD, T, true>(p, stream);
   return run_bwd_passes<kD, T, false>(p, stream);
 }
 

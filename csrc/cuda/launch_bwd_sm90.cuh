@@ -5,6 +5,7 @@
 #pragma once
 
 #include "bwd_sm90_kernel.cuh"
+#include "launch_bwd.cuh"       // launch_delta
 #include "launch_fwd_sm90.cuh"  // tma_map_rows
 
 namespace attnkern {
@@ -20,28 +21,31 @@ bool bwd_maps(Sm90Maps& maps, const AttnParams& p, bool owns_keys) {
          tma_map_rows(&maps.v, p.v, p.v_stride, p.batch, p.heads_kv, p.len_k, p.head_dim_v, kv_rows);
 }
 
+template <class KV, class Q, typename T, bool kFeatures>
+cudaError_t run_bwd_sm90_passes(const AttnParams& p, const Sm90Maps& kv_maps, const Sm90Maps& q_maps,
+                                cudaStream_t stream) {
+  const unsigned batch = static_cast<unsigned>(p.batch);
+  const dim3 kv_grid(static_cast<unsigned>((p.len_k + KV::kOwnRows - 1) / KV::kOwnRows),
+                     static_cast<unsigned>(p.heads_kv), batch);
+  const cudaError_t err = launch_kernel(bwd_kv_sm90_kernel<KV, T, kFeatures>, kv_grid, KV::kThreads, KV::kSmemBytes,
+                                        stream, p, kv_maps);
+  if (err != cudaSuccess) return err;
+  const dim3 q_grid(static_cast<unsigned>((p.len_q + Q::kOwnRows - 1) / Q::kOwnRows), static_cast<unsigned>(p.heads_q),
+                    batch);
+  return launch_kernel(bwd_q_sm90_kernel<Q, T, kFeatures>, q_grid, Q::kThreads, Q::kSmemBytes, stream, p, q_maps);
+}
+
 template <int kD, typename T>
 cudaError_t run_bwd_sm90(const AttnParams& p, cudaStream_t stream) {
   using KV = typename BwdSm90Traits<kD>::KV;
   using Q = typename BwdSm90Traits<kD>::Q;
   Sm90Maps kv_maps, q_maps;
   if (!bwd_maps<KV>(kv_maps, p, true) || !bwd_maps<Q>(q_maps, p, false)) return cudaErrorNotSupported;
-  const unsigned batch = static_cast<unsigned>(p.batch);
-  const int64_t rows = p.batch * p.heads_q * p.len_q;
-  cudaError_t err = launch_kernel(delta_kernel<T>, dim3(static_cast<unsigned>((rows + 3) / 4)), 128, 0, stream, p);
+  const cudaError_t err = launch_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
-  const dim3 kv_grid(static_cast<unsigned>((p.len_k + KV::kOwnRows - 1) / KV::kOwnRows),
-                     static_cast<unsigned>(p.heads_kv), batch);
-  const dim3 q_grid(static_cast<unsigned>((p.len_q + Q::kOwnRows - 1) / Q::kOwnRows), static_cast<unsigned>(p.heads_q),
-                    batch);
-  if (p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f) {
-    err = launch_kernel(bwd_kv_sm90_kernel<KV, T, true>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p, kv_maps);
-    if (err != cudaSuccess) return err;
-    return launch_kernel(bwd_q_sm90_kernel<Q, T, true>, q_grid, Q::kThreads, Q::kSmemBytes, stream, p, q_maps);
-  }
-  err = launch_kernel(bwd_kv_sm90_kernel<KV, T, false>, kv_grid, KV::kThreads, KV::kSmemBytes, stream, p, kv_maps);
-  if (err != cudaSuccess) return err;
-  return launch_kernel(bwd_q_sm90_kernel<Q, T, false>, q_grid, Q::kThreads, Q::kSmemBytes, stream, p, q_maps);
+  if (has_features(p))
+    return run_bwd_sm90_passes<KV, Q, T, true>(p, kv_maps, q_maps, stream);
+  return run_bwd_sm90_passes<KV, Q, T, false>(p, kv_maps, q_maps, stream);
 }
 
 }  // namespace cuda

@@ -27,7 +27,7 @@ cudaError_t run_fwd(const AttnParams& p, const FwdSplit& split, cudaStream_t str
   const dim3 grid(static_cast<unsigned>((p.len_q + Cfg::kBlockM - 1) / Cfg::kBlockM), static_cast<unsigned>(p.heads_q),
                   batch);
   const FwdSplit whole;  // the prefill path never splits
-  if (p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f)
+  if (has_features(p))
     return launch_kernel(fwd_kernel<Cfg, T, true, false>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, whole);
   return launch_kernel(fwd_kernel<Cfg, T, false, false>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, whole);
 }

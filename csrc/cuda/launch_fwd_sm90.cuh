@@ -36,7 +36,7 @@ cudaError_t run_fwd_sm90(const AttnParams& p, cudaStream_t stream) {
     return cudaErrorNotSupported;
   const dim3 grid(static_cast<unsigned>((p.len_q + Cfg::kBlockM - 1) / Cfg::kBlockM), static_cast<unsigned>(p.heads_q),
                   static_cast<unsigned>(p.batch));
-  if (p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f)
+  if (has_features(p))
     return launch_kernel(fwd_sm90_kernel<Cfg, T, true>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, maps);
   return launch_kernel(fwd_sm90_kernel<Cfg, T, false>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, maps);
 }

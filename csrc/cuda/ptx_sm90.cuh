@@ -7,6 +7,14 @@
 
 #include "ptx.cuh"
 
+// Whether a Hopper kernel's body is compiled: only for sm_90a (and the emulator). The same
+// source compiled for other archs keeps a body that traps; the host never launches it there.
+#if !defined(ATTNKERN_CUDA_EMULATOR) && defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ATTNKERN_SM90_BODY 0
+#else
+#define ATTNKERN_SM90_BODY 1
+#endif
+
 #if defined(ATTNKERN_CUDA_EMULATOR)
 #include "emulator/ptx_sm90_emu.h"
 namespace attnkern {
