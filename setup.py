@@ -7,6 +7,7 @@ Environment:
   ATTNKERN_CUDA_HDIMS       head-dim buckets to instantiate, e.g. "64,128" (default: all)
   ATTNKERN_CUDA_DTYPES      dtypes to instantiate, e.g. "bf16" (default: fp16,bf16)
   ATTNKERN_CUDA_PTXAS_VERBOSE=1  print registers/spills of every CUDA kernel
+  ATTNKERN_NO_OPENMP=1      build the CPU kernels without OpenMP (single-threaded; for testing that path)
   MAX_JOBS                  parallel compile jobs (torch's ninja build)
 """
 
@@ -59,9 +60,58 @@ VERSION = _version()
 CXX_FLAGS = ["-O3", f'-DATTNKERN_VERSION="{VERSION}"', "-fno-math-errno", "-Wno-maybe-uninitialized"]
 
 
+def torch_openmp_library():
+    """Path of the OpenMP runtime torch loads (libgomp / libiomp5 / libomp), or None.
+
+    torch's inline at::parallel_for only runs in parallel in a translation unit compiled with
+    OpenMP, and it must then call into the very runtime libtorch uses: one thread pool, one
+    omp_set_num_threads. Linking that file (not the compiler's default runtime) guarantees it.
+    """
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        ldd = subprocess.run(["ldd", lib], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"\s(lib(?:gomp|iomp5|omp)\.so[.\d]*) => (\S+)", ldd)
+    return m.group(2) if m else None
+
+
+def compiler_has_openmp():
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "-fopenmp", "-x", "c++", "-fsyntax-only", "-"], input="#include <omp.h>\n",
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0
+
+
+def openmp_flags():
+    """(compile flags, link flags) for OpenMP with torch's runtime, or ([], []) with one printed line why not."""
+    if os.environ.get("ATTNKERN_NO_OPENMP", "0") == "1":
+        reason = "ATTNKERN_NO_OPENMP=1"
+    elif "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        # torch's native thread pool: at::parallel_for is compiled into libtorch, nothing to add
+        return [], []
+    elif not compiler_has_openmp():
+        reason = "the C++ compiler does not accept -fopenmp"
+    elif torch_openmp_library() is None:
+        reason = "torch's OpenMP runtime was not found next to libtorch_cpu"
+    else:
+        runtime = torch_openmp_library()
+        # -l:<soname> from torch's folder: the extension needs the same soname torch already loaded
+        return ["-fopenmp"], [f"-L{os.path.dirname(runtime)}", f"-l:{os.path.basename(runtime)}"]
+    print(f"attnkern: building the CPU kernels without OpenMP ({reason}): they will run single-threaded")
+    return [], []
+
+
 def cpu_extension():
     sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    return CppExtension("attnkern._C", sources, extra_compile_args={"cxx": CXX_FLAGS})
+    omp_compile, omp_link = openmp_flags()
+    return CppExtension("attnkern._C", sources, extra_compile_args={"cxx": CXX_FLAGS + omp_compile},
+                        extra_link_args=omp_link)
 
 
 def cuda_reason_to_skip():

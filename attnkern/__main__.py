@@ -78,6 +78,11 @@ def speed_line(device: str) -> str:
             f"attnkern[{backend}] {ours * 1e3:.2f} ms, torch SDPA {theirs * 1e3:.2f} ms -> {theirs / ours:.2f}x")
 
 
+def cpu_threads_line() -> str:
+    """How the CPU kernels fork: the build's parallel backend and torch's thread count now."""
+    return f"parallel: {ops._C.cpu_parallel()}, {ops._C.cpu_threads()} threads in use"
+
+
 def _problem(q):
     from ._semantics import normalize_torch_layout
 
@@ -87,7 +92,10 @@ def _problem(q):
 def report() -> int:
     print(f"attnkern {__version__} (torch {torch.__version__}, python {platform.python_version()})")
     if ops._C is not None:
-        print(f"  cpu backend: compiled, kernels for {ops._C.cpu_isa()}")
+        print(f"  cpu backend: compiled, kernels for {ops._C.cpu_isa()}; {cpu_threads_line()}")
+        if ops._C.cpu_parallel().startswith("none"):
+            print("  WARNING: the CPU kernels were built without OpenMP and run single-threaded; "
+                  "rebuild with a compiler that accepts -fopenmp")
     else:
         print(f"  cpu backend: not available ({ops.C_IMPORT_ERROR})")
     if ops._C_cuda is not None:

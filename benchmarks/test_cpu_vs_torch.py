@@ -1,16 +1,23 @@
 """attnkern's CPU backend against torch's own CPU SDPA, in one run, as ratios.
 
 Run: ``pytest benchmarks/test_cpu_vs_torch.py --benchmark-only --benchmark-json=benchmarks/results/cpu-<date>.json``
+(benchmarks/refresh_cpu.sh runs it with every other CPU result).
 
 pytest-benchmark times attnkern; each test also times the torch baseline interleaved with
 attnkern (A B A B ...), so machine drift hits both alike, and records the median ratio in
-``extra_info`` (``speedup_vs_torch`` > 1 means attnkern is faster). Targets (issue 2):
-forward fp32 B=1 H=8 L=S=2048 D=64 >= 1.0x causal and not; forward+backward L=S=1024
-causal >= 1.0x; window (255, 0) at L=S=8192 >= 15x torch given the equivalent bool mask;
-window time 8192 -> 32768 at most 4.4x. Masked calls (a (B,1,1,S) bool padding mask, a
-(B,1,L,S) float mask) also record ``mask_overhead``: attnkern's time with the mask over its
-time without it, timed in the same rotation. Decoding (L=1, S=4096, GQA 32/8, D=128) has no target;
-it is recorded because it is the case where reading K and V once per kv group matters.
+``extra_info`` (``speedup_vs_torch`` > 1 means attnkern is faster), with the thread count and
+the load average. Targets (issue 10, on the 2-core CI machine type): dense fp32 forward
+B=1 H=8 L=S=2048 D=64 >= 1.3x torch; causal fp32 forward+backward L=S=1024 >= 1.5x; thread
+scaling 1 -> 2 threads (``test_thread_scaling``: dense forward, causal forward+backward, GQA
+decode L=1 S=8192 32/8 heads D=128 bf16) >= 1.8x each; bf16 forward >= 1.6x attnkern's own
+fp32 forward; bf16 forward+backward >= 1.5x torch; window (255, 0) at L=S=8192 >= 2.5x
+compiled FlexAttention with a block mask. Earlier targets (issue 2): window (255, 0) at
+L=S=8192 >= 15x torch given the equivalent bool mask; window time 8192 -> 32768 at most 4.4x.
+Masked calls (a (B,1,1,S) bool padding mask, a (B,1,L,S) float mask) also record
+``mask_overhead``: attnkern's time with the mask over its time without it, timed in the same
+rotation. ``test_backward_peak_rss`` records the backward's peak memory at several thread
+counts (issue 11: it must not grow with them); ``test_work_plan_many_threads`` records the
+work items the kernels would make on 64 and 128 threads.
 """
 
 from __future__ import annotations
@@ -179,3 +186,158 @@ def test_masked(benchmark, dtype, mask_kind, mode):
         loadavg_1m=os.getloadavg()[0],
     )
     benchmark.pedantic(ours, rounds=3, warmup_rounds=0)
+
+
+def fwd_bwd_step(fn, tensors, grad):
+    def run():
+        out = fn(*tensors)
+        torch.autograd.grad(out, tensors, grad)
+
+    return run
+
+
+def thread_scaling_case(name: str):
+    """(attnkern call, flops) of the three thread-scaling cases of issue 10."""
+    torch.manual_seed(0)
+    if name == "dense_fwd":
+        q, k, v = (torch.randn(1, 8, 2048, 64) for _ in range(3))
+        return (lambda: attnkern.scaled_dot_product_attention(q, k, v, backend="cpu"),
+                attention_flops(1, 8, 2048, 2048, 64))
+    if name == "causal_fwd_bwd":
+        t = [torch.randn(1, 8, 1024, 64, requires_grad=True) for _ in range(3)]
+        grad = torch.randn(1, 8, 1024, 64)
+        return (fwd_bwd_step(lambda *x: attnkern.scaled_dot_product_attention(*x, is_causal=True, backend="cpu"),
+                             t, grad),
+                attention_flops(1, 8, 1024, 1024, 64, causal=True, mode="fwd+bwd"))
+    q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 8, 8192, 128, dtype=torch.bfloat16) for _ in range(2))
+    return (lambda: attnkern.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu"),
+            attention_flops(1, 32, 1, 8192, 128))
+
+
+def at_threads(fn, n):
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            fn()
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
+@pytest.mark.parametrize("name", ["dense_fwd", "causal_fwd_bwd", "decode_gqa_bf16"])
+def test_thread_scaling(benchmark, name):
+    """Time at 1 thread over time at 2 threads, alternating in one process (target >= 1.8x)."""
+    fn, flops = thread_scaling_case(name)
+    rounds = 15 if name == "decode_gqa_bf16" else 5
+    t1, t2 = interleaved_medians(at_threads(fn, 1), at_threads(fn, 2), rounds=rounds)
+    benchmark.group = f"thread scaling 1 -> 2: {name}"
+    benchmark.extra_info.update(scaling_1_to_2=t1 / t2, t_1thread_s=t1, t_2threads_s=t2, tflops_2threads=flops / t2 / 1e12,
+                                threads=2, loadavg_1m=os.getloadavg()[0],
+                                parallel=attnkern.ops._C.cpu_parallel())
+    benchmark.pedantic(at_threads(fn, 2), rounds=3, warmup_rounds=0)
+
+
+def test_bf16_forward_vs_own_fp32(benchmark):
+    """bf16 forward throughput over attnkern's own fp32 forward (target >= 1.6x)."""
+    torch.manual_seed(0)
+    fp32 = [torch.randn(1, 8, 2048, 64) for _ in range(3)]
+    bf16 = [t.bfloat16() for t in fp32]
+    t_bf16, t_fp32 = interleaved_medians(lambda: attnkern.scaled_dot_product_attention(*bf16, backend="cpu"),
+                                         lambda: attnkern.scaled_dot_product_attention(*fp32, backend="cpu"),
+                                         rounds=7)
+    benchmark.group = "fwd bf16 vs attnkern fp32 B1 H8 L=S=2048 D64"
+    benchmark.extra_info.update(speedup_vs_own_fp32=t_fp32 / t_bf16, attnkern_median_s=t_bf16,
+                                attnkern_fp32_median_s=t_fp32, isa=attnkern.ops._C.cpu_isa(),
+                                threads=torch.get_num_threads(), loadavg_1m=os.getloadavg()[0])
+    benchmark.pedantic(lambda: attnkern.scaled_dot_product_attention(*bf16, backend="cpu"), rounds=3)
+
+
+def test_bf16_forward_backward_1024_causal(benchmark):
+    torch.manual_seed(0)
+    t = [torch.randn(1, 8, 1024, 64, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    grad = torch.randn(1, 8, 1024, 64, dtype=torch.bfloat16)
+    benchmark.group = "fwd+bwd bf16 B1 H8 L=S=1024 D64 causal"
+    record(
+        benchmark,
+        fwd_bwd_step(lambda *x: attnkern.scaled_dot_product_attention(*x, is_causal=True, backend="cpu"), t, grad),
+        fwd_bwd_step(lambda *x: F.scaled_dot_product_attention(*x, is_causal=True), t, grad),
+        attention_flops(1, 8, 1024, 1024, 64, causal=True, mode="fwd+bwd"),
+        rounds=7,
+    )
+
+
+def test_window_8192_vs_flex(benchmark):
+    """Window (255, 0) at L=S=8192 against compiled FlexAttention with a block mask (target >= 2.5x)."""
+    from attnkern.bench.cases import Case
+    from attnkern.bench.subjects import all_subjects
+
+    flex = all_subjects()["flex"]
+    reason = flex.unavailable("cpu")
+    if reason:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 8192, 64) for _ in range(3))
+    run_flex = flex.build(Case("float32", 1, 8, 8, 8192, 8192, 64, True, (255, 0), "fwd"), "cpu")
+    ref = attnkern.scaled_dot_product_attention(q, k, v, window_size=(255, 0), backend="cpu")
+    assert (run_flex(q, k, v) - ref).abs().max().item() < 1e-3  # the same band (also compiles it)
+    t_ours, t_flex = interleaved_medians(
+        lambda: attnkern.scaled_dot_product_attention(q, k, v, window_size=(255, 0), backend="cpu"),
+        lambda: run_flex(q, k, v), rounds=5)
+    benchmark.group = "fwd fp32 B1 H8 L=S=8192 D64 window(255,0) vs FlexAttention (compiled, block mask)"
+    benchmark.extra_info.update(speedup_vs_flex=t_flex / t_ours, attnkern_median_s=t_ours, flex_median_s=t_flex,
+                                threads=torch.get_num_threads(), loadavg_1m=os.getloadavg()[0])
+    benchmark.pedantic(lambda: attnkern.scaled_dot_product_attention(q, k, v, window_size=(255, 0), backend="cpu"),
+                       rounds=3)
+
+
+_RSS_SCRIPT = """
+import resource, sys, torch, attnkern
+torch.set_num_threads(int(sys.argv[1]))
+L = int(sys.argv[2])
+q = torch.randn(1, 8, L, 64, requires_grad=True)
+k, v = (torch.randn(1, 1, L, 64, requires_grad=True) for _ in range(2))
+out = attnkern.scaled_dot_product_attention(q, k, v, enable_gqa=True, backend="cpu")
+grad = torch.randn_like(out)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+torch.autograd.grad(out, (q, k, v), grad)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_backward_peak_rss(benchmark):
+    """Peak RSS growth of one backward (B=1, Hq=8, Hkv=1, L=S=8192, fp32; issue 11 measured
+    87 / 312 / 1084 MiB at 1 / 8 / 32 threads before the bound), each thread count in a fresh
+    process. Outputs and gradients are 2 x 16 MiB + 2 x 4 MiB of it."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    grown = {}
+    for threads in (1, 8, 32):
+        run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(threads), "8192"], capture_output=True,
+                             text=True, cwd=root, timeout=600)
+        assert run.returncode == 0, run.stderr
+        grown[threads] = float(run.stdout.split()[-1])
+    benchmark.group = "backward peak RSS growth B1 Hq8 Hkv1 L=S=8192 fp32"
+    benchmark.extra_info.update({f"rss_growth_mib_{t}_threads": round(m, 1) for t, m in grown.items()},
+                                loadavg_1m=os.getloadavg()[0])
+    benchmark.pedantic(lambda: None, rounds=1)
+
+
+def test_work_plan_many_threads(benchmark):
+    """Work items per pass the kernels make on 64 and 128 threads (computed: this machine has 2
+    cores): B=1 H=8 L=2048 D=64 causal prefill and its backward, GQA decode L=1 S=8192 32/8 D=128."""
+    plan = attnkern.ops._C.cpu_work_plan
+    info = {}
+    for threads in (2, 64, 128):
+        prefill = plan(1, 8, 8, 2048, 2048, 64, -1, 0, threads)
+        decode = plan(1, 32, 8, 1, 8192, 128, -1, -1, threads)
+        info[f"prefill_fwd_items_{threads}t"] = prefill["forward_items"]
+        info[f"prefill_bwd_items_{threads}t"] = prefill["backward_items"]
+        info[f"decode_fwd_items_{threads}t"] = decode["forward_items"]
+    benchmark.group = "work items per pass on many threads (computed)"
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(lambda: None, rounds=1)

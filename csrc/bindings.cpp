@@ -9,12 +9,16 @@
 #endif
 
 #include <limits>
+#include <map>
+#include <string>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 #include "cpu/cpu_kernels.h"
+#include "cpu/parallel.h"
+#include "cpu/tiling.h"
 #include "torch_params.h"
 
 #ifndef ATTNKERN_VERSION
@@ -133,5 +137,61 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("version", [] { return std::string(ATTNKERN_VERSION); });
   m.def("cpu_isa", [] { return std::string(attnkern::cpu::select_kernels().isa); },
         "SIMD instruction set the CPU kernels use on this machine");
+  m.def("cpu_parallel", [] {
+#if defined(_OPENMP)
+    return std::string("OpenMP ") + std::to_string(_OPENMP);
+#elif AT_PARALLEL_OPENMP
+    return std::string("none (built without OpenMP: single-threaded)");
+#else
+    return std::string("torch native thread pool");
+#endif
+  }, "How the CPU kernels fork work items over torch's threads (fixed at build time)");
+  m.def("cpu_threads", [] { return at::get_num_threads(); }, "torch's intra-op thread count the kernels use now");
+  m.def("cpu_work_plan",
+        [](int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t len_q, int64_t len_k, int64_t head_dim,
+           int64_t window_left, int64_t window_right, int64_t threads) {
+          TORCH_CHECK_VALUE(batch >= 0 && heads_q > 0 && heads_kv > 0 && heads_q % heads_kv == 0 && len_q >= 0 &&
+                                len_k >= 0 && head_dim > 0 && threads > 0,
+                            "cpu_work_plan: shapes must be non-negative, heads and head_dim positive, heads_q a "
+                            "multiple of heads_kv, threads >= 1");
+          attnkern::AttnParams p;
+          p.batch = batch, p.heads_q = heads_q, p.heads_kv = heads_kv, p.len_q = len_q, p.len_k = len_k;
+          p.head_dim = p.head_dim_v = head_dim;
+          p.window_left = window_left, p.window_right = window_right;
+          const auto plan = attnkern::cpu::forward_plan(p, threads);
+          const int64_t parts = attnkern::cpu::backward_dq_parts(p, threads);
+          std::map<std::string, int64_t> out;
+          out["forward_items"] = batch * plan.row_groups * plan.tiles * plan.splits;
+          out["forward_key_splits"] = plan.splits;
+          out["backward_items"] = parts * batch * heads_kv;
+          out["backward_key_parts"] = parts;
+          out["backward_dq_accumulator_bytes"] = parts * batch * heads_q * len_q * head_dim * 4;
+          return out;
+        },
+        "How the CPU kernels would split a problem (window -1: unbounded; causal is window_right 0) over "
+        "`threads` threads: work items per pass and the backward's dq accumulator bytes");
+  m.def("forward_in_parallel_for",
+        [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+          TORCH_CHECK_VALUE(q.dim() == 5 && k.dim() == 5 && v.dim() == 5 && q.size(0) == k.size(0) &&
+                                q.size(0) == v.size(0),
+                            "forward_in_parallel_for: q, k, v must be (N, B, H, L, E) with the same N");
+          std::vector<at::Tensor> outs(q.size(0));
+          at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i)
+              outs[i] = std::get<0>(attnkern::fwd_cpu(q[i], k[i], v[i], std::nullopt, std::nullopt, scale, -1, -1,
+                                                      false, 0.0));
+          });
+          return at::stack(outs);
+        },
+        "Test hook: the forward called from inside an outer at::parallel_for, once per leading index");
+  m.def("set_thread_trace", [](bool on) { attnkern::cpu::ThreadTrace::get().on.store(on); },
+        "Test hook: record how many distinct threads run the CPU kernels' work items");
+  m.def("thread_trace", [] {
+    auto& trace = attnkern::cpu::ThreadTrace::get();
+    std::lock_guard<std::mutex> g(trace.lock);
+    std::vector<std::pair<int64_t, int64_t>> out;
+    for (const auto& pass : trace.passes) out.emplace_back(pass.items, pass.threads);
+    return out;
+  }, "(work items, distinct threads) of each parallel pass of the last traced CPU op");
 }
 #endif  // ATTNKERN_NO_PYTHON

@@ -18,6 +18,7 @@ def test_python_m_attnkern_reports_and_self_checks():
     out = run.stdout
     assert f"attnkern {attnkern.__version__}" in out
     assert f"kernels for {ops._C.cpu_isa()}" in out
+    assert f"parallel: {ops._C.cpu_parallel()}, " in out and " threads in use" in out
     assert "cuda backend:" in out and "triton backend:" in out
     assert "self-check cpu float32: ok" in out and "self-check cpu bfloat16: ok" in out
     assert "torch SDPA" in out and "x\n" in out

@@ -233,6 +233,21 @@ def llm(device: str) -> Preset:
 # GPU presets: the measurements of the Triton and CUDA backend issues, bfloat16, both backends
 # side by side with every baseline, speed-ups against the fastest of torch's SDPA kernels on
 # each case, every subject checked against the float64 reference. On a CPU they run the same
+def cpu_targets(device: str) -> Preset:
+    """The CPU cases of issue 10's targets, B=1, H=8, D=64 unless said: dense fp32 and bf16
+    forward at L=2048, causal fp32 and bf16 forward+backward at L=1024, causal forward at
+    L=2048 and window (255, 0) at L=8192 against FlexAttention's block mask and SDPA given the
+    dense mask, GQA decoding (L=1, S=8192, 32/8 heads, D=128, bf16). Thread scaling needs two
+    thread counts in one process: benchmarks/test_cpu_vs_torch.py measures it."""
+    cases = grid(["float32", "bfloat16"], [64], [(1, 8, 8)], [(2048, 2048)], [(False, None)], ["fwd"])
+    cases += grid(["float32", "bfloat16"], [64], [(1, 8, 8)], [(1024, 1024)], [(True, None)], ["fwd+bwd"])
+    cases += grid(["float32"], [64], [(1, 8, 8)], [(2048, 2048)], [(True, None)], ["fwd"])
+    cases += grid(["float32"], [64], [(1, 8, 8)], [(8192, 8192)], [(True, (255, 0))], ["fwd"])
+    cases += grid(["bfloat16"], [128], [(1, 32, 8)], [(1, 8192)], [(False, None)], ["fwd"])
+    exclude = dict(_NOT_CONTENDERS)
+    return Preset("cpu-targets", cases, budget_s=1.0, min_reps=5, max_reps=30, warmup_s=0.1, exclude=exclude)
+
+
 # grid scaled down (lengths / 64, fewer heads and tokens) so that the whole path, checks and
 # summaries included, runs without a GPU; those numbers say nothing about the GPU targets.
 
@@ -310,8 +325,8 @@ def gpu_decode(device: str) -> Preset:
     return _gpu_preset("gpu-decode", device, cases, {"flex": "not among the decoding baselines the issue names"})
 
 
-PRESETS = {"quick": quick, "standard": standard, "llm": llm, "gpu-dense": gpu_dense, "gpu-window": gpu_window,
-           "gpu-decode": gpu_decode}
+PRESETS = {"quick": quick, "standard": standard, "llm": llm, "cpu-targets": cpu_targets, "gpu-dense": gpu_dense,
+           "gpu-window": gpu_window, "gpu-decode": gpu_decode}
 
 
 def case_from_row(row: dict) -> Case:

@@ -72,7 +72,8 @@ def device_info(device: str) -> dict:
                     memory_gib=round(props.total_memory / (1 << 30), 1), sms=props.multi_processor_count)
     else:
         info.update(name=cpu_name(), cpus=os.cpu_count(),
-                    attnkern_isa=ops._C.cpu_isa() if ops._C is not None else None)
+                    attnkern_isa=ops._C.cpu_isa() if ops._C is not None else None,
+                    attnkern_parallel=ops._C.cpu_parallel() if ops._C is not None else None)
         if hasattr(os, "getloadavg"):  # other work on a shared machine shows here
             info["loadavg_1m"] = round(os.getloadavg()[0], 2)
     return info

@@ -6,6 +6,11 @@
 // the same (batch, kv head) write the same dq rows, so when there are too few (batch, kv
 // head) pairs to occupy the threads the keys are split into `parts` chunks, each with its
 // own dq accumulator, summed in a fixed order afterwards: deterministic, no atomics.
+//
+// The accumulators are the backward's only memory that could grow with the thread count, so
+// their total is capped (kDqAccumulatorBudget) whatever the thread count: past the cap, the
+// key chunks stay wider and some threads of a many-core server get no main-pass item when
+// there are few (batch, kv head) pairs (documented in README, "CPU threads").
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -16,16 +21,23 @@
 
 namespace attnkern::cpu {
 
-int64_t backward_dq_parts(const AttnParams& p) {
+// Bytes all dq accumulators together may take (at least one is always allocated).
+constexpr int64_t kDqAccumulatorBudget = int64_t(128) << 20;
+
+int64_t backward_dq_parts(const AttnParams& p, int64_t threads) {
   const int64_t block_k = key_block_size(p);
   const int64_t key_blocks = std::max<int64_t>(1, (p.len_k + block_k - 1) / block_k);
   const int64_t pairs = std::max<int64_t>(1, p.batch * p.heads_kv);
-  const int64_t want = (2 * at::get_num_threads() + pairs - 1) / pairs;
-  return std::clamp<int64_t>(want, 1, key_blocks);
+  const int64_t accumulator_bytes = std::max<int64_t>(1, p.batch * p.heads_q * p.len_q * p.head_dim * 4);
+  const int64_t by_memory = std::max<int64_t>(1, kDqAccumulatorBudget / accumulator_bytes);
+  return parts_for_threads(pairs, threads, std::min(key_blocks, by_memory));
 }
+
+int64_t backward_dq_parts(const AttnParams& p) { return backward_dq_parts(p, at::get_num_threads()); }
 
 void backward(const AttnParams& p, float* dq_acc, int64_t parts) {
   const KernelTable& kt = select_kernels();
+  ThreadTrace::get().begin_op();
   const int64_t heads = p.batch * p.heads_q;
   const int64_t block_k = key_block_size(p);
 

@@ -76,8 +76,10 @@ namespace attnkern::cpu {
 
 // Entry points used by the bindings (forward.cpp, backward.cpp).
 void forward(const AttnParams& p);
-// Number of dq accumulators backward() needs (each (B, Hq, L, E) fp32, zero-filled).
+// Number of dq accumulators backward() needs (each (B, Hq, L, E) fp32, zero-filled), for
+// torch's current thread count or for `threads` (work-plan reports).
 int64_t backward_dq_parts(const AttnParams& p);
+int64_t backward_dq_parts(const AttnParams& p, int64_t threads);
 // p.delta must point to a (B, Hq, L) fp32 workspace; dq_acc to `parts` zeroed accumulators.
 void backward(const AttnParams& p, float* dq_acc, int64_t parts);
 

@@ -8,6 +8,7 @@ namespace attnkern::cpu {
 
 void forward(const AttnParams& p) {
   const KernelTable& kt = select_kernels();
+  ThreadTrace::get().begin_op();
   const ForwardPlan plan = forward_plan(p, at::get_num_threads());
   const int64_t block_k = key_block_size(p);
   const int64_t groups = p.batch * plan.row_groups;

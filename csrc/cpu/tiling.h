@@ -34,6 +34,19 @@ struct ForwardPlan {
 // Keys per split part worth a merge: below this the partial outputs cost more than they share.
 constexpr int64_t kMinKeysPerSplit = 512;
 
+// Work items per thread the split aims for: with dynamic scheduling, about four items per
+// thread keep the last ones from leaving most threads idle (uneven causal/window items).
+constexpr int64_t kItemsPerThread = 4;
+constexpr int64_t kManyThreads = 16;
+
+// Key-range parts per item that give `items` items about kItemsPerThread per thread, at
+// most `most` (1 when there is already work enough, or one thread: splitting then only costs).
+inline int64_t parts_for_threads(int64_t items, int64_t threads, int64_t most) {
+  if (threads <= 1 || items <= 0 || items >= kItemsPerThread * threads || most <= 1) return 1;
+  const int64_t want = (kItemsPerThread * threads + items - 1) / items;
+  return want < most ? want : most;
+}
+
 inline ForwardPlan forward_plan(const AttnParams& p, int64_t threads) {
   ForwardPlan plan;
   const int64_t group = p.heads_kv > 0 ? p.heads_q / p.heads_kv : 1;
@@ -45,17 +58,20 @@ inline ForwardPlan forward_plan(const AttnParams& p, int64_t threads) {
   plan.group_rows = plan.packed ? group * p.len_q : p.len_q;
   plan.block_q = forward_block_q(plan.group_rows);
   plan.tiles = (plan.group_rows + plan.block_q - 1) / plan.block_q;
-  // Flash-decoding: too few tiles to occupy the threads, and a long key range, so the keys
-  // are split across threads and the parts merged by their LSE (forward_merge_splits).
-  plan.splits = 1;
+  // Too few tiles to occupy the threads (decoding, or B=1 prefill on a many-core server) and
+  // a long key range: the keys are split across threads and the parts merged by their LSE
+  // (flash-decoding, forward_merge_splits).
   const int64_t items = p.batch * plan.row_groups * plan.tiles;
-  if (p.len_q <= kBlockQNarrow && items > 0 && items < 2 * threads) {
+  int64_t keys = 0;
+  if (items > 0 && items < kItemsPerThread * threads) {
     const Band band = make_band(p);
-    const int64_t keys = band.range_hi(p.len_q) - band.range_lo(0);
-    const int64_t most = keys / kMinKeysPerSplit;
-    const int64_t want = (2 * threads + items - 1) / items;
-    plan.splits = most < 1 ? 1 : (want < most ? want : most);
+    keys = band.range_hi(p.len_q) - band.range_lo(0);
   }
+  // On a few cores a split must carry kMinKeysPerSplit keys to pay for its merge (measured on
+  // 2 cores); with many threads that would otherwise idle, one key block per split is enough
+  // (kManyThreads: unmeasured, no many-core machine here).
+  const int64_t min_keys = threads >= kManyThreads ? key_block_size(p) : kMinKeysPerSplit;
+  plan.splits = parts_for_threads(items, threads, keys / min_keys);
   return plan;
 }
 
