@@ -1,5 +1,6 @@
-"""The CPU kernels exist in three instruction-set variants (AVX-512, AVX2, portable C++);
-the machine picks one, so the others are exercised here by forcing them."""
+"""The CPU kernels exist in four instruction-set variants (AVX-512 with AVX512_BF16 dot
+products for the bf16 forward, AVX-512, AVX2, portable C++); the machine picks one, so the
+others are exercised here by forcing them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ pytestmark = pytest.mark.skipif(ops._C is None, reason="C++ extension not built"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512", "avx512_bf16"])
 def test_parity_subset_under_isa(isa):
     if isa == ops._C.cpu_isa():
         pytest.skip(f"{isa} is this machine's default: test_parity.py covers it")
@@ -39,4 +40,4 @@ def test_unknown_isa_is_an_error():
     run = subprocess.run([sys.executable, "-c", "import attnkern.ops as o; o._C.cpu_isa()"],
                          env={**os.environ, "ATTNKERN_CPU_ISA": "sse9"}, capture_output=True, text=True)
     assert run.returncode != 0 and "ATTNKERN_CPU_ISA=sse9" in run.stderr
-    assert attnkern.ops._C.cpu_isa() in ("avx512", "avx2", "generic")
+    assert attnkern.ops._C.cpu_isa() in ("avx512_bf16", "avx512", "avx2", "generic")

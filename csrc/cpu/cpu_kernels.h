@@ -63,11 +63,13 @@ struct KernelTable {
 };
 
 // nullptr where the file was not compiled for that ISA (non-x86 builds)
+const KernelTable* avx512_bf16_kernels();
 const KernelTable* avx512_kernels();
 const KernelTable* avx2_kernels();
 const KernelTable* generic_kernels();
 
-// The best table for this CPU; ATTNKERN_CPU_ISA=generic|avx2|avx512 overrides (for tests).
+// The best table for this CPU; ATTNKERN_CPU_ISA=generic|avx2|avx512|avx512_bf16
+// overrides (for tests).
 const KernelTable& select_kernels();
 
 }  // namespace attnkern::cpu
