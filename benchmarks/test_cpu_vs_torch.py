@@ -50,7 +50,7 @@ def interleaved_medians(*fns, rounds: int):
 
 
 def record(benchmark, ours, theirs, flops, rounds):
-    t_ours, t_theirs = interleaved_medians(ours, theirs, rounds)
+    t_ours, t_theirs = interleaved_medians(ours, theirs, rounds=rounds)
     benchmark.extra_info.update(
         speedup_vs_torch=t_theirs / t_ours,
         attnkern_median_s=t_ours,
