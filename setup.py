@@ -97,10 +97,9 @@ def openmp_flags():
         return [], []
     elif not compiler_has_openmp():
         reason = "the C++ compiler does not accept -fopenmp"
-    elif torch_openmp_library() is None:
+    elif (runtime := torch_openmp_library()) is None:
         reason = "torch's OpenMP runtime was not found next to libtorch_cpu"
     else:
-        runtime = torch_openmp_library()
         # -l:<soname> from torch's folder: the extension needs the same soname torch already loaded
         return ["-fopenmp"], [f"-L{os.path.dirname(runtime)}", f"-l:{os.path.basename(runtime)}"]
     print(f"attnkern: building the CPU kernels without OpenMP ({reason}): they will run single-threaded")
