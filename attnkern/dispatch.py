@@ -7,6 +7,7 @@ and takes the first whose row accepts the problem; ``math`` accepts everything, 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -105,6 +106,8 @@ def _triton_limits(problem: Problem) -> Optional[str]:
         return "backend 'triton' needs a GPU of compute capability 8.0 or newer"
     if min(problem.head_dim, problem.head_dim_v) < 1:
         return "backend 'triton' needs head dims >= 1"
+    if problem.batch * problem.heads_q * problem.len_q * problem.len_k == 0:
+        return "backend 'triton' needs non-empty batch, heads and sequences"
     if max(problem.batch, problem.heads_q) > TRITON_MAX_GRID_DIM:
         return f"backend 'triton' supports at most {TRITON_MAX_GRID_DIM} batch entries and query heads"
     return None
@@ -194,9 +197,43 @@ def _math(q, k, v, mask, rng_seed, problem: Problem):
     return out.to(dtype), lse.to(torch.float32)
 
 
+def _transformed(tensors) -> Optional[str]:
+    """What makes the fused ops unusable on these tensors: forward-mode AD duals or torch.func
+    transforms (the ops have backward formulas only, and no vmap rules). None if neither."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace these checks
+        return None
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return "torch.func transforms (grad, vmap, jvp, ...)"
+        if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return "forward-mode AD (torch.autograd.forward_ad)"
+    return None
+
+
+def _drop_everything(problem: Problem, q, k, v, mask, backend: str):
+    """dropout_p == 1: every weight is dropped, so out = 0 @ v (NaN where v holds NaN or inf, as in
+    torch); the LSE (of the scores, which dropout does not touch) comes from the undropped call."""
+    _, lse = run(dataclasses.replace(problem, dropout_p=0.0), q, k, v, mask, backend)
+    zero = (v * 0).sum(dim=2, keepdim=True).repeat_interleave(problem.group_size, dim=1)
+    return zero.expand(problem.batch, problem.heads_q, problem.len_q, problem.head_dim_v).contiguous(), lse
+
+
 def run(problem: Problem, q, k, v, mask, backend: str):
     """Forward through the chosen backend; returns ``(out, lse)``, differentiable."""
+    if problem.dropout_p == 1.0:
+        return _drop_everything(problem, q, k, v, mask, backend)
     name = choose(problem, backend)
+    if name != "math":
+        reason = _transformed((q, k, v, mask))
+        if reason is not None:
+            if backend != "auto":
+                raise NotImplementedError(
+                    f"backend={backend!r} does not support {reason}: its kernels have a backward formula only; "
+                    "use backend='math' (or 'auto', which then picks it)"
+                )
+            name = "math"
     rng_seed = new_rng_seed() if problem.dropout_p > 0 else None
     if name == "math":
         return _math(q, k, v, mask, rng_seed, problem)

@@ -105,7 +105,7 @@ def attention(
         else:
             scores = scores + mask.to(dtype)
     # keys with score -inf (from a float mask) take no part either
-    allowed = allowed & (scores > float("-inf"))
+    allowed = allowed & (scores != float("-inf"))  # NaN scores stay: they make the row NaN, as in torch
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
     masked = torch.where(allowed, scores, neg_inf)
     row_max = masked.amax(dim=-1, keepdim=True).detach()

@@ -25,6 +25,9 @@ int64_t backward_dq_parts(const AttnParams& p) {
 }
 
 void backward(const AttnParams& p, float* dq_acc, int64_t parts) {
+  // no (batch, kv head) pair: dq/dk/dv are empty (every division below is by a non-zero count
+  // of items; a kv head without query rows still writes its zero dk/dv rows)
+  if (p.batch == 0 || p.heads_kv == 0) return;
   const KernelTable& kt = select_kernels();
   const int64_t heads = p.batch * p.heads_q;
   const int64_t block_k = key_block_size(p);
