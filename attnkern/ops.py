@@ -126,6 +126,23 @@ def _register_pair(fwd_name: str, bwd_name: str):
 
 
 # ---------------------------------------------------------------------------------------
+# the dropout seed: an op of its own, so torch.compile calls it as eager does (a plain
+# torch.randint would be replaced by Inductor's own RNG and draw other masks than eager for the
+# same torch.manual_seed). Tagged nondeterministic_seeded so no graph pass merges two calls.
+
+
+@torch.library.custom_op("attnkern::rng_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def rng_seed() -> torch.Tensor:
+    """A fresh 64-bit dropout seed drawn from torch's default CPU generator, shape (1,) int64."""
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+
+
+@rng_seed.register_fake
+def _fake_rng_seed() -> torch.Tensor:
+    return torch.empty((1,), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------------------
 # the Triton pair: same schema, Python implementation
 
 _triton_lib = torch.library.Library("attnkern", "FRAGMENT")

@@ -335,3 +335,23 @@ def test_head_dim_zero_and_dropout_one(seed):
         out.sum().backward()
         assert torch.equal(v.grad, torch.zeros_like(v))
         v.grad = None
+
+
+# ---------------------------------------------------------------------------------------
+# 10. dropout under torch.compile draws the masks eager draws for the same manual_seed
+
+
+def test_compiled_dropout_matches_eager(seed):
+    q, k, v = rand(1, 2, 16, 8), rand(1, 2, 16, 8), rand(1, 2, 16, 8)
+
+    def two_layers(q, k, v):  # two calls on equal inputs: no graph pass may merge their seeds
+        a = sdpa(q, k, v, dropout_p=0.5, backend="cpu")
+        return a, sdpa(q, k, v, dropout_p=0.5, backend="cpu")
+
+    torch.manual_seed(seed)
+    eager = two_layers(q, k, v)
+    assert not torch.equal(eager[0], eager[1])
+    compiled = torch.compile(two_layers, backend="inductor", fullgraph=True)
+    torch.manual_seed(seed)
+    got = compiled(q, k, v)
+    assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
