@@ -7,6 +7,7 @@ test_triton_interp.py, CUDA's in test_cuda.py).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -355,3 +356,93 @@ def test_compiled_dropout_matches_eager(seed):
     torch.manual_seed(seed)
     got = compiled(q, k, v)
     assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+
+
+# ---------------------------------------------------------------------------------------
+# 12 and 13: the CLI refuses bad arguments and paths up front, writes as it goes, and ends
+# with one line and a non-zero status
+
+from attnkern.bench import cli, memory as bench_memory, sweep  # noqa: E402
+
+TINY = ["--backends", "sdpa-math", "--seqlens", "16,32", "--head-dims", "8", "--budget", "0.01", "--min-reps", "2",
+        "--warmup", "0.01", "--modes", "fwd", "--no-progress"]
+
+
+@pytest.mark.parametrize("args", [["--max-memory", "nan"], ["--max-memory", "inf"], ["--budget", "nan"],
+                                  ["--warmup", "nan"], ["--windows", "100000000000000000000,0"]])
+def test_cli_rejects_non_finite_and_huge_values(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench"] + args)
+    assert exc.value.code == 2 and args[0] in capsys.readouterr().err
+
+
+def test_cli_negative_window_is_a_value(capsys):
+    assert cli.main(["bench", "--dry-run", "--windows", "-1,0", "4,-1"] + TINY) == 0
+    out = capsys.readouterr().out
+    assert "w(-1,0)" in out.replace(" ", "") or "-1,0" in out
+
+
+def test_cli_refuses_output_paths_before_measuring(tmp_path, monkeypatch):
+    target = tmp_path / "real.json"
+    target.write_text("keep")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    measured = []
+    monkeypatch.setattr(sweep, "run_case", lambda *a, **k: measured.append(1) or [])
+    for flag, path, why in [("--json", link, "not a regular file"), ("--json", tmp_path, "not a regular file"),
+                            ("--json", tmp_path / "missing" / "x.json", "does not exist"),
+                            ("--csv", "/dev/null", "not a regular file"), ("--plot", target, "not a directory")]:
+        with pytest.raises(SystemExit, match=why):
+            cli.main(["bench", flag, str(path)] + TINY)
+    assert not measured and link.is_symlink() and target.read_text() == "keep"
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+
+
+def test_cli_write_failure_interrupt_and_oom_rows(tmp_path, monkeypatch, capsys):
+    from attnkern.bench import report
+
+    calls = []
+
+    def full_disk(path, rows):
+        calls.append(len(rows))
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(report, "write_csv", full_disk)
+    assert cli.main(["bench", "--csv", str(tmp_path / "r.csv")] + TINY) == 1
+    err = capsys.readouterr().err
+    assert calls == [1] and "No space left on device" in err and "Traceback" not in err  # failed at the first case
+    monkeypatch.undo()
+
+    real = sweep.make_input_sets
+
+    def oom_on_short(case, *args):
+        if case.len_q == 16:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        return real(case, *args)
+
+    monkeypatch.setattr(sweep, "make_input_sets", oom_on_short)
+    out = tmp_path / "oom.json"
+    assert cli.main(["bench", "--json", str(out)] + TINY) == 0
+    rows = __import__("json").loads(out.read_text())["results"]
+    assert [r["status"] for r in rows] == ["error", "ok"] and "not enough memory" in rows[0]["reason"]
+    monkeypatch.undo()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    seen = []
+    real_case = bench_memory.measure_case
+
+    def second_interrupts(case, *args, **kwargs):
+        if seen:
+            interrupted()
+        seen.append(case)
+        return real_case(case, *args, **kwargs)
+
+    monkeypatch.setattr(bench_memory, "measure_case", second_interrupts)
+    out = tmp_path / "memory.json"
+    assert cli.main(["memory", "--json", str(out), "--backends", "sdpa-math", "--seqlens", "16,32", "--head-dims",
+                     "8", "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err
+    assert len(__import__("json").loads(out.read_text())["results"]) == 1  # the finished case was written
