@@ -308,7 +308,7 @@ def normalize_flash_layout(q, k, v, dropout_p, softmax_scale, causal, window_siz
         raise ValueError(f"v seqlen {v.shape[1]} does not match k seqlen {k.shape[1]}")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"v heads {v.shape[2]} do not match k heads {k.shape[2]}")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+    if (q.shape[2] % k.shape[2] != 0) if k.shape[2] else q.shape[2] != 0:
         raise ValueError(f"q heads {q.shape[2]} must be a multiple of k/v heads {k.shape[2]}")
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     return _finish(qt, kt, vt, None, dropout_p, causal, softmax_scale, window_size, True, (q.shape[0],))
