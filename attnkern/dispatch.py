@@ -106,8 +106,6 @@ def _triton_limits(problem: Problem) -> Optional[str]:
         return "backend 'triton' needs a GPU of compute capability 8.0 or newer"
     if min(problem.head_dim, problem.head_dim_v) < 1:
         return "backend 'triton' needs head dims >= 1"
-    if problem.batch * problem.heads_q * problem.len_q * problem.len_k == 0:
-        return "backend 'triton' needs non-empty batch, heads and sequences"
     if max(problem.batch, problem.heads_q) > TRITON_MAX_GRID_DIM:
         return f"backend 'triton' supports at most {TRITON_MAX_GRID_DIM} batch entries and query heads"
     return None

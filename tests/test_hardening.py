@@ -446,3 +446,32 @@ def test_cli_write_failure_interrupt_and_oom_rows(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
     assert len(__import__("json").loads(out.read_text())["results"]) == 1  # the finished case was written
+
+
+# ---------------------------------------------------------------------------------------
+# items 4 and 6 for the op-level backends (Triton under the interpreter, CUDA under the emulator)
+
+
+def check_lowest_mask_and_nan(fwd, bwd, dtype):
+    """fwd(q, k, v, mask, scale) -> (out, lse); bwd(grad_out, q, k, v, out, lse, mask, scale) -> (dq, dk, dv)."""
+    q, k, v = rand(1, 2, 6, 32, dtype=dtype), rand(1, 2, 40, 32, dtype=dtype), rand(1, 2, 40, 32, dtype=dtype)
+    scale = 32**-0.5
+    lowest = torch.finfo(torch.float32).min
+    mask = torch.randn(1, 2, 6, 40)
+    mask[:, :, 2, :] = lowest  # every key at finfo.min: the mean of v, as torch
+    mask[:, :, 4, 5:] = lowest
+    out, _ = fwd(q, k, v, mask, scale)
+    assert_close(out, ref(q, k, v, mask, scale)[0], dtype, "finfo.min mask")
+
+    q[0, 0, 3, 1] = float("nan")
+    mask = torch.randn(1, 2, 6, 40)
+    mask[0, 1, 1, 7] = float("nan")
+    out, lse = fwd(q, k, v, mask, scale)
+    nan_rows = torch.zeros(1, 2, 6, dtype=torch.bool)
+    nan_rows[0, 0, 3] = nan_rows[0, 1, 1] = True
+    assert out[nan_rows].isnan().all() and lse[nan_rows].isnan().all()
+    want, want_lse = ref(q.nan_to_num(), k, v, mask.nan_to_num(), scale)
+    assert_close(out[~nan_rows], want[~nan_rows], dtype, "rows without NaN")
+    assert_close(lse[~nan_rows], want_lse[~nan_rows], torch.float32 if dtype == torch.float32 else dtype, "lse")
+    _, _, dv = bwd(torch.randn_like(out), q, k, v, out, lse, mask, scale)
+    assert dv.isnan().all(), "every dv row takes a share of the NaN rows"
