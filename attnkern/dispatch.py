@@ -200,12 +200,13 @@ def _transformed(tensors) -> Optional[str]:
     transforms (the ops have backward formulas only, and no vmap rules). None if neither."""
     if torch.compiler.is_compiling():  # dynamo cannot trace these checks
         return None
+    dual_level = torch.autograd.forward_ad._current_level >= 0  # (cheap: no dual tensors outside one)
     for t in tensors:
         if t is None:
             continue
         if torch._C._functorch.is_functorch_wrapped_tensor(t):
             return "torch.func transforms (grad, vmap, jvp, ...)"
-        if torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+        if dual_level and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
             return "forward-mode AD (torch.autograd.forward_ad)"
     return None
 
