@@ -86,9 +86,11 @@ def test_causal_bias(lower_right, seed):
         assert_close(sdpa(q, k, v, bias, backend=backend), want, torch.float32, f"{backend} direct")
     with attnkern.patch():
         assert_close(F.scaled_dot_product_attention(q, k, v, bias), want, torch.float32, "patched F.sdpa")
-    with attnkern.patch(backend="cpu", window_size=(2, 0)):
-        # a call attnkern declines (dropout on a mask-free path is served; make torch serve it: float64)
+    with attnkern.patch(backend="cpu"):
+        # float64: no fused backend serves it, so the call goes to torch's own CausalBias path
+        before = patch_mod.stats.fell_back.total()
         out = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), bias)
+        assert patch_mod.stats.fell_back.total() == before + 1
         assert_close(out, want, torch.float32, "patched, served by torch")
 
 

@@ -188,7 +188,8 @@ def scaled_dot_product_attention(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False
 ):
     """What ``torch.nn.functional.scaled_dot_product_attention`` is while patched."""
-    settings = _active_settings()
+    # a call torch makes while serving one handed to it (CausalBias._dispatch) stays with torch
+    settings = None if _state().passthrough else _active_settings()
     if settings is not None:
         out = _serve(settings, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:
