@@ -98,16 +98,30 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _window_entry(x):
+    """An int, or (as flash-attn accepts) a 0-d integer tensor, as a Python int; else x unchanged."""
+    if isinstance(x, torch.Tensor) and x.dim() == 0 and not x.is_floating_point() and x.dtype != torch.bool:
+        return int(x.item())
+    return x
+
+
 def normalize_window(window_size, is_causal: bool, name: str = "window_size") -> Tuple[int, int]:
-    """Return ``(left, right)`` with -1 for unbounded and causality folded into ``right``."""
+    """Return ``(left, right)`` with -1 for unbounded and causality folded into ``right``.
+
+    ``window_size`` is a pair of ints; flash-attn's callers may also pass a 1-D integer tensor
+    of two elements or a pair of 0-d integer tensors. Sides larger than the sequences are
+    clamped to unbounded by :func:`_finish`, which knows the lengths.
+    """
     if window_size is None:
         left, right = -1, -1
     else:
+        if isinstance(window_size, torch.Tensor) and window_size.dim() == 1:
+            window_size = tuple(window_size.unbind())
         if isinstance(window_size, torch.Tensor) or not isinstance(window_size, Sequence) or isinstance(window_size, str):
             raise TypeError(f"{name} must be a pair of ints (left, right), got {type(window_size).__name__}")
         if len(window_size) != 2:
             raise ValueError(f"{name} must be a pair of ints (left, right), got {len(window_size)} values")
-        left, right = window_size
+        left, right = (_window_entry(x) for x in window_size)
         if not (_is_int(left) and _is_int(right)):
             raise TypeError(f"{name} must be a pair of ints (left, right), got ({left!r}, {right!r})")
         left, right = int(left), int(right)
@@ -121,11 +135,12 @@ def normalize_window(window_size, is_causal: bool, name: str = "window_size") ->
 
 
 def check_dropout(dropout_p) -> float:
+    """dropout_p in [0, 1]; 1.0 drops every weight (output 0, as torch), see dispatch.run."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__}")
+        raise TypeError(f"dropout_p must be a float in [0, 1], got {type(dropout_p).__name__}")
     p = float(dropout_p)
-    if not (0.0 <= p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    if not (0.0 <= p <= 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1], got {p}")
     return p
 
 
@@ -157,9 +172,8 @@ def _check_qkv_common(query, key, value):
 
 def _check_scale(scale, head_dim: int) -> float:
     if scale is None:
-        if head_dim == 0:
-            raise ValueError("query head dim (last dimension) must be >= 1 when scale is not given")
-        return 1.0 / math.sqrt(head_dim)
+        # head dim 0: every score is 0 whatever the scale (torch returns the mean of v)
+        return 1.0 / math.sqrt(head_dim) if head_dim else 1.0
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
@@ -168,12 +182,36 @@ def _check_scale(scale, head_dim: int) -> float:
     return scale
 
 
+def _plain_tensor(t: torch.Tensor) -> bool:
+    """False for tensor subclasses with their own ``__torch_function__`` (their data may not be the values)."""
+    handler = type(t).__torch_function__
+    return getattr(handler, "__func__", handler) in (
+        torch.Tensor.__torch_function__.__func__, torch._C._disabled_torch_function_impl
+    )
+
+
+def causal_bias_alignment(attn_mask) -> Optional[bool]:
+    """For torch's ``CausalBias`` (``torch.nn.attention.bias.causal_upper_left/lower_right``):
+    False for upper-left (torch's ``is_causal``), True for lower-right (bottom-right) alignment;
+    None for anything else. Its tensor data is not the mask, so it must never be read as one."""
+    from torch.nn.attention.bias import CausalBias, CausalVariant
+
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    return attn_mask.variant == CausalVariant.LOWER_RIGHT
+
+
 def _check_mask(attn_mask, query: torch.Tensor, len_k: int, batch_shape, heads_q: int):
     """Validate ``attn_mask`` and expand it to ``(B, Hq, L, S)`` without copying where possible."""
     if attn_mask is None:
         return None, None
     if not isinstance(attn_mask, torch.Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if not torch.compiler.is_compiling() and not _plain_tensor(attn_mask):
+        raise TypeError(
+            f"attn_mask of type {type(attn_mask).__name__}: tensor subclasses are not supported as masks "
+            "(torch's CausalBias is: pass it as attn_mask to attnkern.scaled_dot_product_attention)"
+        )
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask must be on the query's device {query.device}, got {attn_mask.device}")
     if attn_mask.dtype == torch.bool:
@@ -210,36 +248,50 @@ def normalize_torch_layout(
     """
     _check_qkv_common(query, key, value)
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
-        if t.dim() < 3:
-            raise ValueError(f"{name} must have at least 3 dimensions (..., L, E), got shape {tuple(t.shape)}")
-    if not (query.dim() == key.dim() == value.dim()):
-        raise ValueError(
-            f"query, key and value must have the same number of dimensions, got {query.dim()}, {key.dim()}, {value.dim()}"
-        )
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dimensions (..., L, E), got shape {tuple(t.shape)}")
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    batch_shape = tuple(query.shape[:-3])
-    for t, name in ((key, "key"), (value, "value")):
-        if tuple(t.shape[:-3]) != batch_shape:
-            raise ValueError(
-                f"{name} batch dims {tuple(t.shape[:-3])} do not match query batch dims {batch_shape}"
-            )
+    # Leading dims broadcast as in torch (whose math is batched matmuls): inputs of fewer
+    # dims gain leading 1s, and size-1 dims expand (views, no copies). The heads dim (-3)
+    # broadcasts too; key/value with one head against many query heads is GQA with one group.
+    out_rank = max(query.dim(), key.dim(), value.dim())
+    rank = max(3, out_rank)
+    query, key, value = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (query, key, value))
     heads_q, len_q, head_dim = query.shape[-3:]
     heads_kv, len_k, head_dim_k = key.shape[-3:]
     if head_dim_k != head_dim:
         raise ValueError(f"key head dim {head_dim_k} does not match query head dim {head_dim}")
-    if value.shape[-3] != heads_kv:
-        raise ValueError(f"value heads {value.shape[-3]} do not match key heads {heads_kv} (dim -3)")
     if value.shape[-2] != len_k:
         raise ValueError(f"value length {value.shape[-2]} does not match key length {len_k} (dim -2)")
+    if value.shape[-3] != heads_kv:
+        if enable_gqa or 1 not in (heads_kv, value.shape[-3]):
+            raise ValueError(f"value heads {value.shape[-3]} do not match key heads {heads_kv} (dim -3)")
+        heads_kv = max(heads_kv, value.shape[-3])
     if heads_kv != heads_q:
-        if not enable_gqa:
+        if enable_gqa:
+            if heads_kv == 0 or heads_q % heads_kv != 0:
+                raise ValueError(f"query heads {heads_q} must be a multiple of key/value heads {heads_kv} for GQA")
+        elif heads_q == 1:
+            heads_q = heads_kv  # one query head against many key/value heads
+        elif heads_kv != 1:
             raise ValueError(
                 f"query has {heads_q} heads but key/value have {heads_kv} (dim -3); pass enable_gqa=True for GQA"
             )
-        if heads_kv == 0 or heads_q % heads_kv != 0:
-            raise ValueError(f"query heads {heads_q} must be a multiple of key/value heads {heads_kv} for GQA")
-    return _finish(query, key, value, attn_mask, dropout_p, is_causal, scale, window_size, bottom_right, batch_shape)
+    try:
+        batch_shape = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+    except RuntimeError:
+        raise ValueError(
+            f"batch dims do not broadcast: query {tuple(query.shape[:-3])}, key {tuple(key.shape[:-3])}, "
+            f"value {tuple(value.shape[:-3])}"
+        ) from None
+    query = query.expand(batch_shape + (heads_q, len_q, head_dim))
+    key = key.expand(batch_shape + (heads_kv, len_k, head_dim))
+    value = value.expand(batch_shape + (heads_kv, len_k, value.shape[-1]))
+    q, k, v, mask, problem, out_shape = _finish(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, window_size, bottom_right, batch_shape
+    )
+    return q, k, v, mask, problem, out_shape[len(out_shape) - out_rank:]
 
 
 def normalize_flash_layout(q, k, v, dropout_p, softmax_scale, causal, window_size):
@@ -256,7 +308,7 @@ def normalize_flash_layout(q, k, v, dropout_p, softmax_scale, causal, window_siz
         raise ValueError(f"v seqlen {v.shape[1]} does not match k seqlen {k.shape[1]}")
     if v.shape[2] != k.shape[2]:
         raise ValueError(f"v heads {v.shape[2]} do not match k heads {k.shape[2]}")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+    if (q.shape[2] % k.shape[2] != 0) if k.shape[2] else q.shape[2] != 0:
         raise ValueError(f"q heads {q.shape[2]} must be a multiple of k/v heads {k.shape[2]}")
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     return _finish(qt, kt, vt, None, dropout_p, causal, softmax_scale, window_size, True, (q.shape[0],))
@@ -267,6 +319,8 @@ def _finish(query, key, value, attn_mask, dropout_p, is_causal, scale, window_si
     heads_kv, len_k = key.shape[-3], key.shape[-2]
     head_dim_v = value.shape[-1]
     left, right = normalize_window(window_size, is_causal)
+    # a side of L + S or more reaches past every key of every row (any alignment): unbounded
+    left, right = (-1 if w >= len_q + len_k else w for w in (left, right))
     p = check_dropout(dropout_p)
     scale = _check_scale(scale, head_dim)
     batch = math.prod(batch_shape)

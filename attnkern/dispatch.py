@@ -7,6 +7,7 @@ and takes the first whose row accepts the problem; ``math`` accepts everything, 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -178,7 +179,7 @@ def choose(problem: Problem, backend: str) -> str:
 
 def new_rng_seed() -> torch.Tensor:
     """A fresh 64-bit dropout seed drawn from torch's default CPU generator."""
-    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+    return ops.rng_seed()  # an op, so compiled code draws the seeds eager code draws
 
 
 def _math(q, k, v, mask, rng_seed, problem: Problem):
@@ -194,9 +195,44 @@ def _math(q, k, v, mask, rng_seed, problem: Problem):
     return out.to(dtype), lse.to(torch.float32)
 
 
+def _transformed(tensors) -> Optional[str]:
+    """What makes the fused ops unusable on these tensors: forward-mode AD duals or torch.func
+    transforms (the ops have backward formulas only, and no vmap rules). None if neither."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace these checks
+        return None
+    dual_level = torch.autograd.forward_ad._current_level >= 0  # (cheap: no dual tensors outside one)
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return "torch.func transforms (grad, vmap, jvp, ...)"
+        if dual_level and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            return "forward-mode AD (torch.autograd.forward_ad)"
+    return None
+
+
+def _drop_everything(problem: Problem, q, k, v, mask, backend: str):
+    """dropout_p == 1: every weight is dropped, so out = 0 @ v (NaN where v holds NaN or inf, as in
+    torch); the LSE (of the scores, which dropout does not touch) comes from the undropped call."""
+    _, lse = run(dataclasses.replace(problem, dropout_p=0.0), q, k, v, mask, backend)
+    zero = (v * 0).sum(dim=2, keepdim=True).repeat_interleave(problem.group_size, dim=1)
+    return zero.expand(problem.batch, problem.heads_q, problem.len_q, problem.head_dim_v).contiguous(), lse
+
+
 def run(problem: Problem, q, k, v, mask, backend: str):
     """Forward through the chosen backend; returns ``(out, lse)``, differentiable."""
+    if problem.dropout_p == 1.0:
+        return _drop_everything(problem, q, k, v, mask, backend)
     name = choose(problem, backend)
+    if name != "math":
+        reason = _transformed((q, k, v, mask))
+        if reason is not None:
+            if backend != "auto":
+                raise NotImplementedError(
+                    f"backend={backend!r} does not support {reason}: its kernels have a backward formula only; "
+                    "use backend='math' (or 'auto', which then picks it)"
+                )
+            name = "math"
     rng_seed = new_rng_seed() if problem.dropout_p > 0 else None
     if name == "math":
         return _math(q, k, v, mask, rng_seed, problem)

@@ -8,7 +8,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import dispatch
-from ._semantics import check_backend, normalize_flash_layout, normalize_torch_layout
+from ._semantics import causal_bias_alignment, check_backend, normalize_flash_layout, normalize_torch_layout
 
 
 def scaled_dot_product_attention(
@@ -30,11 +30,17 @@ def scaled_dot_product_attention(
     for key and value. ``attn_mask`` is bool (True takes part) or float (added to the
     scores) and broadcasts to ``(..., L, S)``. ``is_causal`` and ``window_size=(left, right)``
     are top-left aligned: query i sees keys ``i - left <= j <= i + right`` (-1: unbounded).
-    A query row that can see no key returns zeros.
+    A query row that can see no key returns zeros. torch's ``CausalBias`` masks
+    (``causal_upper_left``/``causal_lower_right``) mean causal in top-left/bottom-right alignment.
     """
     backend = check_backend(backend)
+    bottom_right = causal_bias_alignment(attn_mask)
+    if bottom_right is not None:
+        if is_causal:
+            raise ValueError("attn_mask is a CausalBias, which is already causal: do not pass is_causal=True too")
+        attn_mask, is_causal = None, True
     q, k, v, mask, problem, out_shape = normalize_torch_layout(
-        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, bool(bottom_right)
     )
     out, _ = dispatch.run(problem, q, k, v, mask, backend)
     return out.reshape(out_shape)
@@ -76,6 +82,7 @@ def flash_attn_func(
     window_size: Tuple[int, int] = (-1, -1),
     return_lse: bool = False,
     *,
+    deterministic: bool = False,
     backend: str = "auto",
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Drop-in for flash-attn's ``flash_attn_func``: layout ``(batch, seqlen, heads, headdim)``.
@@ -83,9 +90,12 @@ def flash_attn_func(
     Causal masks and windows are bottom-right aligned, as in flash-attn >= 2.1: query i sits
     at key position ``i + S - L``. MQA/GQA by passing fewer k/v heads. With
     ``return_lse=True`` returns ``(out, lse)``, lse of shape ``(batch, heads, seqlen_q)`` fp32
-    (natural log; -inf for rows that see no key).
+    (natural log; -inf for rows that see no key). ``deterministic`` is accepted for flash-attn
+    compatibility: every attnkern backward is deterministic (no atomics), whatever its value.
     """
     backend = check_backend(backend)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     qt, kt, vt, _, problem, _ = normalize_flash_layout(q, k, v, dropout_p, softmax_scale, causal, window_size)

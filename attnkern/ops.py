@@ -52,7 +52,17 @@ def empty_rows_like(like: torch.Tensor, last: int, dtype: torch.dtype) -> torch.
     return like.new_empty((b, h, rows, last), dtype=dtype)
 
 
+def _check_devices(q: torch.Tensor, **tensors) -> None:
+    """Every tensor argument on the query's device. The fake kernels run for real whenever one
+    argument is a meta tensor (Meta outranks CPU in dispatch), and would hand back empty CPU
+    memory for a call no real kernel accepts."""
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} must be on the query's device {q.device}, got {t.device}")
+
+
 def _fake_fwd(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p):
+    _check_devices(q, key=k, value=v, attn_mask=mask)
     out = empty_rows_like(q, v.shape[3], q.dtype)
     lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     return out, lse
@@ -60,6 +70,7 @@ def _fake_fwd(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_
 
 def _fake_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, scale, window_left, window_right,
               bottom_right, dropout_p, mask_needs_grad):
+    _check_devices(q, grad_out=grad_out, grad_lse=grad_lse, key=k, value=v, out=out, lse=lse, attn_mask=mask)
     dq = empty_rows_like(q, q.shape[3], q.dtype)
     dk = empty_rows_like(k, k.shape[3], q.dtype)
     dv = empty_rows_like(v, v.shape[3], q.dtype)
@@ -94,13 +105,41 @@ def _make_backward(bwd_op):
     return backward
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "attnkern's fused backward is not differentiable (no double backward / gradients of gradients); "
+        "use backend='math' for higher-order gradients"
+    )
+
+
 def _register_pair(fwd_name: str, bwd_name: str):
     fwd = getattr(torch.ops.attnkern, fwd_name).default
     bwd = getattr(torch.ops.attnkern, bwd_name).default
     torch.library.register_fake(f"attnkern::{fwd_name}")(_fake_fwd)
     torch.library.register_fake(f"attnkern::{bwd_name}")(_fake_bwd)
     torch.library.register_autograd(f"attnkern::{fwd_name}", _make_backward(bwd), setup_context=_setup_context)
+    # the backward op's own autograd: without it torch would only warn and return zeros
+    torch.library.register_autograd(
+        f"attnkern::{bwd_name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
     return fwd, bwd
+
+
+# ---------------------------------------------------------------------------------------
+# the dropout seed: an op of its own, so torch.compile calls it as eager does (a plain
+# torch.randint would be replaced by Inductor's own RNG and draw other masks than eager for the
+# same torch.manual_seed). Tagged nondeterministic_seeded so no graph pass merges two calls.
+
+
+@torch.library.custom_op("attnkern::rng_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def rng_seed() -> torch.Tensor:
+    """A fresh 64-bit dropout seed drawn from torch's default CPU generator, shape (1,) int64."""
+    return torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+
+
+@rng_seed.register_fake
+def _fake_rng_seed() -> torch.Tensor:
+    return torch.empty((1,), dtype=torch.int64)
 
 
 # ---------------------------------------------------------------------------------------

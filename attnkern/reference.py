@@ -105,10 +105,13 @@ def attention(
         else:
             scores = scores + mask.to(dtype)
     # keys with score -inf (from a float mask) take no part either
-    allowed = allowed & (scores > float("-inf"))
+    allowed = allowed & (scores != float("-inf"))  # NaN scores stay: they make the row NaN, as in torch
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
     masked = torch.where(allowed, scores, neg_inf)
-    row_max = masked.amax(dim=-1, keepdim=True).detach()
+    if len_k:
+        row_max = masked.amax(dim=-1, keepdim=True).detach()
+    else:  # no keys (amax refuses an empty dim): every row is empty
+        row_max = masked.new_zeros(masked.shape[:-1] + (1,))
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     # exponentiate a finite stand-in where disallowed so autograd never sees inf * 0
     safe = torch.where(allowed, scores - row_max, torch.zeros_like(scores))

@@ -98,8 +98,10 @@ inline void check_and_fill_inputs(AttnParams& p, const at::Tensor& q, const at::
   set_strides3(p.k_stride, k);
   set_strides3(p.v_stride, v);
   p.scale = static_cast<float>(sem.scale);
-  p.window_left = sem.window_left;
-  p.window_right = sem.window_right;
+  // A window side of L + S or more reaches past every key of every row: it is unbounded (-1),
+  // which keeps the band's index arithmetic (row + offset + right + 1) far from overflow.
+  p.window_left = sem.window_left >= L + S ? -1 : sem.window_left;
+  p.window_right = sem.window_right >= L + S ? -1 : sem.window_right;
   p.bottom_right = sem.bottom_right;
 
   if (mask.has_value() && mask->defined()) {
@@ -153,6 +155,9 @@ inline void check_backward_tensors(const AttnParams& p, const at::Tensor& q, con
                       at::IntArrayRef(l_shape), ", got ", grad_lse->sizes());
   for (const at::Tensor* t : {&dout, &out, &lse})
     TORCH_CHECK_VALUE(t->device() == q.device(), "backward tensors must be on the query's device ", q.device());
+  if (grad_lse.has_value() && grad_lse->defined())
+    TORCH_CHECK_VALUE(grad_lse->device() == q.device(), "grad_lse must be on the query's device ", q.device(),
+                      ", got ", grad_lse->device());
 }
 
 }  // namespace attnkern

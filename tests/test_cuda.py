@@ -431,6 +431,15 @@ def test_emulated_empty_sequences(emu, len_q, len_k):
         assert g.shape == t.shape and torch.equal(g, torch.zeros_like(g))
 
 
+def test_emulated_finfo_min_masks_are_finite_and_nan_propagates(emu, seed):
+    import test_hardening
+
+    test_hardening.check_lowest_mask_and_nan(
+        lambda q, k, v, m, s: emu.fwd(q, k, v, m, None, s, -1, -1, False, 0.0, 4),
+        lambda g, q, k, v, o, lse, m, s: emu.bwd(g, None, q, k, v, o, lse, m, None, s, -1, -1, False, 0.0, False)[:3],
+        torch.float16)
+
+
 def test_emulated_kernel_errors_name_arguments(emu):
     q = torch.randn(1, 2, 8, 64)
     with pytest.raises(ValueError, match="float16 and bfloat16, not float32"):

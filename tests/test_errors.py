@@ -24,8 +24,10 @@ def raises(exc, match, fn, *args, **kwargs):
 
 def test_mismatched_batch():
     q, k, v = qkv()
-    raises(ValueError, "key batch dims", sdpa, q, k[:1], v[:1])
-    raises(ValueError, "value batch dims", sdpa, q, k, v[:1])
+    # batch dims broadcast as in torch (size 1 expands); other mismatches are refused
+    k3, v3 = (torch.cat([t, t[:1]]) for t in (k, v))
+    raises(ValueError, "batch dims do not broadcast", sdpa, q, k3, v3)
+    raises(ValueError, "batch dims do not broadcast", sdpa, q, k, v3)
 
 
 def test_mismatched_heads():
@@ -49,8 +51,7 @@ def test_mismatched_head_dim_and_lengths():
 
 def test_wrong_ndim():
     q, k, v = qkv()
-    raises(ValueError, "query must have at least 3 dimensions", sdpa, q[0, 0], k[0, 0], v[0, 0])
-    raises(ValueError, "same number of dimensions", sdpa, q, k[0], v[0])
+    raises(ValueError, "query must have at least 2 dimensions", sdpa, q[0, 0, 0], k[0, 0], v[0, 0])
     raises(ValueError, "q must be 4-D", attnkern.flash_attn_func, q[0], k, v)
 
 
@@ -90,7 +91,7 @@ def test_mask_that_does_not_broadcast():
     raises(TypeError, "attn_mask must be a torch.Tensor", sdpa, q, k, v, attn_mask=[[1]])
 
 
-@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan")])
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
 def test_dropout_out_of_range(p):
     q, k, v = qkv()
     raises(ValueError, "dropout_p", sdpa, q, k, v, dropout_p=p)

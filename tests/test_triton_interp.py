@@ -166,6 +166,16 @@ class TestInterpreter:
     def test_output_layout_follows_query(self):
         parity.test_output_layout_follows_query(BACKEND)
 
+    @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+    def test_finfo_min_masks_are_finite_and_nan_propagates(self, dtype, seed):
+        import test_hardening
+
+        test_hardening.check_lowest_mask_and_nan(
+            lambda q, k, v, m, s: torch.ops.attnkern.triton_fwd(q, k, v, m, None, s, -1, -1, False, 0.0),
+            lambda g, q, k, v, o, lse, m, s: torch.ops.attnkern.triton_bwd(g, None, q, k, v, o, lse, m, None, s, -1, -1,
+                                                                          False, 0.0, False)[:3],
+            dtype)
+
     @pytest.mark.parametrize("tile", [(32, 16), (16, 64), (64, 32), (128, 64)], ids=str)
     @pytest.mark.parametrize(
         "case",

@@ -8,7 +8,9 @@ during the run (a skip is not a failure; a baseline that raises is reported, not
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -62,7 +64,13 @@ def _window(text: str) -> Optional[Tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"a window is 'left,right' or 'none', got {text!r}")
     if left < -1 or right < -1:
         raise argparse.ArgumentTypeError(f"window entries must be >= -1, got {text!r}")
+    if max(left, right) >= 2**62:
+        raise argparse.ArgumentTypeError(f"window entries must be below 2^62 (-1: unbounded), got {text!r}")
     return left, right
+
+
+# a window with a negative entry ("-1,0") would be read by argparse as an option
+_NEGATIVE_WINDOW = re.compile(r"^-\d+,-?\d+$")
 
 
 def _dtypes(text: str) -> List[str]:
@@ -114,7 +122,7 @@ def _positive(kind):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
         return value
     return parse
@@ -298,15 +306,21 @@ def _attnkern_errors(rows: Sequence[dict]) -> List[dict]:
     return [r for r in rows if r["status"] == "error" and r["backend"].startswith("attnkern-")]
 
 
-def _finish(doc: dict, rows: List[dict], args, plots: List[str]) -> int:
+def _write_outputs(doc: dict, rows: List[dict], args) -> None:
+    """--json and --csv as they stand (called after every case, so a run cut short keeps its rows)."""
     from .report import write_csv, write_json
 
     if args.json:
         write_json(args.json, doc)
-        print(f"wrote {args.json}")
     if args.csv:
         write_csv(args.csv, rows)
-        print(f"wrote {args.csv}")
+
+
+def _finish(doc: dict, rows: List[dict], args, plots: List[str]) -> int:
+    _write_outputs(doc, rows, args)
+    for path in (args.json, args.csv):
+        if path:
+            print(f"wrote {path}")
     for path in plots:
         print(f"wrote {path}")
     errors = _attnkern_errors(rows)
@@ -397,9 +411,9 @@ def bench(args, device: str, preset: Preset, cases: List[Case], subjects: List[S
 
     def case_done(rows: List[dict]) -> None:
         doc["cases_done"] += 1
-        if args.json:  # after every case: a run cut short (a time limit) keeps what it measured
+        if args.json or args.csv:  # after every case: a run cut short (a time limit) keeps what it measured
             derive(rows)
-            report.write_json(args.json, doc)
+            _write_outputs(doc, rows, args)
 
     progress = Progress(len(cases), enabled=False if args.no_progress else None)
     progress.show()
@@ -460,9 +474,15 @@ def memory(args, device: str, preset: Preset, cases: List[Case], subjects: List[
     print(report.header(doc))
     progress = Progress(len(cases), enabled=False if args.no_progress else None)
     progress.show()
+
+    def case_done(rows: List[dict]) -> None:  # written as it goes, as bench does
+        doc["results"], doc["fits"] = rows, fits(rows)
+        doc["wall_s"] = round(time.perf_counter() - start, 2)
+        _write_outputs(doc, rows, args)
+
     rows = run_memory(cases, subjects, device, None,
                       int(args.max_memory * (1 << 30)) if args.max_memory else None, args.snapshot,
-                      progress.advance)
+                      progress.advance, case_done)
     progress.close()
     growth = fits(rows)
     doc["results"], doc["fits"] = rows, growth
@@ -514,10 +534,45 @@ def fits_table(growth: Sequence[dict]) -> str:
     return format_table(["series", "backend", "lengths", "exponent", "growth of extra memory"], body, "lllrl")
 
 
+def check_output_paths(args) -> None:
+    """Refuse, before measuring, output paths the run could not write or should not replace:
+    --json/--csv must be a regular file or a new name in an existing, writable directory (not a
+    device, a directory or a symlink, which a replace would turn into a regular file); --plot a
+    directory or a new one."""
+    for flag, path in (("--json", args.json), ("--csv", args.csv)):
+        if not path:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+            raise SystemExit(f"attnkern: {flag} {path}: not a regular file (refusing to replace it)")
+        if not os.path.isdir(parent):
+            raise SystemExit(f"attnkern: {flag} {path}: directory {parent} does not exist")
+        if not os.access(parent, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise SystemExit(f"attnkern: {flag} {path}: not writable")
+    plot = getattr(args, "plot", None)
+    if plot and os.path.lexists(plot) and not os.path.isdir(plot):
+        raise SystemExit(f"attnkern: --plot {plot}: exists and is not a directory")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # " -1,0": argparse takes a leading space for a value, and int() ignores it
+    argv = [" " + a if _NEGATIVE_WINDOW.match(a) else a for a in argv]
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("\nattnkern: interrupted (the files hold the cases finished so far)", file=sys.stderr)
+        return 130
+    except OSError as exc:  # writing an output: disk full, permissions, ...
+        print(f"attnkern: {exc.filename or 'output'}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _main(args) -> int:
     show, measure, presets = {"bench": (show_bench, bench, cases_mod.PRESETS),
                               "memory": (show_memory, memory, cases_mod.MEMORY_PRESETS)}[args.command]
+    check_output_paths(args)
     if args.from_json:
         return show(_load(args.from_json, args.command), args)
     device = _device(args)

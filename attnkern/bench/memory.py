@@ -180,7 +180,9 @@ def fits(rows: Sequence[dict]) -> List[dict]:
 
 def run_memory(cases: Sequence[Case], subjects: Sequence[Subject], device: str,
                excluded: Optional[Dict[str, str]] = None, max_memory: Optional[int] = None,
-               snapshot_dir: Optional[str] = None, progress: Optional[Callable[[str], None]] = None) -> List[dict]:
+               snapshot_dir: Optional[str] = None, progress: Optional[Callable[[str], None]] = None,
+               partial: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+    """Rows of every case; ``partial(rows so far)`` after each case (to save a run that may be cut short)."""
     excluded = excluded or {}
     max_memory = max_memory if max_memory is not None else available_memory(device) // 2
     rows = []
@@ -191,6 +193,8 @@ def run_memory(cases: Sequence[Case], subjects: Sequence[Subject], device: str,
                 os.makedirs(snapshot_dir, exist_ok=True)
                 snapshot = os.path.join(snapshot_dir, f"{subject.name}-{case.mode}-L{case.len_q}.pickle")
             rows.append(measure_case(case, subject, device, max_memory, snapshot, excluded))
+        if partial:
+            partial(rows)
         if progress:
             progress(case.label())
     return rows

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import errno
 import importlib
 import json
 import os
@@ -109,8 +110,9 @@ def document(kind: str, device: str, settings: dict, results: List[dict], **extr
 
 
 def write_json(path: str, doc: dict) -> None:
-    """Written whole or not at all (a run killed while writing keeps the previous file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Written whole or not at all (a run killed while writing keeps the previous file). Only a
+    regular file or a new name is replaced: a device or a symlink would become a regular file."""
+    _refuse_special(path)
     partial = path + ".partial"
     with open(partial, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=False, default=_jsonable)
@@ -124,8 +126,13 @@ def _jsonable(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def _refuse_special(path: str) -> None:
+    if os.path.islink(path) or (os.path.lexists(path) and not os.path.isfile(path)):
+        raise OSError(errno.EEXIST, "not a regular file (refusing to replace it)", path)
+
+
 def write_csv(path: str, rows: Sequence[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _refuse_special(path)
     columns: List[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]

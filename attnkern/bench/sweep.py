@@ -185,7 +185,12 @@ def run_case(case: Case, subjects: Sequence[Subject], device: str, settings: Tim
     if fns:
         count = input_set_count(case, device, settings.rotate)
         layouts = {by_name[name].layout for name in fns}
-        sets = {layout: make_input_sets(case, layout, device, count) for layout in layouts}
+        try:
+            sets = {layout: make_input_sets(case, layout, device, count) for layout in layouts}
+        except (RuntimeError, MemoryError) as exc:  # out of memory for the inputs: an error row, not an abort
+            for name in fns:
+                rows[name] = _result(case, name, "error", f"making the inputs: {_error_reason(exc, [])}")
+            return [rows[s.name] for s in subjects if s.name in rows]
         runners = {name: Runner(fn, case.mode, sets[by_name[name].layout]) for name, fn in fns.items()}
 
         def on_error(name: str, exc: BaseException, caught: Sequence = ()) -> None:

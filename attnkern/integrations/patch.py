@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode
 
 from .. import dispatch
-from .._semantics import check_backend, normalize_torch_layout
+from .._semantics import causal_bias_alignment, check_backend, normalize_torch_layout
 from ._attend import checked_window
 
 # what F.scaled_dot_product_attention is bound to when torch is imported, and what early
@@ -81,7 +81,10 @@ class Stats:
 stats = Stats()
 
 
-class _ThreadState(threading.local):
+class _ThreadState:
+    """One thread's patch state. A plain object (reached through a thread-local) so that a scope
+    exited on another thread (a generator closed there) can still clean up its own thread's state."""
+
     def __init__(self) -> None:
         self.stack = []  # Settings of this thread's active `with patch()` scopes, innermost last
         self.mode = None  # the _RouteMode pushed on this thread, if any
@@ -89,7 +92,17 @@ class _ThreadState(threading.local):
         self.passthrough = 0  # >0 while handing a call to torch: the mode must not route it again
 
 
-_thread = _ThreadState()
+class _Local(threading.local):
+    def __init__(self) -> None:
+        self.state = _ThreadState()
+
+
+_local = _Local()
+
+
+def _state() -> _ThreadState:
+    return _local.state
+
 _lock = threading.RLock()
 _attr_users = 0
 _previous_attr = None  # F.scaled_dot_product_attention as found when the first user arrived
@@ -99,8 +112,9 @@ _program_fastpath: Optional[bool] = None
 
 
 def _active_settings() -> Optional[Settings]:
-    if _thread.stack:
-        return _thread.stack[-1]
+    stack = _state().stack
+    if stack:
+        return stack[-1]
     return _program
 
 
@@ -144,13 +158,18 @@ def _note_fallback(reason: str) -> None:
 
 def _serve(settings: Settings, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """attnkern's output for this call, or None when torch should serve it."""
+    bottom_right = causal_bias_alignment(attn_mask)
+    if bottom_right is not None and not is_causal:
+        # torch's CausalBias: causal in its alignment, its tensor data is no mask
+        attn_mask, is_causal = None, True
     reason = _unservable(query, key, value, attn_mask, is_causal)
     if reason is None:
         try:
             # attnkern's argument checks decide what it accepts; what they reject goes to
             # torch, which serves it or raises its own error (no kernel is run here)
             q, k, v, mask, problem, out_shape = normalize_torch_layout(
-                query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, settings.window_size
+                query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, settings.window_size,
+                bool(bottom_right),
             )
         except (TypeError, ValueError) as exc:
             reason = f"attnkern's argument checks: {exc}"
@@ -169,17 +188,29 @@ def scaled_dot_product_attention(
     query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False
 ):
     """What ``torch.nn.functional.scaled_dot_product_attention`` is while patched."""
-    settings = _active_settings()
+    # a call torch makes while serving one handed to it (CausalBias._dispatch) stays with torch
+    settings = None if _state().passthrough else _active_settings()
     if settings is not None:
         out = _serve(settings, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         if out is not None:
             return out
     previous = _previous_attr if _previous_attr is not None else _BUILTIN
-    _thread.passthrough += 1
+    return _call_torch(previous, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _call_torch(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """torch's own F.sdpa. A CausalBias mask takes its own path (CausalBias._dispatch): its
+    __torch_function__ recognises only F.scaled_dot_product_attention, which is attnkern's now."""
+    from torch.nn.attention.bias import CausalBias
+
+    if isinstance(attn_mask, CausalBias):
+        fn = CausalBias._dispatch
+    state = _state()
+    state.passthrough += 1
     try:
-        return previous(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+        return fn(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     finally:
-        _thread.passthrough -= 1
+        state.passthrough -= 1
 
 
 class _RouteMode(TorchFunctionMode):
@@ -187,12 +218,14 @@ class _RouteMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _BUILTIN and not _thread.passthrough:
+        if func is _BUILTIN and not _state().passthrough:
+            call = _bind_sdpa(*args, **kwargs)
             settings = _active_settings()
             if settings is not None:
-                out = _serve(settings, *_bind_sdpa(*args, **kwargs))
+                out = _serve(settings, *call)
                 if out is not None:
                     return out
+            return _call_torch(func, *call)
         # this mode is popped while its handler runs, so this reaches torch (or outer modes)
         return func(*args, **kwargs)
 
@@ -229,43 +262,71 @@ def _release_attribute() -> None:
             _previous_attr = None
 
 
-def _acquire_mode() -> None:
-    if _thread.mode_users == 0:
+def _acquire_mode(state: _ThreadState) -> None:
+    # a mode left by a scope that another thread closed is still on this thread's stack: reuse it
+    if state.mode is None:
         mode = _RouteMode()
         mode.__enter__()
-        _thread.mode = mode
-    _thread.mode_users += 1
+        state.mode = mode
+    state.mode_users += 1
 
 
-def _release_mode() -> None:
-    if _thread.mode_users == 1:
-        if _get_current_function_mode() is not _thread.mode:
-            raise RuntimeError(
-                "attnkern.patch: a TorchFunctionMode entered inside the patch is still active; exit it first"
-            )
-        _thread.mode.__exit__(None, None, None)
-        _thread.mode = None
-    _thread.mode_users -= 1
+def _remove_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off this thread's torch function mode stack, keeping any modes above it
+    (a user's mode entered inside the patch and still open) in their order."""
+    above = []
+    while torch._C._len_torch_function_stack() > 0:
+        top = torch._C._pop_torch_function_stack()
+        if top is mode:
+            break
+        above.append(top)
+    for m in reversed(above):
+        torch._C._push_on_torch_function_stack(m)
 
 
-def _acquire(settings: Optional[Settings]) -> None:
-    _acquire_attribute()
-    try:
-        _acquire_mode()
-    except BaseException:
-        _release_attribute()
-        raise
-    if settings is not None:
-        _thread.stack.append(settings)
+def _release_mode(state: _ThreadState) -> None:
+    state.mode_users -= 1
+    if state.mode_users > 0 or state.mode is None:
+        return
+    if state is not _state():
+        # closed from another thread: torch's mode stacks are per thread, so the mode stays on
+        # its own thread's stack, inert (no settings there route nothing) until that thread's
+        # next patch scope reuses it and removes it on exit
+        return
+    mode, state.mode = state.mode, None
+    if _get_current_function_mode() is mode:
+        mode.__exit__(None, None, None)
+    else:
+        _remove_mode(mode)
 
 
-def _release(settings: Optional[Settings]) -> None:
-    if settings is not None:
-        _thread.stack.pop()
-    try:
-        _release_mode()
-    finally:
-        _release_attribute()
+def _acquire(settings: Optional[Settings]) -> _ThreadState:
+    state = _state()
+    with _lock:
+        _acquire_attribute()
+        try:
+            _acquire_mode(state)
+        except BaseException:
+            _release_attribute()
+            raise
+        if settings is not None:
+            state.stack.append(settings)
+    return state
+
+
+def _release(settings: Optional[Settings], state: Optional[_ThreadState] = None) -> None:
+    state = state if state is not None else _state()
+    with _lock:
+        try:
+            if settings is not None:
+                # this scope's entry, wherever it is: scopes may close in any order
+                for i in range(len(state.stack) - 1, -1, -1):
+                    if state.stack[i] is settings:
+                        del state.stack[i]
+                        break
+            _release_mode(state)
+        finally:
+            _release_attribute()
 
 
 class Patch:
@@ -274,6 +335,7 @@ class Patch:
     def __init__(self, settings: Settings, program_wide: bool = False) -> None:
         self.settings = settings
         self._program_wide = program_wide
+        self._entered = []  # the thread state of each open entry of this scope, innermost last
 
     def __enter__(self) -> "Patch":
         if self._program_wide:
@@ -281,13 +343,16 @@ class Patch:
                 "patch(enable=True) already patched the whole program (undo it with attnkern.unpatch()); "
                 "use `with attnkern.patch():` for a scope"
             )
-        _acquire(self.settings)
+        self._entered.append(_acquire(self.settings))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if _thread.stack and _thread.stack[-1] is not self.settings:
-            raise RuntimeError("attnkern.patch scopes must be exited in the reverse order of entering")
-        _release(self.settings)
+        # exits in any order, on any thread (a generator holding the scope may be closed
+        # elsewhere), undo exactly what the matching __enter__ did on its own thread
+        if not self._entered:
+            raise RuntimeError("attnkern.patch: __exit__ without a matching __enter__")
+        here = [i for i, state in enumerate(self._entered) if state is _state()]
+        _release(self.settings, self._entered.pop(here[-1] if here else -1))
         return False
 
     def __repr__(self) -> str:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .band import key_block_range, query_block_range, segment_bounds
-from .forward import LOG2E, UNSPECIALIZED, load_mask_tile, load_tile, score_tile
+from .forward import UNSPECIALIZED, load_mask_tile, load_tile, mask_to_log2, score_tile
 from .philox import dropout_keep
 
 
@@ -52,7 +52,7 @@ def preprocess_kernel(
 def _load_row_stats(Lse, Delta, row_base, rows, len_q):
     """LSE in the log2 domain and delta; rows without keys (LSE -inf) or past len_q get +inf, so P = 0."""
     lse = tl.load(Lse + row_base + rows, mask=rows < len_q, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), mask_to_log2(lse))  # finite stays finite
     delta = tl.load(Delta + row_base + rows, mask=rows < len_q, other=0.0)
     return lse2, delta
 

@@ -31,6 +31,14 @@ UNSPECIALIZED = ["heads_q", "group", "len_q", "len_k", "head_dim", "head_dim_v",
 
 
 @triton.jit
+def mask_to_log2(mask_value):
+    """A float mask value in log2 units. Only -inf masks a key: finite values at or below about
+    -2.4e38 (finfo(float32).min) would overflow to -inf when scaled, so they saturate at -FLT_MAX."""
+    x = mask_value * LOG2E
+    return tl.where((x == float("-inf")) & (mask_value != float("-inf")), -3.4028234663852886e38, x)
+
+
+@triton.jit
 def score_tile(a, b, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, EDGE: tl.constexpr,
                MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
     """Scores ``a @ b`` in the log2 domain, -inf where a key takes no part.
@@ -42,7 +50,7 @@ def score_tile(a, b, rows, cols, mask_tile, qk_scale, len_k, offset, left, right
     """
     s = tl.dot(a, b, input_precision=DOT_PRECISION) * qk_scale
     if MASK_KIND == MASK_FLOAT:
-        s += mask_tile.to(tl.float32) * LOG2E
+        s += mask_to_log2(mask_tile.to(tl.float32))
     if EDGE:
         lo, hi = key_bounds(rows, len_k, offset, left, right)
         if TRANSPOSED:

@@ -36,6 +36,9 @@ int64_t backward_dq_parts(const AttnParams& p, int64_t threads) {
 int64_t backward_dq_parts(const AttnParams& p) { return backward_dq_parts(p, at::get_num_threads()); }
 
 void backward(const AttnParams& p, float* dq_acc, int64_t parts) {
+  // no (batch, kv head) pair: dq/dk/dv are empty (every division below is by a non-zero count
+  // of items; a kv head without query rows still writes its zero dk/dv rows)
+  if (p.batch == 0 || p.heads_kv == 0) return;
   const KernelTable& kt = select_kernels();
   ThreadTrace::get().begin_op();
   const int64_t heads = p.batch * p.heads_q;

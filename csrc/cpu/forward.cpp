@@ -7,6 +7,8 @@
 namespace attnkern::cpu {
 
 void forward(const AttnParams& p) {
+  // no output rows: nothing to do (and heads_kv may be 0, which the group size divides by)
+  if (p.batch == 0 || p.heads_q == 0 || p.len_q == 0) return;
   const KernelTable& kt = select_kernels();
   ThreadTrace::get().begin_op();
   const ForwardPlan plan = forward_plan(p, at::get_num_threads());

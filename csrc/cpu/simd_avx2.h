@@ -59,9 +59,10 @@ struct VecAVX2 {
   }
   // 2^x as in VecAVX512::exp2, with the 2^n factor built in the exponent bits.
   static ATTNKERN_VEC_INLINE VecAVX2 exp2(VecAVX2 a) {
-    __m256 x = _mm256_min_ps(a.v, _mm256_set1_ps(127.f));
+    // operands in this order so a NaN input stays NaN (min/max return the second on NaN)
+    __m256 x = _mm256_min_ps(_mm256_set1_ps(127.f), a.v);
     __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_LT_OQ);
-    x = _mm256_max_ps(x, _mm256_set1_ps(-126.f));
+    x = _mm256_max_ps(_mm256_set1_ps(-126.f), x);
     __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 f = _mm256_sub_ps(x, n);
     __m256 p = _mm256_set1_ps(1.5403530393381609e-4f);

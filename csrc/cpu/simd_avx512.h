@@ -56,9 +56,10 @@ struct VecAVX512 {
   // ~1e-7, i.e. about an ulp); scale by 2^n with vscalefps. Inputs below -126 give 0
   // (so -inf gives 0, and no denormals reach the GEMMs).
   static ATTNKERN_VEC_INLINE VecAVX512 exp2(VecAVX512 a) {
-    __m512 x = _mm512_min_ps(a.v, _mm512_set1_ps(128.f));
+    // operands in this order so a NaN input stays NaN (min/max return the second on NaN)
+    __m512 x = _mm512_min_ps(_mm512_set1_ps(128.f), a.v);
     __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_LT_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
+    x = _mm512_max_ps(_mm512_set1_ps(-126.f), x);
     __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 f = _mm512_sub_ps(x, n);
     __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);

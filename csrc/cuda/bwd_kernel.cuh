@@ -24,7 +24,7 @@ namespace cuda {
 __device__ __forceinline__ float backward_lse_log2(const float* lse, int64_t idx, bool valid) {
   if (!valid) return INFINITY;
   const float x = lse[idx];
-  return x == -INFINITY ? INFINITY : x * kLog2e;
+  return x == -INFINITY ? INFINITY : mask_to_log2(x);  // finite LSEs near -FLT_MAX stay finite
 }
 
 template <typename T>

@@ -317,13 +317,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         if (!rows.valid(local_row(mt, h))) continue;
         const int hq = row_hq[mt][h];
         const int64_t i = row_q[mt][h];
-        const float inv = l > 0.f ? keep_scale / l : 0.f;
+        const float inv = l != 0.f ? keep_scale / l : 0.f;
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) {
           const int col = dt * 8 + 2 * (lane & 3);
           if (col < dv) out.out2(hq, i, col, acc_o[mt][dt][2 * h] * inv, acc_o[mt][dt][2 * h + 1] * inv);
         }
-        if ((lane & 3) == 0) out.lse(hq, i, l > 0.f ? (row_max[mt][h] + log2f(l)) * kLn2 : -INFINITY);
+        if ((lane & 3) == 0) out.lse(hq, i, l != 0.f ? (row_max[mt][h] + log2f(l)) * kLn2 : -INFINITY);
       }
   } else {
     // key-split warps: each writes its normalised rows and LSE, then the CTA merges the slices
@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       for (int h = 0; h < 2; ++h) {
         const float l = quad_sum(row_sum[mt][h]);
         const int r = local_row(mt, h);
-        const float inv = l > 0.f ? keep_scale / l : 0.f;
+        const float inv = l != 0.f ? keep_scale / l : 0.f;
         float* const dst = merge_o + (key_slice * kBlockM + r) * kD;
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) {
@@ -345,7 +345,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           dst[col + 1] = acc_o[mt][dt][2 * h + 1] * inv;
         }
         if ((lane & 3) == 0)
-          merge_lse[key_slice * kBlockM + r] = l > 0.f ? (row_max[mt][h] + log2f(l)) * kLn2 : -INFINITY;
+          merge_lse[key_slice * kBlockM + r] = l != 0.f ? (row_max[mt][h] + log2f(l)) * kLn2 : -INFINITY;
       }
     __syncthreads();
     for (int idx = tid; idx < kBlockM * (kD / 2); idx += kThreads) {
@@ -353,7 +353,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       if (!rows.valid(r) || col >= dv) continue;
       float m = -INFINITY;
 #pragma unroll
-      for (int sl = 0; sl < Cfg::kKeySplit; ++sl) m = fmaxf(m, merge_lse[sl * kBlockM + r]);
+      for (int sl = 0; sl < Cfg::kKeySplit; ++sl) m = nan_max(m, merge_lse[sl * kBlockM + r]);
       float v0 = 0.f, v1 = 0.f, total = 0.f;
       if (m != -INFINITY) {
 #pragma unroll
@@ -385,9 +385,9 @@ __global__ void __launch_bounds__(128)
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
   float m = -INFINITY;
-  for (int s = lane; s < split.num_splits; s += 32) m = fmaxf(m, split.lse_partial[s * rows + row]);
+  for (int s = lane; s < split.num_splits; s += 32) m = nan_max(m, split.lse_partial[s * rows + row]);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
   float total = 0.f;
   if (m != -INFINITY)
     for (int s = 0; s < split.num_splits; ++s) total += __expf(split.lse_partial[s * rows + row] - m);

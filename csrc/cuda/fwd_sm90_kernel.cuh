@@ -215,13 +215,13 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
     const float l = quad_sum(row_sum[h]);
     const int64_t i = row_q[h];
     if (i >= p.len_q) continue;
-    const float inv = l > 0.f ? (rules.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f) / l : 0.f;
+    const float inv = l != 0.f ? (rules.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f) / l : 0.f;
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt) {
       const int col = dt * 8 + 2 * (lane & 3);
       if (col < dv) out.out2(hq, i, col, acc_o[dt][2 * h] * inv, acc_o[dt][2 * h + 1] * inv);
     }
-    if ((lane & 3) == 0) out.lse(hq, i, l > 0.f ? (row_max[h] + log2f(l)) * kLn2 : -INFINITY);
+    if ((lane & 3) == 0) out.lse(hq, i, l != 0.f ? (row_max[h] + log2f(l)) * kLn2 : -INFINITY);
   }
 #endif
 }

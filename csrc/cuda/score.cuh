@@ -14,6 +14,18 @@ namespace attnkern {
 namespace cuda {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLowestFloat = -3.40282347e38f;  // -FLT_MAX
+
+// A float mask value in log2 units. Only -inf masks a key: finite values at or below about
+// -2.4e38 (finfo(float32).min) would overflow to -inf when scaled, so they saturate at -FLT_MAX
+// (as csrc/cpu/kernels_impl.inc mask_to_log2 does).
+// max that keeps a NaN (fmaxf drops it): a NaN partial LSE (a NaN score) makes the merged row NaN
+__host__ __device__ __forceinline__ float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+
+__host__ __device__ __forceinline__ float mask_to_log2(float value) {
+  const float x = value * kLog2e;
+  return x == -INFINITY && value != -INFINITY ? kLowestFloat : x;
+}
 constexpr float kLn2 = 0.6931471805599453f;
 
 // kFeatures == false compiles masks and dropout out (the fast path); the launchers pick it
@@ -71,11 +83,11 @@ struct ScoreRules {
       if (p.mask_kind == MaskKind::kBool) {
         if (!static_cast<const unsigned char*>(p.mask)[off]) s = -INFINITY;
       } else if (p.mask_dtype == DType::kFloat32) {
-        s += static_cast<const float*>(p.mask)[off] * kLog2e;
+        s += mask_to_log2(static_cast<const float*>(p.mask)[off]);
       } else if (p.mask_dtype == DType::kFloat16) {
-        s += to_float(static_cast<const __half*>(p.mask)[off]) * kLog2e;
+        s += mask_to_log2(to_float(static_cast<const __half*>(p.mask)[off]));
       } else {
-        s += to_float(static_cast<const __nv_bfloat16*>(p.mask)[off]) * kLog2e;
+        s += mask_to_log2(to_float(static_cast<const __nv_bfloat16*>(p.mask)[off]));
       }
     }
     return in ? s : -INFINITY;
