@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import attnkern.distributed as cp
+from attnkern.distributed import cost_model
 from attnkern import dispatch, reference
 from attnkern._semantics import normalize_torch_layout
 from conftest import TOLERANCE, rel_err
@@ -152,19 +153,27 @@ def _parity(rank, world, seed, dtype, groups, layouts=cp.LAYOUTS):
     return found
 
 
+VOLUME_CASES = (  # (strategy, causal, window)
+    ("ring", True, None), ("ring", False, None), ("ring", True, (20, 0)), ("ring", False, (20, 9)),
+    ("allgather", True, None), ("halo", True, (5, 0)), ("halo", False, (3, 6)), ("ulysses", True, None),
+)
+
+
 def _volume(rank, world):
-    """Bytes each rank sends in the forward, per strategy (fp32, B=1, 4 kv heads)."""
+    """Bytes each rank sends, forward and backward, per strategy (fp32, B=1, 2P heads and kv heads)."""
     found = {}
-    heads, kv_heads, length = 4, 4, LOCAL_LEN * world
-    q, k, v = (torch.randn(1, h, length, HEAD_DIM) for h in (heads, kv_heads, kv_heads))
+    length = LOCAL_LEN * world
+    q, k, v, dout = (torch.randn(1, 2 * world, length, HEAD_DIM) for _ in range(4))
     for layout in cp.LAYOUTS:
         shard = functools.partial(cp.shard_sequence, dim=2, layout=layout)
-        for strategy, causal, window in (("ring", True, None), ("ring", False, None), ("allgather", True, None),
-                                         ("halo", True, (5, 0)), ("halo", False, (3, 6))):
-            with torch.no_grad(), cp.count_communication() as log:
-                cp.context_parallel_attention(shard(q), shard(k), shard(v), causal=causal, window_size=window,
-                                              layout=layout, strategy=strategy)
-            found[(layout, strategy, causal, window)] = list(log)
+        for strategy, causal, window in VOLUME_CASES:
+            ql, kl, vl = (shard(t).requires_grad_(True) for t in (q, k, v))
+            with cp.count_communication() as forward:
+                out = cp.context_parallel_attention(ql, kl, vl, causal=causal, window_size=window, layout=layout,
+                                                    strategy=strategy)
+            with cp.count_communication() as backward:
+                out.backward(shard(dout))
+            found[(layout, strategy, causal, window)] = (list(forward), list(backward))
     return found
 
 
@@ -253,28 +262,38 @@ def test_parity(world):
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("world", WORLDS)
 def test_communication_volume(world):
-    """Ring: (P-1) K|V shards per rank; halo: W rows per rank per direction; P=1: nothing."""
+    """Ring: (P-1) K|V shards per rank forward; halo: W rows per rank per direction; P=1: nothing.
+    And the communication model's bytes (busiest rank) equal the measured ones."""
     (results, _) = records(world)
-    row = 4 * (2 * HEAD_DIM) * 4  # kv heads x (E + Ev) x fp32 bytes per token
+    row = 2 * world * (2 * HEAD_DIM) * 4  # kv heads x (E + Ev) x fp32 bytes per token
     shard = LOCAL_LEN * row
-    for rank, res in enumerate(results):
-        for (layout, strategy, causal, window), log in res["volume"].items():
-            sent = cp.bytes_sent(log)
+    for key in results[0]["volume"]:
+        layout, strategy, causal, window = key
+        for rank, res in enumerate(results):
+            forward, backward = res["volume"][key]
             if world == 1:
-                assert log == [], f"P=1 {layout} {strategy} sent {log}"
+                assert forward == [] and backward == [], f"P=1 {key} sent {forward} {backward}"
                 continue
-            if strategy in ("ring", "allgather"):
-                assert sent == (world - 1) * shard, (layout, strategy, causal, sent)
-                continue
-            left, right = window
-            # rows of other ranks' chunks that this rank's chunks border, each direction counted apart
-            mine = [rank] if layout == "contiguous" else [rank, 2 * world - 1 - rank]
-            n_chunks = world if layout == "contiguous" else 2 * world
-            owner = (lambda c: c) if layout == "contiguous" else (lambda c: c if c < world else 2 * world - 1 - c)
-            to_right = sum(1 for c in mine if c + 1 < n_chunks and owner(c + 1) != rank)
-            to_left = sum(1 for c in mine if c > 0 and owner(c - 1) != rank)
-            assert sent == (to_right * left + to_left * right) * row, (layout, window, rank, sent)
-            assert all(kind == "p2p" for kind, _ in log)
+            sent = cp.bytes_sent(forward)
+            if strategy in ("ring", "allgather") and window is None:
+                assert sent == (world - 1) * shard, (key, sent)
+            elif strategy == "halo":
+                left, right = window
+                # rows of other ranks' chunks bordering this rank's chunks, each direction apart
+                mine = [rank] if layout == "contiguous" else [rank, 2 * world - 1 - rank]
+                n_chunks = world if layout == "contiguous" else 2 * world
+                owner = (lambda c: c) if layout == "contiguous" else (lambda c: c if c < world else 2 * world - 1 - c)
+                to_right = sum(1 for c in mine if c + 1 < n_chunks and owner(c + 1) != rank)
+                to_left = sum(1 for c in mine if c > 0 and owner(c - 1) != rank)
+                assert sent == (to_right * left + to_left * right) * row, (key, rank, sent)
+                assert all(kind == "p2p" for kind, _ in forward + backward)
+        left, right = window or (-1, -1)
+        cfg = cost_model.Config(LOCAL_LEN * world, world, heads=2 * world, kv_heads=2 * world, head_dim=HEAD_DIM, dtype_bytes=4,
+                                window=(left, 0 if causal else right), layout=layout)
+        model = cost_model.bytes_per_rank(strategy, cfg)
+        for phase, index in (("forward", 0), ("backward", 1)):
+            measured = max(cp.bytes_sent(res["volume"][key][index]) for res in results)
+            assert measured == model[phase], (key, phase, measured, model[phase])
 
 
 @pytest.mark.timeout(400)

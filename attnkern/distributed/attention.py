@@ -409,7 +409,8 @@ def _ulysses_backward(plan: Plan, dout, dlse, q_full, kv_full, out_full, lse_ful
     dkv = _zeros(kv_full)
     attend_piece_backward(dout_full, dlse_full, q_full, out_full, lse_full, [whole], kv_full, [whole], plan.head_dim,
                           plan.scale, plan.left, plan.right, plan.backend, dq, dkv)
-    return _to_sequence_shards(plan, dq), _to_sequence_shards(plan, dkv)
+    # each head's gradient is complete here: it travels in the inputs' dtype
+    return _to_sequence_shards(plan, dq.to(q_full.dtype)), _to_sequence_shards(plan, dkv.to(kv_full.dtype))
 
 
 # ---------------------------------------------------------------------------------------
@@ -433,20 +434,20 @@ class _ContextParallelAttention(torch.autograd.Function):
         else:
             acc_out, acc_lse, q_full, kv = _ulysses_forward(plan, q, kv)
             extra = (q_full, acc_out.to(q.dtype), acc_lse)
-            acc_out, acc_lse = _to_sequence_shards(plan, acc_out), _to_sequence_shards(plan, acc_lse)
+            acc_out, acc_lse = _to_sequence_shards(plan, extra[1]), _to_sequence_shards(plan, acc_lse)
         out = acc_out.to(q.dtype)
         ctx.plan = plan
         ctx.dtypes = (k.dtype, v.dtype)
         ctx.n_extra = len(extra)
         ctx.save_for_backward(q, kv, out, acc_lse, *extra)
-        ctx.mark_non_differentiable()
+        ctx.set_materialize_grads(False)  # an unused LSE brings no zero gradient to move around
         return out, acc_lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         plan = ctx.plan
         q, kv, out, lse, *extra = ctx.saved_tensors
-        dout = dout.contiguous()
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
         grads = (dout, dlse, q, out, lse)
         if plan.strategy == "ring":
             dq, dkv = _ring_backward(plan, grads, kv)
