@@ -228,6 +228,40 @@ def _compiled(rank, world, seed):
     return [rel_err(c, e) for c, e in zip(results[1], results[0])]
 
 
+def _hf(rank, world, seed):
+    """A tiny Qwen2 (a full and a sliding-window layer) on zigzag shards through attn_implementation=
+    "attnkern_cp": logits and a weight gradient equal the whole-sequence model's ("attnkern")."""
+    transformers = pytest.importorskip("transformers")
+    from attnkern.distributed import hf as cp_hf
+    from attnkern.integrations import hf
+
+    cp_hf.register()
+    hf.register()
+    config = transformers.Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=6, max_window_layers=1,
+        layer_types=["full_attention", "sliding_attention"])
+    ids = torch.randint(0, 64, (2, LOCAL_LEN * world), generator=torch.Generator().manual_seed(seed))
+    found = []
+    for implementation in ("attnkern", "attnkern_cp"):
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).float()
+        if implementation == "attnkern":
+            logits = model(input_ids=ids).logits
+            logits.square().mean().backward()
+            logits = cp.shard_sequence(logits, dim=1)
+        else:
+            positions = cp.sequence_positions(ids.shape[1]).expand(ids.shape[0], -1)
+            with cp_hf.context_parallel():
+                logits = model(input_ids=cp.shard_sequence(ids, dim=1), position_ids=positions).logits
+            (logits.square().mean() / world).backward()  # the ranks' losses sum to the whole mean
+        grad = model.model.layers[1].self_attn.k_proj.weight.grad.clone()
+        if implementation == "attnkern_cp":
+            dist.all_reduce(grad)  # each rank holds its share of the weight gradient
+        found.append((logits.detach(), grad))
+    return [rel_err(a, b) for a, b in zip(found[1], found[0])]
+
+
 def _worker(rank, world, seed):
     result = {"parity": _parity(rank, world, seed, torch.float32, GQA)}
     if world == 2:  # float64 through the math backend: a tight check of the merge and block geometry
@@ -237,6 +271,7 @@ def _worker(rank, world, seed):
         result["bad_input"] = _bad_input(rank, world)
     if world == 2:
         result["compiled"] = _compiled(rank, world, seed)
+        result["hf"] = _hf(rank, world, seed)
     return result
 
 
@@ -321,6 +356,13 @@ def test_compile_fullgraph_matches_eager():
     (results, _) = records(2)
     for rank, res in enumerate(results):
         assert max(res["compiled"]) <= TOLERANCE[torch.float32], (rank, res["compiled"])
+
+
+@pytest.mark.timeout(400)
+def test_hf_model_on_sharded_sequence():
+    (results, _) = records(2)
+    for rank, res in enumerate(results):
+        assert max(res["hf"]) <= TOLERANCE[torch.float32], (rank, res["hf"])
 
 
 def test_merge_attention(seed):
