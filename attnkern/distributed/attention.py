@@ -549,9 +549,9 @@ def context_parallel_attention(
         rank, world, name = dist.get_rank(group), dist.get_world_size(group), comm.group_name(group)
     error, normalised = _local_error(q, k, v, world, causal, window_size, scale, layout, strategy, backend)
     if not torch.compiler.is_compiling():
-        signature = ("context_parallel_attention", layout, strategy, causal, window_size, scale, return_lse, backend)
-        if normalised is not None:
-            signature += (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), q.device.type)
+        signature = ("context_parallel_attention", layout, strategy, return_lse, backend)
+        if normalised is not None:  # the band and scale as normalised: (5, 0) and [5, 0] agree
+            signature += normalised + (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), q.device.type)
         if world > 1:
             comm.agree(group, error, signature)
         elif error:

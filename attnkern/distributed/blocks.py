@@ -159,7 +159,8 @@ def _merge(out_a, lse_a, out_b, lse_b):
 
 def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, rows: slice, out: torch.Tensor, lse: torch.Tensor) -> None:
     """In place: fold a block's ``(out, lse)`` for local query ``rows`` into the fp32 accumulators."""
-    merged_out, merged_lse = _merge(acc_out[:, :, rows], acc_lse[:, :, rows], out.to(acc_out.dtype), lse.to(acc_lse.dtype))
+    merged_out, merged_lse = _merge(acc_out[:, :, rows], acc_lse[:, :, rows], out.to(acc_out.dtype),
+                                    lse.to(acc_lse.dtype))
     acc_out[:, :, rows] = merged_out
     acc_lse[:, :, rows] = merged_lse
 

@@ -158,7 +158,8 @@ def auto_strategy(cfg: Config) -> str:
 def table(flops_per_s: float = H100_ATTENTION_FLOPS) -> str:
     """The README table: L up to 1M tokens, P up to 1024, NVLink and InfiniBand."""
     lines = [
-        "| L | P | S/rank | band | strategy | MB/rank (fwd+bwd) | NVLink comp/comm | NVLink eff. | IB comp/comm | IB eff. |",
+        "| L | P | S/rank | band | strategy | MB/rank (fwd+bwd) | NVLink comp/comm | NVLink eff. | IB comp/comm "
+        "| IB eff. |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for seq_len, world, window in (
