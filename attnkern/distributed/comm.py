@@ -172,6 +172,15 @@ def _(x, group_name):
     return x.new_empty(tuple(x.shape[1:]))
 
 
+# autograd: all-gather and reduce-scatter are each other's adjoints; all-to-all is its own
+all_gather.register_autograd(lambda ctx, grad: (reduce_scatter(grad.contiguous(), ctx.group_name), None),
+                             setup_context=lambda ctx, inputs, output: setattr(ctx, "group_name", inputs[1]))
+reduce_scatter.register_autograd(lambda ctx, grad: (all_gather(grad.contiguous(), ctx.group_name), None),
+                                 setup_context=lambda ctx, inputs, output: setattr(ctx, "group_name", inputs[1]))
+all_to_all.register_autograd(lambda ctx, grad: (all_to_all(grad.contiguous(), ctx.group_name), None),
+                             setup_context=lambda ctx, inputs, output: setattr(ctx, "group_name", inputs[1]))
+
+
 # ---------------------------------------------------------------------------------------
 # agreement: every rank raises, or none does
 

@@ -98,7 +98,8 @@ def shard_sequence(x: torch.Tensor, group=None, *, dim: int, layout: str = "zigz
 
 
 def unshard_sequence(x: torch.Tensor, group=None, *, dim: int, layout: str = "zigzag") -> torch.Tensor:
-    """All ranks' parts back into the full sequence along ``dim`` (an all-gather; every rank gets it)."""
+    """All ranks' parts back into the full sequence along ``dim`` (an all-gather; every rank gets
+    it). Differentiable: the gradient is reduce-scattered back to the parts' owners."""
     from . import comm
 
     layout = check_layout(layout)
