@@ -11,8 +11,8 @@ Strategies (every one exact; they differ in what travels):
 * ``allgather``: all-gather K|V, attend, reduce-scatter the fp32 dK|dV.
 * ``halo``: for a window whose left and right extents fit in one chunk, each rank receives
   only the rows of its neighbours' chunks its window reaches (W rows from the left, R from
-  the right); the rows' fp32 gradient goes back to their owner. Per-rank traffic is O(W),
-  independent of L and P.
+  the right), in flight while the rank's own rows are attended; the rows' fp32 gradient goes
+  back to their owner. Per-rank traffic is O(W), independent of L and P.
 * ``ulysses``: all-to-all from sequence shards to head shards, full-sequence attention on
   H/P heads, all-to-all back. Needs H and H_kv divisible by P.
 * ``auto``: halo when the window fits, else ring (which caps its hops to what the band needs).
@@ -267,7 +267,7 @@ def halo_pieces(world: int, local_len: int, layout: str, left: int, right: int) 
 
 
 def _halo_routes(plan: Plan):
-    """(pieces this rank receives by owner, pieces it sends by receiver), both remote only."""
+    """(pieces this rank receives, by owner; pieces it sends, by receiver): remote pieces only."""
     pieces = halo_pieces(plan.world, plan.local_len, plan.layout, plan.left, plan.right)
     incoming, outgoing = {}, {}
     for p in pieces:
@@ -275,92 +275,58 @@ def _halo_routes(plan: Plan):
             incoming.setdefault(p.owner, []).append(p)
         elif p.owner == plan.rank and p.receiver != plan.rank:
             outgoing.setdefault(p.receiver, []).append(p)
-    return pieces, incoming, outgoing
+    return incoming, outgoing
 
 
-def _cat_rows(t, pieces, rows_of):
-    return torch.cat([t[:, :, rows_of(p)] for p in pieces], 2)
+def _rows(t, p: HaloPiece):
+    return t[:, :, p.owner_local:p.owner_local + p.length]
 
 
-def _halo_exchange(plan: Plan, kv, outgoing, incoming) -> List[torch.Tensor]:
-    """Send each receiver its pieces of ``kv`` (one message per peer); receive ours likewise."""
-    send_peers, recv_peers = sorted(outgoing), sorted(incoming)
-    sends = [_cat_rows(kv, outgoing[r], lambda p: slice(p.owner_local, p.owner_local + p.length)) for r in send_peers]
-    rows = [sum(p.length for p in incoming[o]) for o in recv_peers]
-    return comm.start_exchange(sends, send_peers, recv_peers, rows, kv, plan.group).wait()
-
-
-def _split_received(incoming, received):
-    by_piece = {}
-    for o, buf in zip(sorted(incoming), received):
-        offset = 0
-        for p in incoming[o]:
-            by_piece[p] = buf[:, :, offset:offset + p.length]
-            offset += p.length
-    return by_piece
-
-
-def _halo_extended(plan: Plan, kv, pieces, by_piece):
-    """Per local segment: (its K|V with the halo rows on both sides, the matching Segment)."""
-    out = []
-    for i, seg in enumerate(plan.segs):
-        mine = [p for p in pieces if p.receiver == plan.rank and p.seg == i]
-        parts, start = [], seg.start
-        for side in (-1, 1):
-            if side == 1:
-                parts.append(kv[:, :, seg.local:seg.local + seg.length])
-            for p in mine:
-                if p.side == side:
-                    parts.append(by_piece[p] if p.owner != plan.rank else
-                                 kv[:, :, p.owner_local:p.owner_local + p.length])
-                    start = min(start, p.start)
-        ext = torch.cat(parts, 2)
-        out.append((ext, Segment(start, 0, ext.shape[2])))
-    return out
+def _received_segments(pieces) -> List[Segment]:
+    """Where each piece of one peer's message sits: its global rows, at its offset in the message."""
+    found, offset = [], 0
+    for p in pieces:
+        found.append(Segment(p.start, offset, p.length))
+        offset += p.length
+    return found
 
 
 def _halo_forward(plan: Plan, q, kv):
-    pieces, incoming, outgoing = _halo_routes(plan)
-    received = _halo_exchange(plan, kv, outgoing, incoming)
-    by_piece = _split_received(incoming, received)
+    """Post the halo exchange, attend the rows this rank holds while it is in flight, then the halo.
+    (Halo rows a rank holds itself -- zigzag's middle rank, or P = 1 -- are among its own rows.)"""
+    incoming, outgoing = _halo_routes(plan)
+    sends = [torch.cat([_rows(kv, p) for p in outgoing[r]], 2) for r in sorted(outgoing)]
+    rows = [sum(p.length for p in incoming[o]) for o in sorted(incoming)]
+    pending = comm.start_exchange(sends, sorted(outgoing), sorted(incoming), rows, kv, plan.group)
     acc_out, acc_lse = _accumulators(q, kv.shape[3] - plan.head_dim)
-    for seg, (ext, ext_seg) in zip(plan.segs, _halo_extended(plan, kv, pieces, by_piece)):
-        attend_piece(q, [seg], ext, [ext_seg], plan.head_dim, plan.scale, plan.left, plan.right, plan.backend,
-                     acc_out, acc_lse)
+    attend_piece(q, plan.segs, kv, plan.segs, plan.head_dim, plan.scale, plan.left, plan.right, plan.backend,
+                 acc_out, acc_lse)
+    received = pending.wait()
+    for o, buf in zip(sorted(incoming), received):
+        attend_piece(q, plan.segs, buf, _received_segments(incoming[o]), plan.head_dim, plan.scale, plan.left,
+                     plan.right, plan.backend, acc_out, acc_lse)
     return acc_out, acc_lse, received
 
 
 def _halo_backward(plan: Plan, grads, kv, received):
-    pieces, incoming, outgoing = _halo_routes(plan)
-    by_piece = _split_received(incoming, received)
+    """The halo rows' fp32 gradient goes back to their owners (the forward exchange reversed),
+    in flight while this rank's own rows' backward runs."""
+    incoming, outgoing = _halo_routes(plan)
     q = grads[2]
-    dq = _zeros(q)
-    dkv = _zeros(kv)
-    grad_of_piece = {}
-    for i, (seg, (ext, ext_seg)) in enumerate(zip(plan.segs, _halo_extended(plan, kv, pieces, by_piece))):
-        dext = _zeros(ext)
-        attend_piece_backward(*grads, [seg], ext, [ext_seg], plan.head_dim, plan.scale, plan.left, plan.right,
-                              plan.backend, dq, dext)
-        dkv[:, :, seg.local:seg.local + seg.length] += dext[:, :, seg.start - ext_seg.start:][:, :, :seg.length]
-        for p in pieces:
-            if p.receiver == plan.rank and p.seg == i:
-                grad = dext[:, :, p.start - ext_seg.start:p.start - ext_seg.start + p.length]
-                if p.owner == plan.rank:
-                    dkv[:, :, p.owner_local:p.owner_local + p.length] += grad
-                else:
-                    grad_of_piece[p] = grad
-    # the halo rows' gradient goes back to their owners: the forward exchange, reversed
-    sends = {o: [grad_of_piece[p] for p in ps] for o, ps in incoming.items()}
-    peers = sorted(sends)
-    bufs = [torch.cat(sends[o], 2) for o in peers]
-    recv_peers = sorted(outgoing)
-    rows = [sum(p.length for p in outgoing[r]) for r in recv_peers]
-    received = comm.start_exchange(bufs, peers, recv_peers, rows, dkv, plan.group).wait()
-    for r, buf in zip(recv_peers, received):
-        offset = 0
-        for p in outgoing[r]:
-            dkv[:, :, p.owner_local:p.owner_local + p.length] += buf[:, :, offset:offset + p.length]
-            offset += p.length
+    dq, dkv = _zeros(q), _zeros(kv)
+    returned = []
+    for o, buf in zip(sorted(incoming), received):
+        dbuf = _zeros(buf)
+        attend_piece_backward(*grads, plan.segs, buf, _received_segments(incoming[o]), plan.head_dim, plan.scale,
+                              plan.left, plan.right, plan.backend, dq, dbuf)
+        returned.append(dbuf)
+    rows = [sum(p.length for p in outgoing[r]) for r in sorted(outgoing)]
+    pending = comm.start_exchange(returned, sorted(incoming), sorted(outgoing), rows, dkv, plan.group)
+    attend_piece_backward(*grads, plan.segs, kv, plan.segs, plan.head_dim, plan.scale, plan.left, plan.right,
+                          plan.backend, dq, dkv)
+    for r, buf in zip(sorted(outgoing), pending.wait()):
+        for p, seg in zip(outgoing[r], _received_segments(outgoing[r])):
+            _rows(dkv, p).add_(buf[:, :, seg.local:seg.local + seg.length])
     return dq, dkv
 
 
