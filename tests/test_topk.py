@@ -243,3 +243,35 @@ def test_torch_compile_fullgraph(seed):
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref_out, (q, k, v), g)):
         assert_close(a, b, torch.float32, "compiled grad")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_parity_under_each_isa(isa):
+    """The kernel is compiled once per ISA (topk_impl.inc in kernels_<isa>.cpp): force the others."""
+    import os
+    import subprocess
+    import sys
+
+    from attnkern import ops
+
+    if isa == ops._C.cpu_isa():
+        pytest.skip(f"{isa} is this machine's default: the tests above cover it")
+    env = {**os.environ, "ATTNKERN_CPU_ISA": isa}
+    probe = subprocess.run([sys.executable, "-c", "import attnkern.ops as o; print(o._C.cpu_isa())"], env=env,
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        assert "is not available on this CPU" in probe.stderr, probe.stderr
+        pytest.skip(f"{isa} not available on this CPU")
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = f"import sys; sys.path.insert(0, {here!r}); import test_topk; test_topk.parity_subset(); print('ok')"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def parity_subset(seed=0):
+    """The float32 parity cases and the tie rule, outside pytest (for a forced ISA)."""
+    for n, case in enumerate(PARITY):
+        torch.manual_seed(seed + n)
+        test_parity_with_reference(case, torch.float32, seed + n)
+    test_exact_ties_go_to_the_lower_key_index("cpu", seed)
