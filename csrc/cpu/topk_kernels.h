@@ -8,8 +8,11 @@
 // key index ascending), -1 for empty slots.
 #pragma once
 
+#include <algorithm>  // std::nth_element, std::sort: used by topk_impl.inc
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 
 #include "../params.h"
 
