@@ -70,6 +70,28 @@ def dropout_keep_mask(seed: int, p: float, batch: int, heads: int, len_q: int, l
     return (word >= dropout_threshold(p)).view(batch, heads, len_q, len_k)
 
 
+def _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right):
+    """Scaled scores (float mask added), the (B, Hq, L, S) keys each query may see (band, bool
+    mask, and not -inf), and v with its heads repeated for GQA."""
+    batch, heads_q, len_q, _ = q.shape
+    heads_kv, len_k = k.shape[1], k.shape[2]
+    if heads_kv != heads_q:
+        group = heads_q // heads_kv
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    offset = len_k - len_q if bottom_right else 0
+    allowed = band_mask(len_q, len_k, window_left, window_right, offset, device=q.device)
+    allowed = allowed.expand(batch, heads_q, len_q, len_k)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            scores = scores + mask.to(q.dtype)
+    # keys with score -inf (from a float mask) take no part either
+    return scores, allowed & (scores > float("-inf")), v
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,23 +111,9 @@ def attention(
     LSE is the natural-log log-sum-exp of the scaled, masked scores; -inf for empty rows.
     """
     batch, heads_q, len_q, _ = q.shape
-    heads_kv, len_k = k.shape[1], k.shape[2]
-    if heads_kv != heads_q:
-        group = heads_q // heads_kv
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    len_k = k.shape[2]
     dtype = q.dtype
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    offset = len_k - len_q if bottom_right else 0
-    allowed = band_mask(len_q, len_k, window_left, window_right, offset, device=q.device)
-    allowed = allowed.expand(batch, heads_q, len_q, len_k)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            allowed = allowed & mask
-        else:
-            scores = scores + mask.to(dtype)
-    # keys with score -inf (from a float mask) take no part either
-    allowed = allowed & (scores > float("-inf"))
+    scores, allowed, v = _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right)
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
     masked = torch.where(allowed, scores, neg_inf)
     row_max = masked.amax(dim=-1, keepdim=True).detach()
@@ -145,22 +153,8 @@ def topk_attention(
     rule. The kept probabilities are scattered back into a dense (L, S) matrix, so autograd
     differentiates the softmax over the kept keys only. indices: int64, -1 for empty slots.
     """
-    batch, heads_q, len_q, _ = q.shape
-    heads_kv, len_k = k.shape[1], k.shape[2]
-    if heads_kv != heads_q:
-        group = heads_q // heads_kv
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    offset = len_k - len_q if bottom_right else 0
-    allowed = band_mask(len_q, len_k, window_left, window_right, offset, device=q.device)
-    allowed = allowed.expand(batch, heads_q, len_q, len_k)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            allowed = allowed & mask
-        else:
-            scores = scores + mask.to(q.dtype)
-    allowed = allowed & (scores > float("-inf"))
+    len_k = k.shape[2]
+    scores, allowed, v = _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right)
     neg_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
     ranked = torch.where(allowed, scores, neg_inf).detach()
     ordered, order = torch.sort(ranked, dim=-1, descending=True, stable=True)
