@@ -163,8 +163,11 @@ def topk_attention(
     indices = torch.where(kept, order[..., :slots], torch.full_like(order[..., :slots], -1))
     safe_index = indices.clamp(min=0)
     picked = scores.gather(-1, safe_index)
-    row_max = torch.where(kept, picked, neg_inf).amax(dim=-1, keepdim=True).detach()
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    if slots == 0:  # S = 0: every row is empty
+        row_max = picked.new_zeros(picked.shape[:-1] + (1,))
+    else:
+        row_max = torch.where(kept, picked, neg_inf).amax(dim=-1, keepdim=True).detach()
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.where(kept, torch.exp(torch.where(kept, picked - row_max, torch.zeros_like(picked))),
                           torch.zeros_like(picked))
     denom = weights.sum(dim=-1, keepdim=True)

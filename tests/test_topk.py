@@ -275,3 +275,22 @@ def parity_subset(seed=0):
         torch.manual_seed(seed + n)
         test_parity_with_reference(case, torch.float32, seed + n)
     test_exact_ties_go_to_the_lower_key_index("cpu", seed)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "math"])
+@pytest.mark.parametrize("shape", [(0, 5, 8, 8), (4, 0, 8, 8), (4, 5, 8, 0), (4, 5, 0, 8)], ids=str)
+def test_empty_shapes(backend, shape, seed):
+    """L, S, E or Ev of 0: shaped results; S = 0 gives zero rows and no indices."""
+    if backend == "cpu" and topk_module.topk_fwd is None:
+        pytest.skip("C++ extension not built")
+    L, S, E, Ev = shape
+    q, k, v = torch.randn(1, 2, L, E), torch.randn(1, 2, S, E), torch.randn(1, 2, S, Ev)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, idx = attnkern.topk_attention(q, k, v, 3, scale=1.0, return_indices=True, backend=backend)
+    assert out.shape == (1, 2, L, Ev) and idx.shape == (1, 2, L, min(3, S))
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True, materialize_grads=True)
+    ref_out, _, ref_idx = reference.topk_attention(q.double(), k.double(), v.double(), None, 3, 1.0)
+    assert torch.equal(idx, ref_idx)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert all(g.shape == t.shape and torch.isfinite(g).all() for g, t in zip(grads, (q, k, v)))
