@@ -4,9 +4,11 @@ Public API:
     scaled_dot_product_attention  drop-in for torch.nn.functional.scaled_dot_product_attention (+ window_size)
     flash_attn_func               drop-in for flash-attn's flash_attn_func (bottom-right alignment)
     local_attention               sliding-window attention in torch's layout
+    topk_attention                each query attends its top_k highest-scoring keys (hard attention: top_k=1)
     available_backends            backends usable on this machine
     patch / unpatch               route torch.nn.functional.scaled_dot_product_attention to attnkern
-    nn                            MultiheadAttention, LocalSelfAttention, AdditiveAttention, LuongAttention
+    nn                            MultiheadAttention, LocalSelfAttention, AdditiveAttention, LuongAttention,
+                                  HardAttention
     integrations.hf               attn_implementation="attnkern" for Hugging Face transformers
 """
 
@@ -14,6 +16,7 @@ from ._version import __version__
 from .dispatch import available_backends
 from .functional import flash_attn_func, local_attention, scaled_dot_product_attention
 from .integrations.patch import patch, unpatch
+from .topk import topk_attention
 from . import nn
 
 __all__ = [
@@ -24,5 +27,6 @@ __all__ = [
     "nn",
     "patch",
     "scaled_dot_product_attention",
+    "topk_attention",
     "unpatch",
 ]

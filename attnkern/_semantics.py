@@ -14,6 +14,15 @@ The attention band. Query row ``i`` sits at position ``i + offset`` where
 
 and the mask (if any) lets it. ``is_causal`` is the window ``(-1, 0)`` intersected
 with the user's window. A row that attends no key yields output 0 and LSE -inf.
+
+Top-k selection (``attnkern.topk_attention``). Among the keys row ``i`` may see (band,
+mask, and a float mask's -inf as above) it keeps the ``top_k`` with the highest scores,
+ties going to the lower key index; with fewer allowed keys it keeps them all, so
+``top_k >= S`` is dense attention. The output is the softmax over the kept scores times
+their values. Indices come in selection order (score descending, then key index), shape
+``(..., L, min(top_k, S))``, -1 in the slots of rows that keep fewer keys. Gradients flow
+through the softmax over the kept keys; the selection is piecewise constant and carries
+none (backends reuse the forward's indices, so forward and backward agree exactly).
 """
 
 from __future__ import annotations
@@ -347,3 +356,17 @@ def _finish(query, key, value, attn_mask, dropout_p, is_causal, scale, window_si
     )
     out_shape = tuple(batch_shape) + (heads_q, len_q, head_dim_v)
     return q, k, v, mask, problem, out_shape
+
+
+def check_top_k(top_k) -> int:
+    """``top_k`` of top-k attention: a Python int >= 1."""
+    if not _is_int(top_k):
+        raise TypeError(f"top_k must be an int >= 1, got {type(top_k).__name__}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    return int(top_k)
+
+
+def topk_slots(top_k: int, len_k: int) -> int:
+    """Keys a row of top-k attention can keep: the last dim of the returned indices."""
+    return min(top_k, len_k)

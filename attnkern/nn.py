@@ -441,3 +441,7 @@ class LuongAttention(torch.nn.Module):
         if self.score == "general":
             return torch.matmul(query, self.key_proj(keys).transpose(1, 2))
         return _additive_scores(self.query_proj(query), self.key_proj(keys), self.score_proj)
+
+
+# Hard attention lives in its own file and uses the helpers above.
+from .nn_hard import HardAttention, HardAttentionOutput  # noqa: E402

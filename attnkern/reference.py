@@ -70,6 +70,29 @@ def dropout_keep_mask(seed: int, p: float, batch: int, heads: int, len_q: int, l
     return (word >= dropout_threshold(p)).view(batch, heads, len_q, len_k)
 
 
+def _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right):
+    """Scaled scores (float mask added), the (B, Hq, L, S) keys each query may see (band, bool
+    mask, and not -inf), and v with its heads repeated for GQA."""
+    batch, heads_q, len_q, _ = q.shape
+    heads_kv, len_k = k.shape[1], k.shape[2]
+    if heads_kv != heads_q:
+        group = heads_q // heads_kv
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    offset = len_k - len_q if bottom_right else 0
+    allowed = band_mask(len_q, len_k, window_left, window_right, offset, device=q.device)
+    allowed = allowed.expand(batch, heads_q, len_q, len_k)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            scores = scores + mask.to(q.dtype)
+    # keys with score -inf (from a float mask) take no part either; NaN scores stay: they make
+    # the row NaN, as in torch
+    return scores, allowed & (scores != float("-inf")), v
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,23 +112,9 @@ def attention(
     LSE is the natural-log log-sum-exp of the scaled, masked scores; -inf for empty rows.
     """
     batch, heads_q, len_q, _ = q.shape
-    heads_kv, len_k = k.shape[1], k.shape[2]
-    if heads_kv != heads_q:
-        group = heads_q // heads_kv
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
+    len_k = k.shape[2]
     dtype = q.dtype
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    offset = len_k - len_q if bottom_right else 0
-    allowed = band_mask(len_q, len_k, window_left, window_right, offset, device=q.device)
-    allowed = allowed.expand(batch, heads_q, len_q, len_k)
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            allowed = allowed & mask
-        else:
-            scores = scores + mask.to(dtype)
-    # keys with score -inf (from a float mask) take no part either
-    allowed = allowed & (scores != float("-inf"))  # NaN scores stay: they make the row NaN, as in torch
+    scores, allowed, v = _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right)
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
     masked = torch.where(allowed, scores, neg_inf)
     if len_k:
@@ -128,6 +137,50 @@ def attention(
         probs = probs * keep.to(dtype) / (1.0 - dropout_p)
     out = torch.matmul(probs, v)
     return out, lse.to(torch.float32) if dtype != torch.float64 else lse
+
+
+def topk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    top_k: int,
+    scale: float,
+    window_left: int = -1,
+    window_right: int = -1,
+    bottom_right: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference top-k attention (attnkern/_semantics.py, "Top-k selection"); ``(out, lse, indices)``.
+
+    Scores and allowed keys exactly as in :func:`attention`; a stable descending sort puts
+    equal scores in key order, so taking its first ``min(top_k, S)`` entries applies the tie
+    rule. The kept probabilities are scattered back into a dense (L, S) matrix, so autograd
+    differentiates the softmax over the kept keys only. indices: int64, -1 for empty slots.
+    """
+    len_k = k.shape[2]
+    scores, allowed, v = _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right)
+    neg_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
+    ranked = torch.where(allowed, scores, neg_inf).detach()
+    ordered, order = torch.sort(ranked, dim=-1, descending=True, stable=True)
+    slots = min(top_k, len_k)
+    kept = ordered[..., :slots] > float("-inf")
+    indices = torch.where(kept, order[..., :slots], torch.full_like(order[..., :slots], -1))
+    safe_index = indices.clamp(min=0)
+    picked = scores.gather(-1, safe_index)
+    if slots == 0:  # S = 0: every row is empty
+        row_max = picked.new_zeros(picked.shape[:-1] + (1,))
+    else:
+        row_max = torch.where(kept, picked, neg_inf).amax(dim=-1, keepdim=True).detach()
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.where(kept, torch.exp(torch.where(kept, picked - row_max, torch.zeros_like(picked))),
+                          torch.zeros_like(picked))
+    denom = weights.sum(dim=-1, keepdim=True)
+    empty = denom == 0
+    denom_safe = torch.where(empty, torch.ones_like(denom), denom)
+    probs = torch.zeros_like(scores).scatter_add(-1, safe_index, weights / denom_safe)
+    out = torch.matmul(probs, v)
+    lse = torch.where(empty, neg_inf, row_max + torch.log(denom_safe)).squeeze(-1)
+    return out, lse.to(torch.float32) if q.dtype != torch.float64 else lse, indices
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -727,6 +727,41 @@ def test_seq2seq_attention_learns(kernel_calls):
     assert control < 0.2, f"without attention the task should be unlearnable, got {control:.3f}"
 
 
+# Hard attention learns the same kind of tasks: one source position per output token. The
+# model and training loop are examples/hard_attention_seq2seq.py (seeded, 200 steps each).
+
+
+def _hard_seq2seq_example():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples",
+                        "hard_attention_seq2seq.py")
+    spec = importlib.util.spec_from_file_location("hard_attention_seq2seq", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(300)
+def test_hard_attention_seq2seq_learns():
+    example = _hard_seq2seq_example()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        accuracies = {(mode, task): example.train(mode, task) for mode in ("gumbel", "sample")
+                      for task in example.TASKS}
+        control = example.train("gumbel", "reverse", attention_on=False)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"hard-attention seq2seq greedy token accuracy (eval: argmax): {accuracies}; "
+          f"without attention {control:.3f}; {time.perf_counter() - start:.1f} s")
+    for name, acc in accuracies.items():
+        assert acc >= 0.99, f"{name}: greedy token accuracy {acc:.4f} < 0.99"
+    assert control < 0.1, f"without attention the tasks should stay near chance (1/18), got {control:.3f}"
+
+
 # =======================================================================================
 # torch.compile(fullgraph=True) over a model using attnkern
 

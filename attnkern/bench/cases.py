@@ -49,6 +49,7 @@ class Case:
     mode: str = "fwd"
     head_dim_v: Optional[int] = None
     model: str = ""  # preset shape name (e.g. "llama3-8b"), for labels only
+    top_k: Optional[int] = None  # top-k attention (attnkern.topk_attention) instead of dense
 
     def __post_init__(self):
         if self.head_dim_v is None:
@@ -74,13 +75,19 @@ class Case:
 
     @property
     def masking(self) -> str:
-        """Short description of the band: dense, causal, or the window."""
+        """Short description of the band: dense, causal, or the window (and top-k if so)."""
+        top = f" top-{self.top_k}" if self.top_k is not None else ""
         if self.window is None:
-            return "causal" if self.causal else "dense"
+            return ("causal" if self.causal else "dense") + top
         left, right = self.band
-        return f"{'causal ' if self.causal else ''}win({left},{right})"
+        return f"{'causal ' if self.causal else ''}win({left},{right})" + top
 
     def flops(self) -> float:
+        if self.top_k is not None:  # every attended score, then P V over the kept keys only
+            scores = attention_flops(self.batch, self.heads_q, self.len_q, self.len_k, self.head_dim, 0,
+                                     self.causal, self.window, False, self.mode)
+            kept = min(self.top_k, self.len_k)
+            return scores + 2.0 * self.batch * self.heads_q * self.len_q * kept * self.head_dim_v * MODE_FACTOR[self.mode]
         return attention_flops(self.batch, self.heads_q, self.len_q, self.len_k, self.head_dim, self.head_dim_v,
                                self.causal, self.window, False, self.mode)
 
@@ -111,7 +118,7 @@ class Case:
     def series_key(self) -> Tuple:
         """Everything but the sequence lengths: the cases one throughput-vs-length line joins."""
         return (self.dtype, self.batch, self.heads_q, self.heads_kv, self.head_dim, self.head_dim_v, self.causal,
-                self.window, self.mode, self.model, self.len_k == self.len_q)
+                self.window, self.mode, self.model, self.len_k == self.len_q, self.top_k)
 
     def series_label(self) -> str:
         heads = f"H{self.heads_q}" + (f"/{self.heads_kv}" if self.gqa else "")
@@ -325,8 +332,22 @@ def gpu_decode(device: str) -> Preset:
     return _gpu_preset("gpu-decode", device, cases, {"flex": "not among the decoding baselines the issue names"})
 
 
+TOPK_VALUES = (1, 16, 64)
+
+
+def topk(device: str) -> Preset:
+    """Top-k attention (top_k 1/16/64) against materialising the scores and torch.topk, and the
+    dense case of the same shape for attnkern's dense fused forward: L = S = 4096, head dim 64."""
+    dtype, b, h, n = ("bfloat16", 1, 16, 4096) if device == "cuda" else ("float32", 1, 4, 4096)
+    cases = [Case(dtype, b, h, h, n, n, 64, top_k=k) for k in TOPK_VALUES]
+    cases.append(Case(dtype, b, h, h, n, n, 64))
+    return Preset("topk", cases, budget_s=1.0, min_reps=3, max_reps=20, warmup_s=0.1, baseline="torch-topk",
+                  exclude={"attnkern-math": "the float64-capable oracle is not a contender",
+                           "flex": "FlexAttention on CPU compiles every shape with Inductor (seconds each)"})
+
+
 PRESETS = {"quick": quick, "standard": standard, "llm": llm, "cpu-targets": cpu_targets, "gpu-dense": gpu_dense,
-           "gpu-window": gpu_window, "gpu-decode": gpu_decode}
+           "gpu-window": gpu_window, "gpu-decode": gpu_decode, "topk": topk}
 
 
 def case_from_row(row: dict) -> Case:
@@ -364,4 +385,13 @@ def memory_standard(device: str) -> Preset:
     return Preset("standard", cases, budget_s=0, min_reps=1, max_reps=1, warmup_s=0)
 
 
-MEMORY_PRESETS = {"quick": memory_quick, "standard": memory_standard}
+def memory_topk(device: str) -> Preset:
+    """Top-k attention's memory against growing length (top_k 64, and the dense case alongside)."""
+    lengths = [1024, 2048, 4096, 8192] if device == "cuda" else [512, 1024, 2048, 4096]
+    cases = [Case("float32", 1, 4, 4, n, n, 64, mode=mode, top_k=k) for k in (64, None) for mode in ("fwd", "fwd+bwd")
+             for n in lengths]
+    return Preset("topk", cases, budget_s=0, min_reps=1, max_reps=1, warmup_s=0,
+                  exclude={"flex": "FlexAttention on CPU compiles every shape with Inductor (seconds each)"})
+
+
+MEMORY_PRESETS = {"quick": memory_quick, "standard": memory_standard, "topk": memory_topk}

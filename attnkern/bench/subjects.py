@@ -34,8 +34,11 @@ class Subject:
     build: Callable[[Case, str], Fn]
     layout: str = "bhld"  # "bhld": torch's (B, H, L, D); "blhd": flash-attn's (B, L, H, D)
     materialises_scores: bool = False  # holds the (L, S) score matrix: bounded by --max-memory
+    top_k: bool = False  # serves top-k cases (Case.top_k set) and only those
 
     def why_not(self, case: Case, device: str) -> Optional[str]:
+        if (case.top_k is not None) != self.top_k:
+            return "a top-k subject; this is a dense case" if self.top_k else "dense attention; this is a top-k case"
         return self.unavailable(device) or self.limits(case, device)
 
 
@@ -305,6 +308,52 @@ def _external(name: str, module: str, description: str, limits, build) -> Subjec
                    limits=limits, build=build, layout="blhd")
 
 
+# ---------------------------------------------------------------------------------------
+# top-k attention: attnkern's op, and the usual implementation (scores + torch.topk)
+
+
+def _attnkern_topk_subject() -> Subject:
+    def limits(case: Case, device: str) -> Optional[str]:
+        problem = case.problem(device)
+        names = dispatch.AUTO_ORDER.get(device, ("math",))
+        fused = [n for n in names if n != "math" and
+                 dispatch.topk_why_not(n, problem, min(case.top_k, case.len_k), False, False) is None]
+        return None if fused else "no fused backend serves this top-k case (auto would run the math reference)"
+
+    def build(case: Case, device: str) -> Fn:
+        from ..topk import topk_attention
+
+        def fn(q, k, v):
+            return topk_attention(q, k, v, case.top_k, is_causal=case.causal, window_size=case.window,
+                                  enable_gqa=case.gqa)
+        return fn
+
+    return Subject(name="attnkern-topk", description="attnkern.topk_attention (fused top-k kernel)",
+                   unavailable=lambda device: None, limits=limits, build=build, top_k=True)
+
+
+def _torch_topk_build(case: Case, device: str) -> Fn:
+    left, right = case.band
+    allowed = band_mask(case.len_q, case.len_k, left, right, 0, device=device)
+    scale = case.head_dim ** -0.5
+
+    def fn(q, k, v):
+        if case.gqa:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+        top, idx = scores.topk(min(case.top_k, case.len_k), dim=-1)
+        probs = torch.softmax(top, dim=-1)
+        return torch.zeros_like(scores).scatter(-1, idx, probs) @ v
+    return fn
+
+
+def _torch_topk_subject() -> Subject:
+    return Subject(name="torch-topk", description="torch: materialised scores, torch.topk, softmax, scatter, P V",
+                   unavailable=lambda device: None, limits=lambda case, device: None, build=_torch_topk_build,
+                   materialises_scores=True, top_k=True)
+
+
 def all_subjects() -> Dict[str, Subject]:
     """Every subject this module knows, available here or not, in report order."""
     subjects = [_attnkern_subject(b) for b in dispatch.CAPABILITIES]
@@ -315,6 +364,7 @@ def all_subjects() -> Dict[str, Subject]:
                               _flash_attn_build))
     subjects.append(_external("xformers", "xformers", "xformers memory_efficient_attention", _xformers_limits,
                               _xformers_build))
+    subjects += [_attnkern_topk_subject(), _torch_topk_subject()]
     return {s.name: s for s in subjects}
 
 

@@ -138,7 +138,12 @@ def _reference(case: Case, q, k, v, rows: Optional[torch.Tensor], grad_out: Opti
         q64 = _rows(q[b:b + 1].detach().double(), rows).requires_grad_(need_grad)
         k64, v64 = (t[b:b + 1].detach().double().requires_grad_(need_grad) for t in (k, v))
         with torch.set_grad_enabled(need_grad):
-            out = scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, enable_gqa=case.gqa, backend="math")
+            if case.top_k is not None:
+                from ..topk import topk_attention
+
+                out = topk_attention(q64, k64, v64, case.top_k, attn_mask=mask, enable_gqa=case.gqa, backend="math")
+            else:
+                out = scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, enable_gqa=case.gqa, backend="math")
         if need_grad:
             grads.append(torch.autograd.grad(out, (q64, k64, v64), _rows(grad_out[b:b + 1], rows).double()))
         outs.append(out.detach())

@@ -8,6 +8,7 @@
 #endif
 
 #include "cpu_kernels.h"
+#include "topk_kernels.h"
 
 #if defined(ATTNKERN_BUILD_AVX2)
 #include "../mask.h"
@@ -22,13 +23,16 @@ namespace isa_avx2 {
 using Vec = VecAVX2;
 constexpr const char* kIsaName = "avx2";
 #include "kernels_impl.inc"
+#include "topk_impl.inc"
 }  // namespace isa_avx2
 
 const KernelTable* avx2_kernels() { return &isa_avx2::kTable; }
+const TopkKernelTable* avx2_topk_kernels() { return &isa_avx2::kTopkTable; }
 
 }  // namespace attnkern::cpu
 #else
 namespace attnkern::cpu {
 const KernelTable* avx2_kernels() { return nullptr; }
+const TopkKernelTable* avx2_topk_kernels() { return nullptr; }
 }  // namespace attnkern::cpu
 #endif

@@ -8,6 +8,7 @@
 #endif
 
 #include "cpu_kernels.h"
+#include "topk_kernels.h"
 
 #if defined(ATTNKERN_BUILD_AVX512)
 #include "../mask.h"
@@ -22,13 +23,16 @@ namespace isa_avx512 {
 using Vec = VecAVX512;
 constexpr const char* kIsaName = "avx512";
 #include "kernels_impl.inc"
+#include "topk_impl.inc"
 }  // namespace isa_avx512
 
 const KernelTable* avx512_kernels() { return &isa_avx512::kTable; }
+const TopkKernelTable* avx512_topk_kernels() { return &isa_avx512::kTopkTable; }
 
 }  // namespace attnkern::cpu
 #else
 namespace attnkern::cpu {
 const KernelTable* avx512_kernels() { return nullptr; }
+const TopkKernelTable* avx512_topk_kernels() { return nullptr; }
 }  // namespace attnkern::cpu
 #endif

@@ -1,0 +1,296 @@
+"""Top-k attention: the CPU kernel against the float64 reference, the tie rule, top_k >= S
+as dense attention, the op contract (opcheck, torch.compile) and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnkern
+from attnkern import dispatch, reference, topk as topk_module
+from attnkern._semantics import band_mask
+from conftest import TOLERANCE, assert_close
+
+needs_cpu_kernel = pytest.mark.skipif(topk_module.topk_fwd is None, reason="C++ extension not built")
+
+# scores spread wide enough that the k-th and (k+1)-th best of a row are rarely near-tied;
+# _inputs also redraws until no row's boundary gap is below MIN_GAP
+SPREAD = 3.0
+MIN_GAP = 1e-3
+
+
+def _allowed_scores(q, k, mask, scale, left, right, offset=0):
+    """float64 (B, Hq, L, S) scores with -inf where a key may not be seen (a test-side oracle)."""
+    group = q.shape[1] // k.shape[1]
+    s = torch.matmul(q.double(), k.double().repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    allowed = band_mask(q.shape[2], k.shape[2], left, right, offset).expand_as(s)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            allowed = allowed & mask
+        else:
+            s = s + mask.double()
+    return torch.where(allowed, s, torch.tensor(float("-inf"), dtype=torch.float64))
+
+
+def _inputs(shape, dtype, top_k, mask_kind=None, left=-1, right=-1, offset=0, tries=30):
+    B, Hq, Hkv, L, S, E, Ev = shape
+    for _ in range(tries):
+        q = (torch.randn(B, Hq, L, E) * SPREAD).to(dtype)
+        k = torch.randn(B, Hkv, S, E).to(dtype)
+        v = torch.randn(B, Hkv, S, Ev).to(dtype)
+        mask = None
+        if mask_kind == "bool":
+            mask = torch.rand(B, Hq, L, S) > 0.3
+            mask[:, :, 0] = False  # a row that sees no key: zeros, -1 indices
+        elif mask_kind == "bool-bcast":
+            mask = (torch.rand(1, 1, L, S) > 0.3).expand(B, Hq, L, S)
+        elif mask_kind == "float":
+            mask = torch.randn(B, Hq, L, S).to(dtype)
+            mask[..., 1] = float("-inf")  # -inf keys are never selected
+        scores = _allowed_scores(q, k, mask, 1.0 / math.sqrt(E), left, right, offset)
+        ordered = scores.sort(dim=-1, descending=True).values
+        if top_k >= S:
+            return q, k, v, mask
+        kth, next_ = ordered[..., top_k - 1], ordered[..., top_k]
+        contested = torch.isfinite(next_)
+        if not contested.any() or (kth - next_)[contested].min() > MIN_GAP:
+            return q, k, v, mask
+    pytest.fail("could not draw inputs without near-ties")
+
+
+def _reference(q, k, v, mask, top_k, scale, left, right, bottom_right=False, grad_out=None):
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    m64 = None if mask is None or mask.dtype == torch.bool else mask.double()
+    out, _, idx = reference.topk_attention(q64, k64, v64, m64 if m64 is not None else mask, top_k, scale, left,
+                                           right, bottom_right)
+    grads = torch.autograd.grad(out, (q64, k64, v64), grad_out.double()) if grad_out is not None else None
+    return out, idx, grads
+
+
+PARITY = [
+    # (B, Hq, Hkv, L, S, E, Ev), top_k, mask, (left, right), causal
+    ((2, 2, 2, 37, 53, 64, 64), 1, None, (-1, -1), False),
+    ((1, 4, 2, 70, 300, 32, 48), 7, None, (-1, -1), True),  # GQA, 2 query and 3 key blocks
+    ((2, 2, 1, 70, 90, 16, 16), 2, "bool", (20, 5), False),
+    ((1, 2, 2, 33, 300, 80, 24), 64, "float", (-1, -1), False),
+    ((2, 2, 2, 29, 53, 64, 32), 64, "bool-bcast", (-1, -1), True),  # top_k >= S
+    ((1, 3, 3, 16, 40, 128, 128), 7, None, (3, 3), False),  # rows with fewer than top_k keys
+]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", PARITY, ids=lambda c: f"{c[0]}-k{c[1]}-{c[2]}-w{c[3]}-c{c[4]}")
+def test_parity_with_reference(case, dtype, seed):
+    shape, top_k, mask_kind, (left, right), causal = case
+    right_eff = 0 if causal else right
+    q, k, v, mask = _inputs(shape, dtype, top_k, mask_kind, left, right_eff)
+    window = None if (left, right) == (-1, -1) else (left, right)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, idx = attnkern.topk_attention(q, k, v, top_k, is_causal=causal, window_size=window, attn_mask=mask,
+                                       enable_gqa=shape[1] != shape[2], return_indices=True, backend="cpu")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_out, ref_idx, ref_grads = _reference(q, k, v, mask, top_k, 1.0 / math.sqrt(shape[5]), left, right_eff,
+                                             grad_out=grad_out)
+    assert out.dtype == dtype and idx.dtype == torch.int64
+    assert idx.shape == out.shape[:-1] + (min(top_k, shape[4]),)
+    assert torch.equal(idx, ref_idx), "selected keys differ from the reference"
+    assert_close(out, ref_out, dtype, "out")
+    for g, r, name in zip(grads, ref_grads, "qkv"):
+        assert g.dtype == dtype
+        assert_close(g, r, dtype, f"d{name}")
+
+
+@needs_cpu_kernel
+def test_bottom_right_alignment_through_the_op(seed):
+    """The op itself also takes flash-attn's alignment (query i at key position i + S - L)."""
+    shape = (1, 2, 2, 20, 75, 32, 32)
+    q, k, v, _ = _inputs(shape, torch.float32, 5, None, 10, 0, offset=55)
+    out, lse, idx = torch.ops.attnkern.topk_fwd(q, k, v, None, 5, 0.3, 10, 0, True)
+    ref_out, ref_lse, ref_idx = reference.topk_attention(q.double(), k.double(), v.double(), None, 5, 0.3, 10, 0,
+                                                         True)
+    assert torch.equal(idx, ref_idx)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert_close(lse, ref_lse, torch.float32, "lse")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "math"])
+def test_exact_ties_go_to_the_lower_key_index(backend, seed):
+    if backend == "cpu" and topk_module.topk_fwd is None:
+        pytest.skip("C++ extension not built")
+    # keys repeat with period 5, so every score appears S / 5 times exactly
+    B, H, L, S, E = 1, 2, 9, 40, 16
+    q = torch.randn(B, H, L, E)
+    k = torch.randn(B, H, 5, E).repeat(1, 1, S // 5, 1)
+    v = torch.randn(B, H, S, E)
+    for top_k in (1, 3, 7, 12):
+        out, idx = attnkern.topk_attention(q, k, v, top_k, return_indices=True, backend=backend)
+        scores = (q.double() @ k.double().transpose(-1, -2)).tolist()
+        for b in range(B):
+            for h in range(H):
+                for i in range(L):
+                    row = scores[b][h][i]
+                    want = sorted(range(S), key=lambda j: (-row[j], j))[:top_k]
+                    assert idx[b, h, i].tolist() == want
+        ref_out, _, _ = reference.topk_attention(q.double(), k.double(), v.double(), None, top_k, E**-0.5)
+        assert_close(out, ref_out, torch.float32, f"out, top_k={top_k}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "math"])
+@pytest.mark.parametrize("len_k,top_k", [(53, 53), (53, 60), (300, 300), (300, 1000)])
+def test_top_k_at_least_s_is_dense_attention(backend, len_k, top_k, seed):
+    if backend == "cpu" and topk_module.topk_fwd is None:
+        pytest.skip("C++ extension not built")
+    q, k, v = torch.randn(2, 2, 31, 32), torch.randn(2, 2, len_k, 32), torch.randn(2, 2, len_k, 24)
+    mask = torch.rand(2, 1, 31, len_k) > 0.2
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out = attnkern.topk_attention(q, k, v, top_k, is_causal=True, attn_mask=mask, backend=backend)
+    dense = attnkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True, backend=backend)
+    assert_close(out, dense, torch.float32, "top-k vs dense")
+    g = torch.randn_like(out)
+    for a, b, name in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(dense, (q, k, v), g), "qkv"):
+        assert_close(a, b, torch.float32, f"d{name}")
+    # the float64 reference: top_k >= S is the dense reference, to float64 rounding
+    q64, k64, v64 = (t.detach().double() for t in (q, k, v))
+    full = mask.expand(2, 2, 31, len_k)
+    ref_topk = reference.topk_attention(q64, k64, v64, full, top_k, 0.2, -1, 0)
+    ref_dense = reference.attention(q64, k64, v64, full, 0.2, -1, 0)
+    assert_close(ref_topk[0], ref_dense[0], torch.float64, "reference out")
+    empty = torch.isinf(ref_dense[1])  # rows whose only causal key the mask hides
+    assert torch.equal(torch.isinf(ref_topk[1]), empty)
+    assert_close(ref_topk[1][~empty], ref_dense[1][~empty], torch.float64, "reference lse")
+
+
+@needs_cpu_kernel
+def test_auto_uses_the_cpu_kernel_and_falls_back(monkeypatch):
+    q, k, v = torch.randn(1, 1, 8, 16), torch.randn(1, 1, 400, 16), torch.randn(1, 1, 400, 16)
+    problem = attnkern._semantics.normalize_torch_layout(q, k, v, None, 0.0, False, None, False, None)[4]
+    assert dispatch.choose_topk(problem, "auto", 16, True, False) == "cpu"
+    assert dispatch.choose_topk(problem, "auto", 300, True, False) == "math"  # more than 256 kept keys
+    assert dispatch.choose_topk(problem, "auto", 16, False, True) == "math"  # a mask that needs a gradient
+    for name in ("triton", "cuda"):
+        assert "no top-k kernel" in dispatch.topk_why_not(name, problem, 16, False, False)
+
+
+def test_bad_input():
+    q, k, v = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="top_k"):
+            attnkern.topk_attention(q, k, v, bad)
+    for bad in (2.0, True, "3", None, torch.tensor(2)):
+        with pytest.raises(TypeError, match="top_k"):
+            attnkern.topk_attention(q, k, v, bad)
+    with pytest.raises(TypeError, match="return_indices"):
+        attnkern.topk_attention(q, k, v, 2, return_indices=1)
+    # top_k >= S > 256 runs the dense kernel on the cpu backend, which has no indices to give
+    if topk_module.topk_fwd is not None:
+        with pytest.raises(RuntimeError, match="indices"):
+            attnkern.topk_attention(q, k, v, 300, return_indices=True, backend="cpu")
+        with pytest.raises(RuntimeError, match="at most 256"):
+            attnkern.topk_attention(q, k, v, 257, backend="cpu")
+    with pytest.raises(RuntimeError, match="no top-k kernel"):
+        attnkern.topk_attention(q, k, v, 2, backend="triton")
+    with pytest.raises(ValueError, match="enable_gqa"):
+        attnkern.topk_attention(q, k[:, :1], v[:, :1], 2)
+    with pytest.raises(ValueError, match="backend"):
+        attnkern.topk_attention(q, k, v, 2, backend="fast")
+    if topk_module.topk_fwd is not None:  # the op's own checks
+        with pytest.raises(ValueError, match="top_k"):
+            torch.ops.attnkern.topk_fwd(q, k, v, None, 0, 0.25, -1, -1, False)
+        out, lse, idx = torch.ops.attnkern.topk_fwd(q, k, v, None, 3, 0.25, -1, -1, False)
+        with pytest.raises(ValueError, match="indices"):
+            torch.ops.attnkern.topk_bwd(out, q, k, v, lse, idx + 300, None, 0.25, -1, -1, False)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_opcheck(mask, seed):
+    B, Hq, Hkv, L, S, E = 2, 4, 2, 19, 45, 24
+    q, k, v = torch.randn(B, Hq, L, E), torch.randn(B, Hkv, S, E), torch.randn(B, Hkv, S, 16)
+    m = None
+    if mask == "bool":
+        m = (torch.rand(1, 1, L, S) > 0.3).expand(B, Hq, L, S)
+    elif mask == "float":
+        m = torch.randn(B, 1, L, S).expand(B, Hq, L, S)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    args = (q, k, v, m, 5, 0.2, 6, 0, False)
+    torch.library.opcheck(torch.ops.attnkern.topk_fwd.default, args)
+    out, lse, idx = torch.ops.attnkern.topk_fwd(q.detach(), k.detach(), v.detach(), m, 5, 0.2, 6, 0, False)
+    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), lse, idx, m, 0.2, 6, 0, False)
+    torch.library.opcheck(torch.ops.attnkern.topk_bwd.default, bargs)
+
+
+@needs_cpu_kernel
+def test_torch_compile_fullgraph(seed):
+    torch._dynamo.reset()
+
+    def f(q, k, v):
+        out, idx = attnkern.topk_attention(q, k, v, 4, is_causal=True, return_indices=True, backend="cpu")
+        return out.sum(-1) * 2.0, idx
+
+    q, k, v = (torch.randn(2, 2, 23, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out, idx = compiled(q, k, v)
+    ref_out, ref_idx = f(q, k, v)
+    assert torch.equal(idx, ref_idx)
+    assert_close(out, ref_out, torch.float32, "compiled out")
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref_out, (q, k, v), g)):
+        assert_close(a, b, torch.float32, "compiled grad")
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_parity_under_each_isa(isa):
+    """The kernel is compiled once per ISA (topk_impl.inc in kernels_<isa>.cpp): force the others."""
+    import os
+    import subprocess
+    import sys
+
+    from attnkern import ops
+
+    if isa == ops._C.cpu_isa():
+        pytest.skip(f"{isa} is this machine's default: the tests above cover it")
+    env = {**os.environ, "ATTNKERN_CPU_ISA": isa}
+    probe = subprocess.run([sys.executable, "-c", "import attnkern.ops as o; print(o._C.cpu_isa())"], env=env,
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        assert "is not available on this CPU" in probe.stderr, probe.stderr
+        pytest.skip(f"{isa} not available on this CPU")
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = f"import sys; sys.path.insert(0, {here!r}); import test_topk; test_topk.parity_subset(); print('ok')"
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def parity_subset(seed=0):
+    """The float32 parity cases and the tie rule, outside pytest (for a forced ISA)."""
+    for n, case in enumerate(PARITY):
+        torch.manual_seed(seed + n)
+        test_parity_with_reference(case, torch.float32, seed + n)
+    test_exact_ties_go_to_the_lower_key_index("cpu", seed)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "math"])
+@pytest.mark.parametrize("shape", [(0, 5, 8, 8), (4, 0, 8, 8), (4, 5, 8, 0), (4, 5, 0, 8)], ids=str)
+def test_empty_shapes(backend, shape, seed):
+    """L, S, E or Ev of 0: shaped results; S = 0 gives zero rows and no indices."""
+    if backend == "cpu" and topk_module.topk_fwd is None:
+        pytest.skip("C++ extension not built")
+    L, S, E, Ev = shape
+    q, k, v = torch.randn(1, 2, L, E), torch.randn(1, 2, S, E), torch.randn(1, 2, S, Ev)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    out, idx = attnkern.topk_attention(q, k, v, 3, scale=1.0, return_indices=True, backend=backend)
+    assert out.shape == (1, 2, L, Ev) and idx.shape == (1, 2, L, min(3, S))
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True, materialize_grads=True)
+    ref_out, _, ref_idx = reference.topk_attention(q.double(), k.double(), v.double(), None, 3, 1.0)
+    assert torch.equal(idx, ref_idx)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert all(g.shape == t.shape and torch.isfinite(g).all() for g, t in zip(grads, (q, k, v)))
