@@ -195,8 +195,9 @@ def test_bad_input():
             attnkern.topk_attention(q, k, v, 257, backend="cpu")
     with pytest.raises(RuntimeError, match="no top-k kernel"):
         attnkern.topk_attention(q, k, v, 2, backend="triton")
+    # (one kv head broadcasts against every query head, as in torch's SDPA; two against four do not)
     with pytest.raises(ValueError, match="enable_gqa"):
-        attnkern.topk_attention(q, k[:, :1], v[:, :1], 2)
+        attnkern.topk_attention(q.repeat(1, 2, 1, 1), k, v, 2)
     with pytest.raises(ValueError, match="backend"):
         attnkern.topk_attention(q, k, v, 2, backend="fast")
     if topk_module.topk_fwd is not None:  # the op's own checks
