@@ -201,8 +201,15 @@ def _strides3(t):
 # the ops
 
 
-def forward(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p):
+def _refuse_modifiers(op, softcap, sinks, alibi_slopes) -> None:
+    if softcap or sinks is not None or alibi_slopes is not None:
+        raise NotImplementedError(f"attnkern::{op}: the Triton kernels do not serve softcap, sinks or alibi_slopes yet")
+
+
+def forward(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p, softcap=0.0,
+            sinks=None, alibi_slopes=None):
     mask_kind = _check_inputs("triton_fwd", q, k, v, mask, rng_seed, scale, window_left, window_right, dropout_p)
+    _refuse_modifiers("triton_fwd", softcap, sinks, alibi_slopes)
     B, Hq, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
     out = ops.empty_rows_like(q, Ev, q.dtype)
@@ -230,8 +237,9 @@ def forward(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_ri
 
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, scale, window_left, window_right, bottom_right,
-             dropout_p, mask_needs_grad):
+             dropout_p, mask_needs_grad, softcap=0.0, alibi_slopes=None):
     mask_kind = _check_inputs("triton_bwd", q, k, v, mask, rng_seed, scale, window_left, window_right, dropout_p)
+    _refuse_modifiers("triton_bwd", softcap, None, alibi_slopes)
     _check_backward(q, grad_out, out, lse, grad_lse, mask_kind, mask_needs_grad, v.shape[3])
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
