@@ -153,7 +153,9 @@ def check_softcap(softcap) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
         raise TypeError(f"softcap must be a float (0 for none), got {type(softcap).__name__}")
     cap = float(softcap)
-    if not math.isfinite(cap) or cap < 0:
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) the float may be symbolic;
+    # NaN fails both
+    if not (0.0 <= cap < math.inf):
         raise ValueError(f"softcap must be a finite float >= 0 (0 for none), got {cap}")
     return cap
 
