@@ -131,10 +131,11 @@ CAPABILITIES: Dict[str, Capability] = {
     ),
     # Triton (attnkern/triton): CUDA tensors on sm80+, fp16/bf16/fp32 (fp32 with exact fp32 dots, not TF32),
     # any head dims up to 256 (E != Ev allowed), GQA, windows/causal in both alignments, bool and float masks
-    # (with mask gradient), Philox dropout; CPU tensors only under TRITON_INTERPRET=1 and never in bf16.
+    # (with mask gradient), Philox dropout, softcap/sinks/ALiBi; CPU tensors only under TRITON_INTERPRET=1 and
+    # never in bf16.
     "triton": Capability(
         name="triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, max_head_dim=256, dropout=True,
-        float_mask=True, bool_mask=True, available=_triton_available, modifiers=False, extra=_triton_limits,
+        float_mask=True, bool_mask=True, available=_triton_available, extra=_triton_limits,
     ),
     "cpu": Capability(
         name="cpu", devices=("cpu",), dtypes=KERNEL_DTYPES, max_head_dim=None, dropout=True, float_mask=True,

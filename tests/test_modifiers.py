@@ -243,3 +243,16 @@ def test_modifier_parity_under_isa(isa):
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(HERE))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1", reason="the parity tests above run triton here")
+def test_modifier_parity_triton_interpreter():
+    """The Triton kernels under TRITON_INTERPRET=1, which must be set before triton is imported:
+    rerun this file's parity matrix for backend triton in a child process (see test_triton_interp.py)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, __file__),
+           "-k", "test_modifier_parity and triton and not interpreter and not under_isa"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(HERE))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "7 passed" in run.stdout, run.stdout[-2000:]
