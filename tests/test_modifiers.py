@@ -256,3 +256,27 @@ def test_modifier_parity_triton_interpreter():
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(HERE))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "7 passed" in run.stdout, run.stdout[-2000:]
+
+
+def test_local_self_attention_modifiers(seed):
+    """attnkern.nn.LocalSelfAttention with softcap, a learned sink per head and ALiBi: the
+    kernels' output and gradients (the sinks' included) equal the reference backend's."""
+    from attnkern.nn import LocalSelfAttention, alibi_slopes
+
+    torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))
+    assert alibi_slopes(6).shape == (6,) and (alibi_slopes(6)[4:] == torch.tensor([0.5, 0.125])).all()
+    fused = LocalSelfAttention(64, 4, (9, 0), num_kv_heads=2, softcap=6.0, sinks=True, alibi=True, backend="cpu")
+    with torch.no_grad():
+        fused.sinks.normal_(0.0, 1.0)
+    oracle = LocalSelfAttention(64, 4, (9, 0), num_kv_heads=2, softcap=6.0, sinks=True, alibi=True,
+                                backend="math").double()
+    oracle.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 30, 64)
+    out = fused(x)
+    ref = oracle(x.double())
+    assert_close(out, ref, torch.float32, "module output")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [fused.sinks, fused.qkv_proj.weight], grad)
+    want = torch.autograd.grad(ref, [oracle.sinks, oracle.qkv_proj.weight], grad.double())
+    for g, w, name in zip(got, want, ("sinks", "qkv_proj.weight")):
+        assert_close(g, w, torch.float32, f"module grad {name}")
