@@ -49,6 +49,8 @@ class Case:
     mode: str = "fwd"
     head_dim_v: Optional[int] = None
     model: str = ""  # preset shape name (e.g. "llama3-8b"), for labels only
+    softcap: float = 0.0  # score modifiers (attnkern._semantics): logit cap, one sink per query head
+    sinks: bool = False
 
     def __post_init__(self):
         if self.head_dim_v is None:
@@ -73,12 +75,21 @@ class Case:
         return self.heads_q != self.heads_kv
 
     @property
+    def has_modifiers(self) -> bool:
+        return self.softcap > 0 or self.sinks
+
+    def sinks_tensor(self, device) -> Optional[torch.Tensor]:
+        """The case's sink logits (fp32, (heads_q,)): fixed values of both signs, or None."""
+        return torch.linspace(-2.0, 2.0, self.heads_q, device=device) if self.sinks else None
+
+    @property
     def masking(self) -> str:
-        """Short description of the band: dense, causal, or the window."""
+        """Short description of the band (dense, causal, or the window) and the score modifiers."""
+        mods = (f" softcap{self.softcap:g}" if self.softcap > 0 else "") + (" sinks" if self.sinks else "")
         if self.window is None:
-            return "causal" if self.causal else "dense"
+            return ("causal" if self.causal else "dense") + mods
         left, right = self.band
-        return f"{'causal ' if self.causal else ''}win({left},{right})"
+        return f"{'causal ' if self.causal else ''}win({left},{right})" + mods
 
     def flops(self) -> float:
         return attention_flops(self.batch, self.heads_q, self.len_q, self.len_k, self.head_dim, self.head_dim_v,
@@ -95,7 +106,7 @@ class Case:
             batch=self.batch, heads_q=self.heads_q, heads_kv=self.heads_kv, len_q=self.len_q, len_k=self.len_k,
             head_dim=self.head_dim, head_dim_v=self.head_dim_v, scale=self.head_dim ** -0.5, window_left=left,
             window_right=right, bottom_right=False, dropout_p=0.0, mask_kind=None, dtype=self.torch_dtype,
-            device_type=device_type,
+            device_type=device_type, softcap=self.softcap, has_sinks=self.sinks,
         )
 
     def shape_label(self) -> str:
@@ -111,7 +122,7 @@ class Case:
     def series_key(self) -> Tuple:
         """Everything but the sequence lengths: the cases one throughput-vs-length line joins."""
         return (self.dtype, self.batch, self.heads_q, self.heads_kv, self.head_dim, self.head_dim_v, self.causal,
-                self.window, self.mode, self.model, self.len_k == self.len_q)
+                self.window, self.mode, self.model, self.len_k == self.len_q, self.softcap, self.sinks)
 
     def series_label(self) -> str:
         heads = f"H{self.heads_q}" + (f"/{self.heads_kv}" if self.gqa else "")
@@ -310,8 +321,32 @@ def gpu_decode(device: str) -> Preset:
     return _gpu_preset("gpu-decode", device, cases, {"flex": "not among the decoding baselines the issue names"})
 
 
+def modifiers(device: str) -> Preset:
+    """Score modifiers (issue 13): each modifier against the same call without it, in one run
+    (the plain path must not pay), and Gemma-2-like (head dim 256, sliding window 4096, softcap
+    50) and gpt-oss-like (head dim 64, GQA 64/8, sinks, window 128 alternating with full)
+    shapes against HF's eager attention and FlexAttention with the equivalent score_mod."""
+    if device == "cuda":
+        dtype, length, gemma_lengths, oss_length, oss_heads = "bfloat16", 4096, [4096, 8192], 4096, (64, 8)
+    else:
+        dtype, length, gemma_lengths, oss_length, oss_heads = "float32", 1024, [2048, 4096], 1024, (16, 2)
+    cases = []
+    for mods in (dict(), dict(softcap=50.0), dict(sinks=True)):
+        cases += [Case(dtype, 1, 8, 8, length, length, 64, causal=True, mode="fwd+bwd", **mods)]
+    for n in gemma_lengths:  # Gemma 2 2B: 8 query heads, 4 kv heads
+        cases.append(Case(dtype, 1, 8, 4, n, n, 256, causal=True, window=(4095, 0), mode="fwd+bwd", softcap=50.0,
+                          model="gemma2-like"))
+    hq, hkv = oss_heads  # gpt-oss: 64 query heads, 8 kv heads (fewer on a CPU)
+    for window in ((127, 0), None):
+        cases.append(Case(dtype, 1, hq, hkv, oss_length, oss_length, 64, causal=True, window=window,
+                          mode="fwd+bwd", sinks=True, model="gpt-oss-like"))
+    exclude = {"attnkern-math": "the float64-capable oracle is not a contender"}
+    return Preset("modifiers", cases, budget_s=2.0 if device == "cpu" else 0.5, min_reps=3, max_reps=50,
+                  warmup_s=0.1, exclude=exclude, baseline="eager")
+
+
 PRESETS = {"quick": quick, "standard": standard, "llm": llm, "gpu-dense": gpu_dense, "gpu-window": gpu_window,
-           "gpu-decode": gpu_decode}
+           "gpu-decode": gpu_decode, "modifiers": modifiers}
 
 
 def case_from_row(row: dict) -> Case:
