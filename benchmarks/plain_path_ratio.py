@@ -7,7 +7,7 @@ case (>= 0.98 is the target: not slower than before).
 
 Both checkouts must have their CPU extension built in place (python setup.py build_ext
 --inplace). The two builds cannot share a process (both define the attnkern op library), so
-rounds alternate A, B, A, B, ... to spread the machine's load over both.
+rounds alternate A, B, B, A, A, B, ... to spread the machine's load over both.
 """
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def main() -> None:
     samples = {name: {c[0]: [] for c in CASES} for name in roots}
     threads = None
     load_before = os.getloadavg()
-    for _ in range(args.rounds):
-        for name, root in roots.items():
+    for round_index in range(args.rounds):
+        # alternate which build goes first, so a trend in the machine's load favours neither
+        order = list(roots.items()) if round_index % 2 == 0 else list(roots.items())[::-1]
+        for name, root in order:
             result = child(root, args.reps)
             threads = result["threads"]
             for label, t in result["times"].items():
