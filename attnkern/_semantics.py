@@ -23,13 +23,25 @@ their values. Indices come in selection order (score descending, then key index)
 ``(..., L, min(top_k, S))``, -1 in the slots of rows that keep fewer keys. Gradients flow
 through the softmax over the kept keys; the selection is piecewise constant and carries
 none (backends reuse the forward's indices, so forward and backward agree exactly).
+
+Score modifiers (each optional; all compose with windows, masks, GQA, dropout and LSE).
+With ``s = scale * q . k``:
+
+1. softcap ``c > 0``: ``s <- c * tanh(s / c)``, before the position bias and the masks;
+2. ALiBi ``slope`` (``(H,)`` or ``(B, H)`` fp32): ``s <- s - slope * |pos_q - j|`` with
+   ``pos_q = i + offset`` the query's aligned key position;
+3. then the float mask is added and the band/bool mask exclude keys;
+4. sinks (``(H,)``, raw logits, never scaled, capped or masked): each head's sink joins the
+   softmax denominator once, ``LSE = logaddexp(LSE_keys, sink_h)``, and contributes no value.
+   A row that sees no key outputs 0 with LSE = sink. The sink's gradient is
+   ``d sink_h = -sum_{b,i} exp(sink_h - LSE_bhi) * (rowsum(dO * O)_bhi - dLSE_bhi)``.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -57,6 +69,14 @@ class Problem:
     mask_kind: Optional[str]  # None, "bool" or "float"
     dtype: torch.dtype
     device_type: str
+    # score modifiers (see the module docstring); the tensors travel beside the Problem
+    softcap: float = 0.0  # 0: none
+    has_sinks: bool = False
+    has_alibi: bool = False
+
+    @property
+    def has_modifiers(self) -> bool:
+        return self.softcap > 0 or self.has_sinks or self.has_alibi
 
     @property
     def offset(self) -> int:
@@ -151,6 +171,65 @@ def check_dropout(dropout_p) -> float:
     if not (0.0 <= p <= 1.0):
         raise ValueError(f"dropout_p must be in [0, 1], got {p}")
     return p
+
+
+def check_softcap(softcap) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float (0 for none), got {type(softcap).__name__}")
+    cap = float(softcap)
+    # comparisons, not math.isfinite: under torch.compile(dynamic=True) the float may be symbolic;
+    # NaN fails both
+    if not (0.0 <= cap < math.inf):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 for none), got {cap}")
+    return cap
+
+
+def check_sinks(sinks, heads_q: int, query: torch.Tensor, name: str = "sinks") -> Optional[torch.Tensor]:
+    """``(Hq,)`` fp32 or query-dtype logits; returned as fp32 (differentiably: a Parameter gets its grad)."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({heads_q},) or None, got {type(sinks).__name__}")
+    if sinks.dtype not in (torch.float32, query.dtype):
+        raise TypeError(f"{name} must be float32 or the query's dtype {query.dtype}, got {sinks.dtype}")
+    if sinks.device != query.device:
+        raise ValueError(f"{name} must be on the query's device {query.device}, got {sinks.device}")
+    if tuple(sinks.shape) != (heads_q,):
+        raise ValueError(f"{name} must have shape (num_query_heads,) = ({heads_q},), got {tuple(sinks.shape)}")
+    return sinks.to(torch.float32).contiguous()
+
+
+def check_alibi(alibi_slopes, batch: int, heads_q: int, query: torch.Tensor) -> Optional[torch.Tensor]:
+    """``(Hq,)`` or ``(B, Hq)`` fp32 slopes; returned as a contiguous ``(B, Hq)`` fp32 tensor."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != query.device:
+        raise ValueError(f"alibi_slopes must be on the query's device {query.device}, got {alibi_slopes.device}")
+    if tuple(alibi_slopes.shape) not in ((heads_q,), (batch, heads_q)):
+        raise ValueError(
+            f"alibi_slopes must have shape (num_heads,) = ({heads_q},) or (batch, num_heads) = ({batch}, {heads_q}), "
+            f"got {tuple(alibi_slopes.shape)}"
+        )
+    if alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError("alibi_slopes must not require grad: attnkern does not differentiate the ALiBi slopes")
+    return alibi_slopes.expand(batch, heads_q).contiguous()
+
+
+def with_modifiers(problem: Problem, query: torch.Tensor, softcap=0.0, sinks=None, alibi_slopes=None,
+                   sinks_name: str = "sinks"):
+    """Checks the score modifiers against a normalised ``problem``; returns ``(problem, sinks, alibi)``
+    with ``sinks`` fp32 ``(Hq,)`` and ``alibi`` fp32 ``(B, Hq)`` (or None)."""
+    cap = check_softcap(softcap)
+    sinks = check_sinks(sinks, problem.heads_q, query, sinks_name)
+    alibi = check_alibi(alibi_slopes, problem.batch, problem.heads_q, query)
+    if cap == 0 and sinks is None and alibi is None:
+        return problem, None, None
+    problem = replace(problem, softcap=cap, has_sinks=sinks is not None, has_alibi=alibi is not None)
+    return problem, sinks, alibi
 
 
 def check_backend(backend) -> str:

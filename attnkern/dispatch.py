@@ -45,6 +45,7 @@ class Capability:
     float_mask: bool
     bool_mask: bool
     available: Callable[[], Optional[str]]  # reason it is not usable on this machine, or None
+    modifiers: bool = True  # softcap, sinks, ALiBi
     extra: Callable[[Problem], Optional[str]] = lambda problem: None
 
     def why_not(self, problem: Problem) -> Optional[str]:
@@ -63,6 +64,8 @@ class Capability:
             return f"backend {self.name!r} does not support float masks"
         if problem.mask_kind == "bool" and not self.bool_mask:
             return f"backend {self.name!r} does not support bool masks"
+        if problem.has_modifiers and not self.modifiers:
+            return f"backend {self.name!r} does not serve softcap, sinks or ALiBi yet"
         return self.extra(problem)
 
 
@@ -122,13 +125,15 @@ CAPABILITIES: Dict[str, Capability] = {
     # csrc/cuda: sm80+ (mma.sync kernels: Ampere, Ada, Hopper), fp16/bf16, any head dims <= 256 with
     # E != Ev (served by the next compiled bucket of 32/64/96/128/256, zero-padded), GQA, windows in
     # both alignments, bool/float masks with broadcast, dropout; split-KV forward for L <= 16.
+    # No score modifiers yet (softcap, sinks, ALiBi): "auto" takes triton or math for those.
     "cuda": Capability(
         name="cuda", devices=("cuda",), dtypes=HALF_DTYPES, max_head_dim=256, dropout=True, float_mask=True,
-        bool_mask=True, available=_cuda_available, extra=_cuda_extra,
+        bool_mask=True, available=_cuda_available, modifiers=False, extra=_cuda_extra,
     ),
     # Triton (attnkern/triton): CUDA tensors on sm80+, fp16/bf16/fp32 (fp32 with exact fp32 dots, not TF32),
     # any head dims up to 256 (E != Ev allowed), GQA, windows/causal in both alignments, bool and float masks
-    # (with mask gradient), Philox dropout; CPU tensors only under TRITON_INTERPRET=1 and never in bf16.
+    # (with mask gradient), Philox dropout, softcap/sinks/ALiBi; CPU tensors only under TRITON_INTERPRET=1 and
+    # never in bf16.
     "triton": Capability(
         name="triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, max_head_dim=256, dropout=True,
         float_mask=True, bool_mask=True, available=_triton_available, extra=_triton_limits,
@@ -182,7 +187,7 @@ def new_rng_seed() -> torch.Tensor:
     return ops.rng_seed()  # an op, so compiled code draws the seeds eager code draws
 
 
-def _math(q, k, v, mask, rng_seed, problem: Problem):
+def _math(q, k, v, mask, rng_seed, problem: Problem, sinks, alibi_slopes):
     dtype = q.dtype
     compute = torch.float32 if dtype in HALF_DTYPES else dtype
     seed = int(rng_seed.item()) if rng_seed is not None else None
@@ -191,6 +196,7 @@ def _math(q, k, v, mask, rng_seed, problem: Problem):
         mask if mask is None or mask.dtype == torch.bool else mask.to(compute),
         problem.scale, problem.window_left, problem.window_right, problem.bottom_right, problem.dropout_p,
         seed if seed is None else seed & 0xFFFFFFFFFFFFFFFF,
+        softcap=problem.softcap, sinks=sinks, alibi_slopes=alibi_slopes,
     )
     return out.to(dtype), lse.to(torch.float32)
 
@@ -211,18 +217,20 @@ def _transformed(tensors) -> Optional[str]:
     return None
 
 
-def _drop_everything(problem: Problem, q, k, v, mask, backend: str):
+def _drop_everything(problem: Problem, q, k, v, mask, backend: str, sinks=None, alibi_slopes=None):
     """dropout_p == 1: every weight is dropped, so out = 0 @ v (NaN where v holds NaN or inf, as in
     torch); the LSE (of the scores, which dropout does not touch) comes from the undropped call."""
-    _, lse = run(dataclasses.replace(problem, dropout_p=0.0), q, k, v, mask, backend)
+    _, lse = run(dataclasses.replace(problem, dropout_p=0.0), q, k, v, mask, backend, sinks, alibi_slopes)
     zero = (v * 0).sum(dim=2, keepdim=True).repeat_interleave(problem.group_size, dim=1)
     return zero.expand(problem.batch, problem.heads_q, problem.len_q, problem.head_dim_v).contiguous(), lse
 
 
-def run(problem: Problem, q, k, v, mask, backend: str):
-    """Forward through the chosen backend; returns ``(out, lse)``, differentiable."""
+def run(problem: Problem, q, k, v, mask, backend: str, sinks=None, alibi_slopes=None):
+    """Forward through the chosen backend; returns ``(out, lse)``, differentiable.
+
+    ``sinks`` / ``alibi_slopes`` come from ``_semantics.with_modifiers`` (fp32 ``(Hq,)`` / ``(B, Hq)``)."""
     if problem.dropout_p == 1.0:
-        return _drop_everything(problem, q, k, v, mask, backend)
+        return _drop_everything(problem, q, k, v, mask, backend, sinks, alibi_slopes)
     name = choose(problem, backend)
     if name != "math":
         reason = _transformed((q, k, v, mask))
@@ -235,11 +243,16 @@ def run(problem: Problem, q, k, v, mask, backend: str):
             name = "math"
     rng_seed = new_rng_seed() if problem.dropout_p > 0 else None
     if name == "math":
-        return _math(q, k, v, mask, rng_seed, problem)
+        return _math(q, k, v, mask, rng_seed, problem, sinks, alibi_slopes)
     fwd = ops.triton_fwd if name == "triton" else ops.native_fwd
+    if not problem.has_modifiers:  # the plain call, unchanged
+        return fwd(
+            q, k, v, mask, rng_seed, problem.scale, problem.window_left, problem.window_right, problem.bottom_right,
+            problem.dropout_p,
+        )
     return fwd(
         q, k, v, mask, rng_seed, problem.scale, problem.window_left, problem.window_right, problem.bottom_right,
-        problem.dropout_p,
+        problem.dropout_p, problem.softcap, sinks, alibi_slopes,
     )
 
 

@@ -8,7 +8,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import dispatch
-from ._semantics import causal_bias_alignment, check_backend, normalize_flash_layout, normalize_torch_layout
+from ._semantics import (causal_bias_alignment, check_backend, normalize_flash_layout, normalize_torch_layout,
+                         with_modifiers)
 
 
 def scaled_dot_product_attention(
@@ -22,6 +23,9 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     window_size: Optional[Tuple[int, int]] = None,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``, plus local windows.
@@ -32,6 +36,10 @@ def scaled_dot_product_attention(
     are top-left aligned: query i sees keys ``i - left <= j <= i + right`` (-1: unbounded).
     A query row that can see no key returns zeros. torch's ``CausalBias`` masks
     (``causal_upper_left``/``causal_lower_right``) mean causal in top-left/bottom-right alignment.
+
+    Score modifiers: ``softcap`` (Gemma 2's logit cap, 0 for none), ``sinks`` (``(H,)``
+    learned logits joining each row's softmax denominator, gpt-oss), ``alibi_slopes``
+    (``(H,)`` or ``(B, H)`` fp32, for 4-D inputs) — see the README's Semantics table.
     """
     backend = check_backend(backend)
     bottom_right = causal_bias_alignment(attn_mask)
@@ -42,7 +50,8 @@ def scaled_dot_product_attention(
     q, k, v, mask, problem, out_shape = normalize_torch_layout(
         query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, window_size, bool(bottom_right)
     )
-    out, _ = dispatch.run(problem, q, k, v, mask, backend)
+    problem, sinks, alibi = with_modifiers(problem, q, softcap, sinks, alibi_slopes)
+    out, _ = dispatch.run(problem, q, k, v, mask, backend, sinks, alibi)
     return out.reshape(out_shape)
 
 
@@ -80,25 +89,35 @@ def flash_attn_func(
     softmax_scale: Optional[float] = None,
     causal: bool = False,
     window_size: Tuple[int, int] = (-1, -1),
-    return_lse: bool = False,
-    *,
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    s_aux: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
     backend: str = "auto",
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """Drop-in for flash-attn's ``flash_attn_func``: layout ``(batch, seqlen, heads, headdim)``.
 
-    Causal masks and windows are bottom-right aligned, as in flash-attn >= 2.1: query i sits
-    at key position ``i + S - L``. MQA/GQA by passing fewer k/v heads. With
-    ``return_lse=True`` returns ``(out, lse)``, lse of shape ``(batch, heads, seqlen_q)`` fp32
-    (natural log; -inf for rows that see no key). ``deterministic`` is accepted for flash-attn
-    compatibility: every attnkern backward is deterministic (no atomics), whatever its value.
+    The positional order is flash-attn 2's exactly. Causal masks and windows are bottom-right
+    aligned, as in flash-attn >= 2.1: query i sits at key position ``i + S - L``. MQA/GQA by
+    passing fewer k/v heads. ``softcap`` and ``alibi_slopes`` (``(H,)`` or ``(B, H)`` fp32) as in
+    flash-attn; ``s_aux`` are attention sinks (``(H,)`` logits, gpt-oss). Every backward is
+    deterministic, so ``deterministic`` changes nothing. With ``return_lse=True`` (keyword
+    only) returns ``(out, lse)``, lse of shape ``(batch, heads, seqlen_q)`` fp32 (natural log;
+    -inf for rows that see no key and have no sink). ``return_attn_probs=True`` is not
+    supported (attnkern never materialises the probabilities).
     """
     backend = check_backend(backend)
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if return_attn_probs is not False:
+        raise ValueError("return_attn_probs=True is not supported: use return_lse=True for the softmax statistics")
     qt, kt, vt, _, problem, _ = normalize_flash_layout(q, k, v, dropout_p, softmax_scale, causal, window_size)
-    out, lse = dispatch.run(problem, qt, kt, vt, None, backend)
+    problem, sinks, alibi = with_modifiers(problem, qt, softcap, s_aux, alibi_slopes, "s_aux")
+    out, lse = dispatch.run(problem, qt, kt, vt, None, backend, sinks, alibi)
     out = out.transpose(1, 2)
     return (out, lse) if return_lse else out

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._semantics import band_mask, check_backend, normalize_window
+from ._semantics import band_mask, check_backend, check_softcap, normalize_window
 from .integrations._attend import attend, checked_window, masked_softmax
 
 __all__ = ["AdditiveAttention", "LocalSelfAttention", "LuongAttention", "MultiheadAttention"]
@@ -214,6 +214,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         return F.linear(out, self.out_proj.weight, self.out_proj.bias), weights
 
 
+def alibi_slopes(num_heads: int, device=None) -> Tensor:
+    """The ALiBi slopes of Press et al. (2022), fp32 ``(num_heads,)``: ``2^(-8 i / n)`` for
+    ``i = 1..n`` with ``n`` the largest power of two <= num_heads, then every other slope of
+    the ``2n`` sequence for the remaining heads."""
+    if num_heads <= 0:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    n = 1 << (num_heads.bit_length() - 1)
+    slopes = [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+    slopes += [2.0 ** (-8.0 * i / (2 * n)) for i in range(1, 2 * n + 1, 2)][: num_heads - n]
+    return torch.tensor(slopes, dtype=torch.float32, device=device)
+
+
 class LocalSelfAttention(torch.nn.Module):
     """Sliding-window multi-head self-attention: token i attends tokens ``i - left .. i + right``.
 
@@ -222,11 +234,16 @@ class LocalSelfAttention(torch.nn.Module):
     ``num_heads`` gives grouped-query attention without repeating keys. Input
     ``(N, L, E)`` (``(L, N, E)`` with ``batch_first=False``); returns the same shape.
     Cost is O(L * window), not O(L^2).
+
+    Score modifiers: ``softcap`` caps the scores (Gemma 2), ``sinks=True`` adds a learned
+    per-head sink logit (``self.sinks``, gpt-oss; initialised to 0), ``alibi=True`` applies
+    the standard ALiBi slopes (:func:`alibi_slopes`, buffer ``self.alibi_slopes``).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, window_size: Union[int, Tuple[int, int]], *,
                  causal: bool = False, num_kv_heads: Optional[int] = None, bias: bool = True, dropout: float = 0.0,
-                 batch_first: bool = True, device=None, dtype=None, backend: str = "auto") -> None:
+                 batch_first: bool = True, softcap: float = 0.0, sinks: bool = False, alibi: bool = False,
+                 device=None, dtype=None, backend: str = "auto") -> None:
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
@@ -242,10 +259,16 @@ class LocalSelfAttention(torch.nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.qkv_proj = torch.nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias, **factory)
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.softcap = check_softcap(softcap)
+        self.sinks = torch.nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
+        self.register_buffer("alibi_slopes", alibi_slopes(num_heads, device=device) if alibi else None)
 
     def extra_repr(self) -> str:
+        mods = "".join([f", softcap={self.softcap}" if self.softcap else "",
+                        ", sinks=True" if self.sinks is not None else "",
+                        ", alibi=True" if self.alibi_slopes is not None else ""])
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"window_size={self.window_size}")
+                f"window_size={self.window_size}{mods}")
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
         if x.dim() != 3:
@@ -264,7 +287,9 @@ class LocalSelfAttention(torch.nn.Module):
         mask = None if key_padding_mask is None else _torch_mask_to_additive_or_allowed(
             (key_padding_mask.view(batch, 1, 1, length),), q.dtype)
         out = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0, window_size=self.window_size,
-                     backend=self.backend)
+                     softcap=self.softcap, sinks=self.sinks, backend=self.backend,
+                     # module.to(dtype) converts the buffer; the slopes are fp32 by definition
+                     alibi_slopes=None if self.alibi_slopes is None else self.alibi_slopes.float())
         out = self.out_proj(out.transpose(1, 2).reshape(batch, length, self.embed_dim))
         return out if self.batch_first else out.transpose(0, 1)
 

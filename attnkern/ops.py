@@ -18,12 +18,15 @@ import torch
 
 FWD_ARGS = (
     "(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? rng_seed, float scale, int window_left, "
-    "int window_right, bool bottom_right, float dropout_p) -> (Tensor out, Tensor lse)"
+    "int window_right, bool bottom_right, float dropout_p, float softcap=0., Tensor? sinks=None, "
+    "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)"
 )
+# no sinks: the saved lse holds them, and their gradient is taken here (sink_grad)
 BWD_ARGS = (
     "(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
     "Tensor? rng_seed, float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
-    "bool mask_needs_grad) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_mask)"
+    "bool mask_needs_grad, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor grad_q, Tensor grad_k, "
+    "Tensor grad_v, Tensor grad_mask)"
 )
 
 
@@ -61,16 +64,18 @@ def _check_devices(q: torch.Tensor, **tensors) -> None:
             raise ValueError(f"{name} must be on the query's device {q.device}, got {t.device}")
 
 
-def _fake_fwd(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p):
-    _check_devices(q, key=k, value=v, attn_mask=mask)
+def _fake_fwd(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p, softcap=0.0,
+              sinks=None, alibi_slopes=None):
+    _check_devices(q, key=k, value=v, attn_mask=mask, sinks=sinks, alibi_slopes=alibi_slopes)
     out = empty_rows_like(q, v.shape[3], q.dtype)
     lse = q.new_empty((q.shape[0], q.shape[1], q.shape[2]), dtype=torch.float32)
     return out, lse
 
 
 def _fake_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, scale, window_left, window_right,
-              bottom_right, dropout_p, mask_needs_grad):
-    _check_devices(q, grad_out=grad_out, grad_lse=grad_lse, key=k, value=v, out=out, lse=lse, attn_mask=mask)
+              bottom_right, dropout_p, mask_needs_grad, softcap=0.0, alibi_slopes=None):
+    _check_devices(q, grad_out=grad_out, grad_lse=grad_lse, key=k, value=v, out=out, lse=lse, attn_mask=mask,
+                   alibi_slopes=alibi_slopes)
     dq = empty_rows_like(q, q.shape[3], q.dtype)
     dk = empty_rows_like(k, k.shape[3], q.dtype)
     dv = empty_rows_like(v, v.shape[3], q.dtype)
@@ -85,22 +90,43 @@ def _fake_bwd(grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, scale, wind
 # autograd: one formula for every backend pair
 
 
+SINKS_INPUT = 11  # position of `sinks` in FWD_ARGS
+
+
+def sink_grad(grad_out, grad_lse, out, lse, sinks):
+    """d sink_h = -sum_{b,i} exp(sink_h - lse_bhi) * (rowsum(dO * O)_bhi - dLSE_bhi).
+
+    The sink's softmax weight is exp(sink - lse); raising the sink scales every key's weight by
+    (1 - that), so O shrinks by it and lse grows by it. A plain tensor reduction: deterministic."""
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    weight = torch.exp(sinks.float().view(1, -1, 1) - lse)
+    return -(weight * delta).sum(dim=(0, 2)).to(sinks.dtype)
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p = inputs
+    q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p = inputs[:10]
+    softcap, sinks, alibi_slopes = inputs[10:13] if len(inputs) > 10 else (0.0, None, None)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, rng_seed)
+    ctx.save_for_backward(q, k, v, out, lse, mask, rng_seed, sinks, alibi_slopes)
     ctx.semantics = (scale, window_left, window_right, bottom_right, dropout_p)
+    ctx.softcap = softcap
     ctx.mask_needs_grad = bool(mask is not None and mask.is_floating_point() and ctx.needs_input_grad[3])
 
 
 def _make_backward(bwd_op):
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse, mask, rng_seed = ctx.saved_tensors
+        q, k, v, out, lse, mask, rng_seed, sinks, alibi_slopes = ctx.saved_tensors
         dq, dk, dv, dmask = bwd_op(
-            grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, *ctx.semantics, ctx.mask_needs_grad
+            grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, *ctx.semantics, ctx.mask_needs_grad,
+            ctx.softcap, alibi_slopes,
         )
         grad_mask = dmask.to(mask.dtype) if ctx.mask_needs_grad else None
-        return dq, dk, dv, grad_mask, None, None, None, None, None, None
+        grad_sinks = None
+        if sinks is not None and ctx.needs_input_grad[SINKS_INPUT]:
+            grad_sinks = sink_grad(grad_out, grad_lse, out, lse, sinks)
+        return dq, dk, dv, grad_mask, None, None, None, None, None, None, None, grad_sinks, None
 
     return backward
 

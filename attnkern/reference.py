@@ -70,9 +70,9 @@ def dropout_keep_mask(seed: int, p: float, batch: int, heads: int, len_q: int, l
     return (word >= dropout_threshold(p)).view(batch, heads, len_q, len_k)
 
 
-def _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right):
-    """Scaled scores (float mask added), the (B, Hq, L, S) keys each query may see (band, bool
-    mask, and not -inf), and v with its heads repeated for GQA."""
+def _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None):
+    """Scaled scores (softcap, ALiBi bias and float mask applied, in that order), the (B, Hq, L, S)
+    keys each query may see (band, bool mask, and not -inf), and v with its heads repeated for GQA."""
     batch, heads_q, len_q, _ = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
     if heads_kv != heads_q:
@@ -81,6 +81,13 @@ def _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_righ
         v = v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     offset = len_k - len_q if bottom_right else 0
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    if alibi_slopes is not None:
+        pos_q = torch.arange(len_q, device=q.device, dtype=q.dtype).view(-1, 1) + offset
+        cols = torch.arange(len_k, device=q.device, dtype=q.dtype).view(1, -1)
+        slopes = alibi_slopes.to(q.dtype).expand(batch, heads_q).view(batch, heads_q, 1, 1)
+        scores = scores - slopes * (pos_q - cols).abs()
     allowed = band_mask(len_q, len_k, window_left, window_right, offset, device=q.device)
     allowed = allowed.expand(batch, heads_q, len_q, len_k)
     if mask is not None:
@@ -104,28 +111,40 @@ def attention(
     bottom_right: bool = False,
     dropout_p: float = 0.0,
     seed: Optional[int] = None,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference attention on canonical tensors; returns ``(out, lse)``.
 
     q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), mask None or (B, Hq, L, S) bool/float.
-    Differentiable by autograd, with zero (never NaN) gradients for rows that attend nothing.
-    LSE is the natural-log log-sum-exp of the scaled, masked scores; -inf for empty rows.
+    Differentiable by autograd (sinks included), with zero (never NaN) gradients for rows that
+    attend nothing. LSE is the natural-log log-sum-exp of the scaled, capped, biased, masked
+    scores and the sink; -inf for empty rows without a sink. The modifiers (softcap > 0,
+    sinks (Hq,), alibi_slopes (Hq,) or (B, Hq)) follow attnkern._semantics' docstring.
     """
     batch, heads_q, len_q, _ = q.shape
     len_k = k.shape[2]
     dtype = q.dtype
-    scores, allowed, v = _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right)
+    scores, allowed, v = _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right,
+                                         softcap, alibi_slopes)
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=q.device)
     masked = torch.where(allowed, scores, neg_inf)
     if len_k:
         row_max = masked.amax(dim=-1, keepdim=True).detach()
     else:  # no keys (amax refuses an empty dim): every row is empty
         row_max = masked.new_zeros(masked.shape[:-1] + (1,))
+    if sinks is not None:
+        sink = sinks.to(dtype).view(1, heads_q, 1, 1)
+        row_max = torch.maximum(row_max, sink.detach())
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     # exponentiate a finite stand-in where disallowed so autograd never sees inf * 0
     safe = torch.where(allowed, scores - row_max, torch.zeros_like(scores))
     weights = torch.where(allowed, torch.exp(safe), torch.zeros_like(scores))
     denom = weights.sum(dim=-1, keepdim=True)
+    if sinks is not None:
+        # the sink joins the denominator once per row and contributes no value
+        denom = denom + torch.exp(sink - row_max)
     empty = denom == 0
     denom_safe = torch.where(empty, torch.ones_like(denom), denom)
     probs = weights / denom_safe

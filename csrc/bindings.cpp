@@ -50,10 +50,12 @@ std::tuple<at::Tensor, at::Tensor> fwd_cpu(const at::Tensor& q_in, const at::Ten
                                            const std::optional<at::Tensor>& mask,
                                            const std::optional<at::Tensor>& rng_seed, double scale,
                                            int64_t window_left, int64_t window_right, bool bottom_right,
-                                           double dropout_p) {
+                                           double dropout_p, double softcap, const std::optional<at::Tensor>& sinks,
+                                           const std::optional<at::Tensor>& alibi_slopes) {
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   AttnParams p;
   check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
+  check_and_fill_modifiers(p, q, softcap, sinks, alibi_slopes);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "attnkern::fwd CPU kernel got tensors on ", q.device());
   at::Tensor out = empty_rows_like(q_in, p.head_dim_v, q.scalar_type());
   at::Tensor lse = at::empty({p.batch, p.heads_q, p.len_q}, q.options().dtype(at::kFloat));
@@ -69,11 +71,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
     const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng_seed, double scale,
-    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p, bool mask_needs_grad) {
+    int64_t window_left, int64_t window_right, bool bottom_right, double dropout_p, bool mask_needs_grad,
+    double softcap, const std::optional<at::Tensor>& alibi_slopes) {
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor out = unit_last_stride(out_in), dout = unit_last_stride(grad_out);
   AttnParams p;
   check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
+  check_and_fill_modifiers(p, q, softcap, std::nullopt, alibi_slopes);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "attnkern::bwd CPU kernel got tensors on ", q.device());
   check_backward_tensors(p, q, dout, out, lse, grad_lse);
   const at::Tensor lse_c = lse.contiguous();
@@ -115,15 +119,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
 }  // namespace attnkern
 
 // One schema per op; the Triton backend defines attnkern::triton_fwd / triton_bwd with the
-// same signature (attnkern/ops.py checks that they agree).
+// same signature (attnkern/ops.py checks that they agree). The backward takes no sinks: the
+// saved lse holds them, and their gradient is taken in attnkern/ops.py.
 TORCH_LIBRARY(attnkern, m) {
   m.def(
       "fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? rng_seed, float scale, int window_left, "
-      "int window_right, bool bottom_right, float dropout_p) -> (Tensor out, Tensor lse)");
+      "int window_right, bool bottom_right, float dropout_p, float softcap=0., Tensor? sinks=None, "
+      "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   m.def(
       "bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? mask, "
       "Tensor? rng_seed, float scale, int window_left, int window_right, bool bottom_right, float dropout_p, "
-      "bool mask_needs_grad) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_mask)");
+      "bool mask_needs_grad, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor grad_q, Tensor grad_k, "
+      "Tensor grad_v, Tensor grad_mask)");
 }
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {

@@ -59,6 +59,16 @@ struct AttnParams {
   int64_t window_right = -1;  // -1: unbounded; causal is folded in as 0
   bool bottom_right = false;  // query row i sits at key position i + (len_k - len_q)
 
+  // score modifiers (attnkern/_semantics.py), in this order: s = scale * q.k, then
+  //   softcap > 0:   s <- softcap * tanh(s / softcap)
+  //   alibi_slopes:  s <- s - slope[b, h] * |i + offset - j|   ((B, Hq) fp32 contiguous)
+  // then the float mask, band and bool mask; sinks ((Hq,) fp32) join each row's softmax
+  // denominator once: lse = logaddexp(lse_keys, sink[h]). The backward needs no sink: the
+  // saved lse already holds it (the sink's own gradient is taken in attnkern/ops.py).
+  float softcap = 0.f;
+  const float* alibi_slopes = nullptr;
+  const float* sinks = nullptr;
+
   // dropout: keep iff philox word >= dropout_threshold; kept values scaled by 1/(1-p)
   float dropout_p = 0.f;
   uint32_t dropout_threshold = 0;

@@ -135,6 +135,36 @@ inline void check_and_fill_inputs(AttnParams& p, const at::Tensor& q, const at::
   }
 }
 
+// Score modifiers (see params.h): softcap, sinks (Hq,) and alibi_slopes (B, Hq), fp32 on the
+// query's device; attnkern/_semantics.py normalises them, these checks guard the op boundary.
+inline void check_and_fill_modifiers(AttnParams& p, const at::Tensor& q, double softcap,
+                                     const std::optional<at::Tensor>& sinks,
+                                     const std::optional<at::Tensor>& alibi_slopes) {
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "softcap must be finite and >= 0, got ", softcap);
+  p.softcap = static_cast<float>(softcap);
+  if (sinks.has_value() && sinks->defined()) {
+    const at::Tensor& s = *sinks;
+    TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "sinks must be float32, got ", s.scalar_type());
+    TORCH_CHECK_VALUE(s.dim() == 1 && s.size(0) == p.heads_q && s.is_contiguous(),
+                      "sinks must be a contiguous tensor of shape (", p.heads_q, "), got ", s.sizes());
+    TORCH_CHECK_VALUE(s.device() == q.device(), "sinks must be on the query's device ", q.device(), ", got ",
+                      s.device());
+    p.sinks = s.data_ptr<float>();
+  }
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const at::Tensor& a = *alibi_slopes;
+    TORCH_CHECK_TYPE(a.scalar_type() == at::kFloat, "alibi_slopes must be float32, got ", a.scalar_type());
+    TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == p.batch && a.size(1) == p.heads_q && a.is_contiguous(),
+                      "alibi_slopes must be a contiguous tensor of shape (", p.batch, ", ", p.heads_q, "), got ",
+                      a.sizes());
+    TORCH_CHECK_VALUE(a.device() == q.device(), "alibi_slopes must be on the query's device ", q.device(),
+                      ", got ", a.device());
+    p.alibi_slopes = a.data_ptr<float>();
+  }
+}
+
+inline bool has_modifiers(const AttnParams& p) { return p.softcap > 0.f || p.sinks || p.alibi_slopes; }
+
 // Checks of the backward-only tensors against the forward's shapes in `p`.
 inline void check_backward_tensors(const AttnParams& p, const at::Tensor& q, const at::Tensor& dout,
                                    const at::Tensor& out, const at::Tensor& lse,

@@ -842,6 +842,15 @@ def _tiny(transformers, kind, **overrides):
     if kind == "gemma2":
         cfg = transformers.Gemma2Config(**{**common, "head_dim": 16, "sliding_window": 8, **overrides})
         return transformers.Gemma2ForCausalLM(cfg).eval()
+    if kind == "gpt_oss":
+        cfg = transformers.GptOssConfig(**{**common, "head_dim": 16, "sliding_window": 8, "num_local_experts": 4,
+                                           "num_experts_per_tok": 2,
+                                           "layer_types": ["sliding_attention", "full_attention"], **overrides})
+        model = transformers.GptOssForCausalLM(cfg).eval()
+        with torch.no_grad():  # sinks of either sign and some weight, so that they matter
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+        return model
     raise ValueError(kind)
 
 
@@ -888,20 +897,28 @@ def test_hf_mistral_gqa_sliding_window_parity_and_generation(hf, seed):
         assert decode and all(c["window"] == (7, 0) and c["bottom_right"] and c["k"][2] <= 8 for c in decode)
 
 
-def test_hf_training_step_gradients(hf, seed):
-    transformers, _, _ = hf
-    model = _tiny(transformers, "mistral").train()
-    ids = torch.randint(0, 128, (2, 30))
+def _assert_training_step_matches_eager(model, ids):
+    """One training step's loss and every parameter gradient equal eager's; returns the names of
+    the parameters that received a gradient."""
+    model.train()
     grads = {}
     for impl in ("eager", "attnkern"):
         model.set_attn_implementation(impl)
         model.zero_grad()
         loss = model(ids, labels=ids).loss
         loss.backward()
-        grads[impl] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+        grads[impl] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert abs(grads["eager"][0] - grads["attnkern"][0]) <= 1e-5 * abs(grads["eager"][0])
-    for a, b in zip(grads["attnkern"][1], grads["eager"][1]):
-        assert_close(a, b, F32, "parameter gradient")
+    assert grads["attnkern"][1].keys() == grads["eager"][1].keys()
+    for name, g in grads["attnkern"][1].items():
+        assert_close(g, grads["eager"][1][name], F32, f"gradient of {name}")
+    return set(grads["attnkern"][1])
+
+
+def test_hf_training_step_gradients(hf, seed):
+    transformers, _, _ = hf
+    model = _tiny(transformers, "mistral")
+    _assert_training_step_matches_eager(model, torch.randint(0, 128, (2, 30)))
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
@@ -952,19 +969,100 @@ def test_hf_packed_sequences_use_the_dense_mask(hf, seed):
     assert _rel(unpacked, eager) > 1e-2  # the packing must matter, or this test could not tell
 
 
-def test_hf_softcapping_falls_back_to_eager(hf, seed):
+MODIFIER_MODELS = {  # kind -> config overrides: the score modifiers each model family uses (caps small
+    # enough to bite on a random-init model's small scores)
+    "gemma2": dict(attn_logit_softcapping=0.5, layer_types=["sliding_attention", "full_attention"]),
+    "gemma3": dict(),  # Gemma 3's attention passes no softcap: alternating sliding/full layers only
+    "gpt_oss": dict(),
+}
+
+
+def _no_fallback_warning(record):
+    return not [w for w in record if "attnkern" in str(w.message)]
+
+
+@pytest.mark.parametrize("kind", list(MODIFIER_MODELS))
+def test_hf_softcap_sinks_models_run_attnkern(hf, kind, seed, kernel_calls):
+    """Gemma 2 (softcap), Gemma 3 and gpt-oss (sinks), alternating sliding and
+    full layers: logits, generated tokens and one training step's gradients (sinks included)
+    equal eager's, with attnkern's op running and no fallback warning."""
+    transformers, _, calls = hf
+    model = _tiny(transformers, kind, **MODIFIER_MODELS[kind])
+    ids = torch.randint(0, 128, (2, 24))
+    eager = _logits(model, "eager", ids)
+    calls.clear()
+    kernel_calls.clear()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ours = _logits(model, "attnkern", ids)
+    assert _no_fallback_warning(record)
+    assert [c["window"] for c in calls] == [(7, 0), (-1, 0)], calls  # layer 0 sliding, layer 1 full
+    assert len(kernel_calls) == 2, "attnkern's op did not run every layer"
+    assert _rel(ours, eager) <= 1e-5
+    # the modifier must matter, or this test could not tell
+    without = None
+    if kind == "gpt_oss":
+        saved = [layer.self_attn.sinks.detach().clone() for layer in model.model.layers]
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.fill_(float("-inf"))
+        without = _logits(model, "attnkern", ids)
+        with torch.no_grad():
+            for layer, value in zip(model.model.layers, saved):
+                layer.self_attn.sinks.copy_(value)
+    elif "attn_logit_softcapping" in MODIFIER_MODELS[kind]:
+        model.config.attn_logit_softcapping = None
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        without = _logits(model, "eager", ids)
+        cap = MODIFIER_MODELS[kind]["attn_logit_softcapping"]
+        model.config.attn_logit_softcapping = cap
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = cap
+    assert without is None or _rel(without, eager) > 1e-3
+
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    model.set_attn_implementation("eager")
+    expected = model.generate(ids[:1, :10], **kwargs)
+    model.set_attn_implementation("attnkern")
+    kernel_calls.clear()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = model.generate(ids[:1, :10], **kwargs)
+    assert _no_fallback_warning(record) and kernel_calls
+    assert torch.equal(got, expected)
+
+    with_grad = _assert_training_step_matches_eager(model, ids)
+    if kind == "gpt_oss":
+        assert any(n.endswith("sinks") for n in with_grad), "the sinks got no gradient"
+
+
+def test_hf_attention_function_passes_alibi_slopes(hf, seed, kernel_calls):
+    """A model that hands ``alibi_slopes`` to the attention interface gets them applied (no HF
+    model in 5.23.0 does; BLOOM/Falcon/MPT fold ALiBi into a dense mask, which runs as a float mask)."""
+    _, hf_module, _ = hf
+    attention = hf_module._make_attention_function("auto")
+    module = torch.nn.Module()
+    module.is_causal = True
+    q, k, v = torch.randn(2, 4, 12, 16), torch.randn(2, 2, 12, 16), torch.randn(2, 2, 12, 16)
+    slopes = torch.rand(4) * 0.5
+    out, _ = attention(module, q, k, v, None, scaling=0.25, alibi_slopes=slopes)
+    assert len(kernel_calls) == 1
+    ref = attnkern.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, scale=0.25,
+                                                enable_gqa=True, alibi_slopes=slopes, backend="math")
+    assert_close(out.transpose(1, 2), ref, F32, "alibi through the HF attention function")
+
+
+def test_hf_output_attentions_falls_back_to_eager(hf, seed):
     transformers, _, calls = hf
     model = _tiny(transformers, "gemma2", attn_logit_softcapping=20.0)
     ids = torch.randint(0, 128, (2, 20))
     eager = _logits(model, "eager", ids)
     calls.clear()
-    with pytest.warns(UserWarning, match="softcapping"):
-        ours = _logits(model, "attnkern", ids)
+    with pytest.warns(UserWarning, match="output_attentions"):
+        ours = _logits(model, "attnkern", ids, output_attentions=True)
     assert calls == []
     assert _rel(ours, eager) <= 1e-6
-    model = _tiny(transformers, "gemma2", attn_logit_softcapping=None)  # without it: attnkern runs
-    eager = _logits(model, "eager", ids)
-    assert _rel(_logits(model, "attnkern", ids), eager) <= 1e-4 and calls
 
 
 def test_hf_register_errors(hf):

@@ -50,6 +50,8 @@ class Case:
     head_dim_v: Optional[int] = None
     model: str = ""  # preset shape name (e.g. "llama3-8b"), for labels only
     top_k: Optional[int] = None  # top-k attention (attnkern.topk_attention) instead of dense
+    softcap: float = 0.0  # score modifiers (attnkern._semantics): logit cap, one sink per query head
+    sinks: bool = False
 
     def __post_init__(self):
         if self.head_dim_v is None:
@@ -74,13 +76,22 @@ class Case:
         return self.heads_q != self.heads_kv
 
     @property
+    def has_modifiers(self) -> bool:
+        return self.softcap > 0 or self.sinks
+
+    def sinks_tensor(self, device) -> Optional[torch.Tensor]:
+        """The case's sink logits (fp32, (heads_q,)): fixed values of both signs, or None."""
+        return torch.linspace(-2.0, 2.0, self.heads_q, device=device) if self.sinks else None
+
+    @property
     def masking(self) -> str:
-        """Short description of the band: dense, causal, or the window (and top-k if so)."""
-        top = f" top-{self.top_k}" if self.top_k is not None else ""
+        """Short description of the band (dense, causal, or the window), top-k and the score modifiers."""
+        mods = (f" top-{self.top_k}" if self.top_k is not None else "") + (
+            f" softcap{self.softcap:g}" if self.softcap > 0 else "") + (" sinks" if self.sinks else "")
         if self.window is None:
-            return ("causal" if self.causal else "dense") + top
+            return ("causal" if self.causal else "dense") + mods
         left, right = self.band
-        return f"{'causal ' if self.causal else ''}win({left},{right})" + top
+        return f"{'causal ' if self.causal else ''}win({left},{right})" + mods
 
     def flops(self) -> float:
         if self.top_k is not None:  # every attended score, then P V over the kept keys only
@@ -102,7 +113,7 @@ class Case:
             batch=self.batch, heads_q=self.heads_q, heads_kv=self.heads_kv, len_q=self.len_q, len_k=self.len_k,
             head_dim=self.head_dim, head_dim_v=self.head_dim_v, scale=self.head_dim ** -0.5, window_left=left,
             window_right=right, bottom_right=False, dropout_p=0.0, mask_kind=None, dtype=self.torch_dtype,
-            device_type=device_type,
+            device_type=device_type, softcap=self.softcap, has_sinks=self.sinks,
         )
 
     def shape_label(self) -> str:
@@ -118,7 +129,7 @@ class Case:
     def series_key(self) -> Tuple:
         """Everything but the sequence lengths: the cases one throughput-vs-length line joins."""
         return (self.dtype, self.batch, self.heads_q, self.heads_kv, self.head_dim, self.head_dim_v, self.causal,
-                self.window, self.mode, self.model, self.len_k == self.len_q, self.top_k)
+                self.window, self.mode, self.model, self.len_k == self.len_q, self.top_k, self.softcap, self.sinks)
 
     def series_label(self) -> str:
         heads = f"H{self.heads_q}" + (f"/{self.heads_kv}" if self.gqa else "")
@@ -346,8 +357,32 @@ def topk(device: str) -> Preset:
                            "flex": "FlexAttention on CPU compiles every shape with Inductor (seconds each)"})
 
 
+def modifiers(device: str) -> Preset:
+    """Score modifiers (issue 13): each modifier against the same call without it, in one run
+    (the plain path must not pay), and Gemma-2-like (head dim 256, sliding window 4096, softcap
+    50) and gpt-oss-like (head dim 64, GQA 64/8, sinks, window 128 alternating with full)
+    shapes against HF's eager attention and FlexAttention with the equivalent score_mod."""
+    if device == "cuda":
+        dtype, length, gemma_lengths, oss_length, oss_heads = "bfloat16", 4096, [4096, 8192], 4096, (64, 8)
+    else:
+        dtype, length, gemma_lengths, oss_length, oss_heads = "float32", 1024, [2048, 4096], 1024, (16, 2)
+    cases = []
+    for mods in (dict(), dict(softcap=50.0), dict(sinks=True)):
+        cases += [Case(dtype, 1, 8, 8, length, length, 64, causal=True, mode="fwd+bwd", **mods)]
+    for n in gemma_lengths:  # Gemma 2 2B: 8 query heads, 4 kv heads
+        cases.append(Case(dtype, 1, 8, 4, n, n, 256, causal=True, window=(4095, 0), mode="fwd+bwd", softcap=50.0,
+                          model="gemma2-like"))
+    hq, hkv = oss_heads  # gpt-oss: 64 query heads, 8 kv heads (fewer on a CPU)
+    for window in ((127, 0), None):
+        cases.append(Case(dtype, 1, hq, hkv, oss_length, oss_length, 64, causal=True, window=window,
+                          mode="fwd+bwd", sinks=True, model="gpt-oss-like"))
+    exclude = {"attnkern-math": "the float64-capable oracle is not a contender"}
+    return Preset("modifiers", cases, budget_s=2.0 if device == "cpu" else 0.5, min_reps=3, max_reps=50,
+                  warmup_s=0.1, exclude=exclude, baseline="eager")
+
+
 PRESETS = {"quick": quick, "standard": standard, "llm": llm, "cpu-targets": cpu_targets, "gpu-dense": gpu_dense,
-           "gpu-window": gpu_window, "gpu-decode": gpu_decode, "topk": topk}
+           "gpu-window": gpu_window, "gpu-decode": gpu_decode, "topk": topk, "modifiers": modifiers}
 
 
 def case_from_row(row: dict) -> Case:

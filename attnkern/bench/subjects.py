@@ -79,9 +79,12 @@ def _attnkern_subject(backend: str) -> Subject:
     def build(case: Case, device: str) -> Fn:
         from ..functional import scaled_dot_product_attention
 
+        sinks = case.sinks_tensor(device)
+
         def fn(q, k, v):
             return scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=case.gqa,
-                                                window_size=case.window, backend=backend)
+                                                window_size=case.window, softcap=case.softcap, sinks=sinks,
+                                                backend=backend)
         return fn
 
     return Subject(
@@ -158,6 +161,8 @@ def _sdpa_subject(kernel: str) -> Subject:
         return None
 
     def limits(case: Case, device: str) -> Optional[str]:
+        if case.has_modifiers:
+            return "torch SDPA has no softcap or sinks"
         if case.gqa and _torch_version() < (2, 5):
             return "torch < 2.5 has no enable_gqa"
         if case.window is not None and kernel == "flash" and device == "cuda":
@@ -227,9 +232,15 @@ def _flex_build(case: Case, device: str) -> Fn:
         left, right = case.band
         block_mask = create_block_mask(band_mask_mod(left, right), None, None, case.len_q, case.len_k, device=device)
     compiled = _compiled_flex
+    score_mod = None
+    if case.softcap > 0:
+        cap = case.softcap
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return cap * torch.tanh(score / cap)
 
     def fn(q, k, v):
-        return compiled(q, k, v, block_mask=block_mask, enable_gqa=case.gqa)
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=case.gqa)
     return fn
 
 
@@ -243,8 +254,57 @@ def _flex_limits(case: Case, device: str) -> Optional[str]:
 
 
 def _flex_subject() -> Subject:
-    return Subject(name="flex", description="torch FlexAttention (torch.compile) with the band as a block mask",
-                   unavailable=_flex_unavailable, limits=_flex_limits, build=_flex_build)
+    return Subject(name="flex", description="torch FlexAttention (torch.compile) with the band as mask_mod "
+                                            "and softcap as score_mod",
+                   unavailable=_flex_unavailable,
+                   limits=lambda case, device: "a sink is not a score_mod (it adds a logit no key has)"
+                   if case.sinks else _flex_limits(case, device),
+                   build=_flex_build)
+
+
+# ---------------------------------------------------------------------------------------
+# the eager attention Hugging Face models fall back to for softcap (Gemma 2) and sinks (gpt-oss)
+
+
+def _eager_build(case: Case, device: str) -> Fn:
+    """As transformers' Gemma 2 / gpt-oss eager_attention_forward: repeat K/V for GQA, scores,
+    softcap, an additive finfo.min band mask, the sink as an extra logit column, fp32 softmax."""
+    mask = None
+    if case.causal or case.window is not None:
+        left, right = case.band
+        allowed = band_mask(case.len_q, case.len_k, left, right, 0, device=device)
+        mask = torch.zeros(allowed.shape, dtype=case.torch_dtype, device=device).masked_fill(
+            ~allowed, torch.finfo(case.torch_dtype).min)
+    sinks = case.sinks_tensor(device)
+    group = case.heads_q // case.heads_kv
+    scale = case.head_dim ** -0.5
+
+    def fn(q, k, v):
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * scale
+        if case.softcap > 0:
+            scores = torch.tanh(scores / case.softcap) * case.softcap
+        if mask is not None:
+            scores = scores + mask
+        if sinks is not None:
+            column = sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1)
+            combined = torch.cat([scores, column], dim=-1)
+            combined = combined - combined.max(dim=-1, keepdim=True).values
+            probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs.to(v.dtype), v)
+    return fn
+
+
+def _eager_subject() -> Subject:
+    return Subject(name="eager", description="HF eager attention (Gemma 2 / gpt-oss eager_attention_forward)",
+                   unavailable=lambda device: None,
+                   limits=lambda case, device: None if case.has_modifiers else
+                   "the eager baseline serves the score-modifier cases (--modifiers)",
+                   build=_eager_build,
+                   materialises_scores=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -303,9 +363,12 @@ def _xformers_build(case: Case, device: str) -> Fn:
 
 
 def _external(name: str, module: str, description: str, limits, build) -> Subject:
+    def limits_here(case: Case, device: str) -> Optional[str]:
+        return "not wired up for softcap or sinks here" if case.has_modifiers else limits(case, device)
+
     return Subject(name=name, description=description,
                    unavailable=lambda device: _module_missing(module) or _cuda_only(name, device),
-                   limits=limits, build=build, layout="blhd")
+                   limits=limits_here, build=build, layout="blhd")
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,6 +423,7 @@ def all_subjects() -> Dict[str, Subject]:
     subjects.append(_wgmma_subject())
     subjects += [_sdpa_subject(k) for k in _SDPA_KERNELS]
     subjects.append(_flex_subject())
+    subjects.append(_eager_subject())
     subjects.append(_external("flash-attn", "flash_attn", "flash-attn flash_attn_func", _flash_attn_limits,
                               _flash_attn_build))
     subjects.append(_external("xformers", "xformers", "xformers memory_efficient_attention", _xformers_limits,

@@ -125,6 +125,11 @@ def _band_rows(case: Case, rows: Optional[torch.Tensor], device) -> Optional[tor
     return mask.view(1, 1, -1, case.len_k)
 
 
+def _sinks64(case: Case, device) -> Optional[torch.Tensor]:
+    sinks = case.sinks_tensor(device)
+    return None if sinks is None else sinks.double()
+
+
 def _reference(case: Case, q, k, v, rows: Optional[torch.Tensor], grad_out: Optional[torch.Tensor]):
     """The float64 oracle on query rows ``rows`` (torch layout), one batch entry at a time (so
     its memory does not grow with the batch): the output, and dQ (those rows), dK, dV for
@@ -143,7 +148,8 @@ def _reference(case: Case, q, k, v, rows: Optional[torch.Tensor], grad_out: Opti
 
                 out = topk_attention(q64, k64, v64, case.top_k, attn_mask=mask, enable_gqa=case.gqa, backend="math")
             else:
-                out = scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, enable_gqa=case.gqa, backend="math")
+                out = scaled_dot_product_attention(q64, k64, v64, attn_mask=mask, enable_gqa=case.gqa, backend="math",
+                                                   softcap=case.softcap, sinks=_sinks64(case, q.device))
         if need_grad:
             grads.append(torch.autograd.grad(out, (q64, k64, v64), _rows(grad_out[b:b + 1], rows).double()))
         outs.append(out.detach())

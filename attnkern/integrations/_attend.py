@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import dispatch
-from .._semantics import check_backend, normalize_torch_layout, normalize_window
+from .._semantics import check_backend, normalize_torch_layout, normalize_window, with_modifiers
 
 
 def attend(
@@ -27,20 +27,25 @@ def attend(
     scale: Optional[float] = None,
     window_size: Optional[Tuple[int, int]] = None,
     bottom_right: bool = False,
+    softcap: float = 0.0,
+    sinks: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """attnkern attention in torch's layout ``(..., H, L, E)``; GQA when key/value have fewer heads.
 
     ``mask`` follows attnkern's convention (bool True takes part, float is added). With
     ``bottom_right=True`` query row i sits at key position ``i + S - L`` for ``is_causal`` and
-    the window, as after a KV cache.
+    the window, as after a KV cache. ``softcap``, ``sinks`` and ``alibi_slopes`` are the score
+    modifiers of :func:`attnkern.scaled_dot_product_attention`.
     """
     backend = check_backend(backend)
     enable_gqa = query.dim() >= 3 and key.dim() >= 3 and key.shape[-3] != query.shape[-3]
     q, k, v, mask, problem, out_shape = normalize_torch_layout(
         query, key, value, mask, dropout_p, is_causal, scale, enable_gqa, window_size, bottom_right=bottom_right
     )
-    out, _ = dispatch.run(problem, q, k, v, mask, backend)
+    problem, sinks, alibi = with_modifiers(problem, q, softcap, sinks, alibi_slopes)
+    out, _ = dispatch.run(problem, q, k, v, mask, backend, sinks, alibi)
     return out.reshape(out_shape)
 
 

@@ -15,11 +15,13 @@ or 0. Anything else -- a static cache (whose offsets are tensors), packed sequen
 custom ``or``/``and`` mask functions, chunked attention, an older transformers -- gets
 HF's own dense boolean mask, which attnkern also runs, exactly.
 
-GQA runs without repeating K/V. Padding masks become a stride-0 bool mask. Features
-attnkern's kernels lack -- logit softcapping (Gemma 2), attention sinks (gpt-oss),
-``output_attentions``, T5-style ``position_bias`` -- fall back, with a one-time warning, to
-the model's own ``eager_attention_forward`` with the mask materialised; a model without
-one raises ``NotImplementedError`` naming the feature.
+GQA runs without repeating K/V. Padding masks become a stride-0 bool mask. Logit
+softcapping (``softcap``, Gemma 2), attention sinks (``s_aux``, gpt-oss: the module's
+``sinks`` Parameter gets its gradient) and ALiBi slopes (an ``alibi_slopes`` keyword, where a
+model passes one) run on attnkern's kernels. Features they lack -- ``output_attentions``,
+T5-style ``position_bias`` -- fall back, with a one-time warning, to the model's own
+``eager_attention_forward`` with the mask materialised; a model without one raises
+``NotImplementedError`` naming the feature.
 
 Tested with transformers 5.23.0.
 """
@@ -37,8 +39,6 @@ from ._attend import attend
 
 NAME = "attnkern"
 _UNSUPPORTED = (  # keyword HF passes -> what it is
-    ("softcap", "logit softcapping"),
-    ("s_aux", "attention sinks"),
     ("position_bias", "an additive position bias"),
 )
 _warned = set()
@@ -254,7 +254,8 @@ def _make_attention_function(backend: str):
                 "expected the mask built for 'attnkern', a tensor or None"
             )
         out = attend(query, key, value, mask, dropout_p=dropout, scale=scaling, window_size=window,
-                     bottom_right=bottom_right, backend=backend)
+                     bottom_right=bottom_right, softcap=kwargs.get("softcap") or 0.0, sinks=kwargs.get("s_aux"),
+                     alibi_slopes=kwargs.get("alibi_slopes"), backend=backend)
         return out.transpose(1, 2).contiguous(), None
 
     return attnkern_attention

@@ -60,10 +60,11 @@ def _load_row_stats(Lse, Delta, row_base, rows, len_q):
 @triton.jit
 def _dkdv_blocks(dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, row_base, cols, n0, m_start, m_end,
                  stride_qm, stride_dom, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale,
-                 head_index, seed_lo, seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v,
+                 head_index, seed_lo, seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v, softcap2, slope2,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
-                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -81,8 +82,8 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, row_base, 
         lse2, delta = _load_row_stats(Lse, Delta, row_base, rows, len_q)
         # scores transposed (keys x queries) so dK and dV come out of plain dots
         maskT = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND, True)
-        sT = score_tile(k, qT, rows, cols, maskT, qk_scale, len_k, offset, left, right, EDGE, MASK_KIND,
-                        DOT_PRECISION, True)
+        sT, tT = score_tile(k, qT, rows, cols, maskT, qk_scale, len_k, offset, left, right, softcap2, slope2, EDGE,
+                            MASK_KIND, DOT_PRECISION, True, SOFTCAP, HAS_ALIBI)
         pT = tl.exp2(sT - lse2[None, :])
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -93,6 +94,8 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, row_base, 
             p_dropT = pT
         dv += tl.dot(p_dropT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:  # through the cap: d(raw score) = dS * (1 - tanh^2)
+            dsT = dsT * (1.0 - tT * tT)
         dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT), input_precision=DOT_PRECISION)
         q_blk += BLOCK_M * stride_qm
         do_blk += BLOCK_M * stride_dom
@@ -112,9 +115,11 @@ def dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     heads_q, group, len_q, len_k, head_dim, head_dim_v, offset, left, right,
     scale, qk_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
+    Alibi, softcap2,  # score modifiers: (B, Hq) fp32 slopes, softcap * log2(e)
     band_kind, len_q_bucket, len_k_bucket,  # autotune keys only
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
@@ -142,13 +147,16 @@ def dkdv_kernel(
         mask_col = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + n0.to(tl.int64) * stride_mn
         row_base = (b.to(tl.int64) * heads_q + h) * len_q
         head_index = b * heads_q + h
+        slope2 = 0.0
+        if HAS_ALIBI:
+            slope2 = tl.load(Alibi + head_index) * LOG2E
         for segment in tl.static_range(3):
             m_lo, m_hi = segment_bounds(segment, start, full_lo, full_hi, end)
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, row_base, cols, n0, m_lo, m_hi, stride_qm,
                 stride_dom, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale, head_index, seed_lo,
-                seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_M,
-                BLOCK_N, segment != 1, MASK_KIND, HAS_DROPOUT, DOT_PRECISION)
+                seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D,
+                PAD_DV, BLOCK_M, BLOCK_N, segment != 1, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, SOFTCAP, HAS_ALIBI)
 
     dk_base = dK + b.to(tl.int64) * stride_dkb + h_kv.to(tl.int64) * stride_dkh + n0.to(tl.int64) * stride_dkn
     dv_base = dV + b.to(tl.int64) * stride_dvb + h_kv.to(tl.int64) * stride_dvh + n0.to(tl.int64) * stride_dvn
@@ -161,10 +169,10 @@ def dkdv_kernel(
 @triton.jit
 def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_row, dmask_row, rows, m0, n_start, n_end,
                stride_kn, stride_vn, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale,
-               head_index, seed_lo, seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v,
+               head_index, seed_lo, seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v, softcap2, slope2,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -182,8 +190,8 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_row, dmask_row, rows
                        PAD_DV, EDGE)
         mask_tile = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND,
                                    False)
-        s = score_tile(q, kT, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, EDGE, MASK_KIND,
-                       DOT_PRECISION, False)
+        s, t = score_tile(q, kT, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, softcap2, slope2, EDGE,
+                          MASK_KIND, DOT_PRECISION, False, SOFTCAP, HAS_ALIBI)
         p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
@@ -193,6 +201,8 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_row, dmask_row, rows
         if MASK_GRAD:  # d loss / d (scaled scores + mask), fp32, written by exactly one program
             ptrs = dmask_blk + (rows - m0)[:, None] * len_k + (cols - n0)[None, :]
             tl.store(ptrs, ds, mask=(rows[:, None] < len_q) & col_ok[None, :])
+        if SOFTCAP:  # through the cap (the mask's gradient above is dS itself)
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(kT.dtype), tl.trans(kT), input_precision=DOT_PRECISION)
         k_blk += BLOCK_N * stride_kn
         v_blk += BLOCK_N * stride_vn
@@ -212,9 +222,11 @@ def dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     heads_q, group, len_q, len_k, head_dim, head_dim_v, offset, left, right,
     scale, qk_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
+    Alibi, softcap2,  # score modifiers: (B, Hq) fp32 slopes, softcap * log2(e)
     band_kind, len_q_bucket, len_k_bucket,  # autotune keys only
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # last query blocks first: under a causal band they have the most keys, so the longest
@@ -241,6 +253,9 @@ def dq_kernel(
     mask_row = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + m0.to(tl.int64) * stride_mm
     dmask_row = dMask + (row_base + m0) * len_k  # dMask is (B, Hq, L, S) contiguous
     head_index = b * heads_q + h
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + head_index) * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, full_lo, full_hi, end = key_block_range(m0, len_q, len_k, offset, left, right, BLOCK_M, BLOCK_N)
@@ -249,8 +264,8 @@ def dq_kernel(
         dq = _dq_blocks(
             dq, q, do, lse2, delta, k_base, v_base, mask_row, dmask_row, rows, m0, n_lo, n_hi, stride_kn, stride_vn,
             stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale, head_index, seed_lo, seed_hi,
-            drop_threshold, drop_scale, head_dim, head_dim_v, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N, segment != 1,
-            MASK_KIND, HAS_DROPOUT, MASK_GRAD, DOT_PRECISION)
+            drop_threshold, drop_scale, head_dim, head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV,
+            BLOCK_N, segment != 1, MASK_KIND, HAS_DROPOUT, MASK_GRAD, DOT_PRECISION, SOFTCAP, HAS_ALIBI)
 
     dq_base = dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + m0.to(tl.int64) * stride_dqm
     tl.store(dq_base + (rows - m0)[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty),

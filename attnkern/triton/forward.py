@@ -39,16 +39,37 @@ def mask_to_log2(mask_value):
 
 
 @triton.jit
-def score_tile(a, b, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, EDGE: tl.constexpr,
-               MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """Scores ``a @ b`` in the log2 domain, -inf where a key takes no part.
+def tanh_approx(y):
+    """tanh(y) = 1 - 2 / (1 + e^(2y)), y clamped to [-9, 9] (tanh(9) rounds to 1 in fp32): the CPU kernels' formula."""
+    y = tl.minimum(tl.maximum(y, -9.0), 9.0)
+    return 1.0 - 2.0 / (1.0 + tl.exp2(y * (2.0 * LOG2E)))
+
+
+@triton.jit
+def score_tile(a, b, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, softcap2, slope2,
+               EDGE: tl.constexpr, MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, TRANSPOSED: tl.constexpr,
+               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Scores ``a @ b`` in the log2 domain, -inf where a key takes no part; and tanh of the capped
+    scores (for the backward's 1 - tanh^2; the scores themselves without SOFTCAP).
 
     (rows x keys) from ``a = Q, b = K^T``; with TRANSPOSED, (keys x rows) from ``a = K, b = Q^T``,
     the orientation the dK/dV pass needs. The forward and both backward passes score here, so
     they agree on every masked element. ``mask_tile`` comes from load_mask_tile in the same
-    orientation; EDGE applies the band predicate (edge blocks only).
+    orientation; EDGE applies the band predicate (edge blocks only). The score modifiers come
+    first (attnkern/_semantics.py): SOFTCAP caps at ``softcap2 = softcap * log2(e)``, HAS_ALIBI
+    subtracts ``slope2 * |row + offset - col|`` (``slope2 = slope * log2(e)``).
     """
     s = tl.dot(a, b, input_precision=DOT_PRECISION) * qk_scale
+    t = s
+    if SOFTCAP:
+        t = tanh_approx(s / softcap2)
+        s = softcap2 * t
+    if HAS_ALIBI:
+        if TRANSPOSED:
+            dist = tl.abs((rows[None, :] + offset) - cols[:, None]).to(tl.float32)
+        else:
+            dist = tl.abs((rows[:, None] + offset) - cols[None, :]).to(tl.float32)
+        s -= slope2 * dist
     if MASK_KIND == MASK_FLOAT:
         s += mask_to_log2(mask_tile.to(tl.float32))
     if EDGE:
@@ -59,7 +80,7 @@ def score_tile(a, b, rows, cols, mask_tile, qk_scale, len_k, offset, left, right
             s = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), s, float("-inf"))
     if MASK_KIND == MASK_BOOL:
         s = tl.where(mask_tile != 0, s, float("-inf"))
-    return s
+    return s, t
 
 
 @triton.jit
@@ -98,10 +119,10 @@ def load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, le
 @triton.jit
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, rows, m0, n_start, n_end,
                 stride_kn, stride_vn, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale,
-                head_index, seed_lo, seed_hi, drop_threshold, head_dim, head_dim_v,
+                head_index, seed_lo, seed_hi, drop_threshold, head_dim, head_dim_v, softcap2, slope2,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                 BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
@@ -117,8 +138,8 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, rows, m0, n_start, n
                        PAD_D, EDGE)
         mask_tile = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND,
                                    False)
-        s = score_tile(q, kT, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, EDGE, MASK_KIND,
-                       DOT_PRECISION, False)
+        s, _ = score_tile(q, kT, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, softcap2, slope2,
+                          EDGE, MASK_KIND, DOT_PRECISION, False, SOFTCAP, HAS_ALIBI)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with no key so far keeps m = -inf; subtracting 0 instead avoids inf - inf
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -148,9 +169,11 @@ def fwd_kernel(
     stride_ob, stride_oh, stride_om,
     heads_q, group, len_q, len_k, head_dim, head_dim_v, offset, left, right,
     qk_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
+    Sinks, Alibi, softcap2,  # score modifiers: (Hq,) fp32, (B, Hq) fp32, softcap * log2(e)
     band_kind, len_q_bucket, len_k_bucket,  # autotune keys only
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # last query blocks first: under a causal band they have the most keys, so the longest
@@ -171,6 +194,9 @@ def fwd_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
     mask_row = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + m0.to(tl.int64) * stride_mm
     head_index = b * heads_q + h
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Alibi + head_index) * LOG2E
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -181,9 +207,19 @@ def fwd_kernel(
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, k_base, v_base, mask_row, rows, m0, n_lo, n_hi, stride_kn, stride_vn, stride_mm,
             stride_mn, len_q, len_k, offset, left, right, qk_scale, head_index, seed_lo, seed_hi, drop_threshold,
-            head_dim, head_dim_v, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N, segment != 1, MASK_KIND, HAS_DROPOUT,
-            DOT_PRECISION)
+            head_dim, head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N, segment != 1,
+            MASK_KIND, HAS_DROPOUT, DOT_PRECISION, SOFTCAP, HAS_ALIBI)
 
+    if HAS_SINKS:
+        # the head's sink joins the denominator once and adds no value (a row with no key keeps
+        # acc = 0 and gets l = 1 at m = sink: output 0, LSE = sink)
+        sink2 = tl.load(Sinks + h) * LOG2E
+        top = tl.maximum(m_i, sink2)
+        top_sub = tl.where(top == float("-inf"), 0.0, top)
+        keys = tl.exp2(m_i - top_sub)
+        l_i = l_i * keys + tl.exp2(sink2 - top_sub)
+        acc = acc * keys[:, None]
+        m_i = top
     empty = l_i == 0.0  # no key in the band (or every key masked): output 0, LSE -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (drop_scale / l_safe)[:, None]

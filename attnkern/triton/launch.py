@@ -201,17 +201,34 @@ def _strides3(t):
 # the ops
 
 
-def forward(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p):
+def _modifier_args(q, softcap, sinks, alibi_slopes):
+    """Pointers, the log2-domain cap and the constexprs of the score modifiers (ops' checks done here)."""
+    B, Hq = q.shape[0], q.shape[1]
+    if not (0.0 <= softcap < math.inf):
+        raise ValueError(f"softcap must be finite and >= 0, got {softcap}")
+    for t, name, shape in ((sinks, "sinks", (Hq,)), (alibi_slopes, "alibi_slopes", (B, Hq))):
+        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != shape or t.device != q.device):
+            raise ValueError(f"{name} must be float32 of shape {shape} on {q.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    sinks_arg = q if sinks is None else sinks.contiguous()
+    alibi_arg = q if alibi_slopes is None else alibi_slopes.contiguous()
+    meta = dict(SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None)
+    return sinks_arg, alibi_arg, softcap * LOG2E if softcap > 0 else 1.0, meta
+
+
+def forward(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p, softcap=0.0,
+            sinks=None, alibi_slopes=None):
     mask_kind = _check_inputs("triton_fwd", q, k, v, mask, rng_seed, scale, window_left, window_right, dropout_p)
+    sinks_arg, alibi_arg, softcap2, mod_meta = _modifier_args(q, softcap, sinks, alibi_slopes)
     B, Hq, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
     out = ops.empty_rows_like(q, Ev, q.dtype)
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    if S == 0:  # every row attends nothing
+    if S == 0:  # every row attends nothing: output 0, LSE the sink or -inf
         out.zero_()
-        lse.fill_(float("-inf"))
+        lse.copy_(sinks.view(1, Hq, 1).expand(B, Hq, L) if sinks is not None else torch.full_like(lse, float("-inf")))
         return out, lse
     qc, kc, vc = (_unit_last_stride(t) for t in (q, k, v))
     forward_kernels, _ = _kernels()
@@ -223,15 +240,17 @@ def forward(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_ri
         forward_kernels.fwd_kernel, "fwd", q.device, lambda c: (triton.cdiv(L, c["BLOCK_M"]), Hq, B),
         qc, kc, vc, mask_arg, out, lse,
         *_strides3(qc), *_strides3(kc), *_strides3(vc), *mask_strides, *_strides3(out),
-        *shape_args, scale * LOG2E, seed_lo, seed_hi, threshold, drop_scale, *key_args,
-        HAS_DROPOUT=dropout_p > 0, **meta,
+        *shape_args, scale * LOG2E, seed_lo, seed_hi, threshold, drop_scale, sinks_arg, alibi_arg, softcap2,
+        *key_args,
+        HAS_DROPOUT=dropout_p > 0, HAS_SINKS=sinks is not None, **mod_meta, **meta,
     )
     return out, lse
 
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, scale, window_left, window_right, bottom_right,
-             dropout_p, mask_needs_grad):
+             dropout_p, mask_needs_grad, softcap=0.0, alibi_slopes=None):
     mask_kind = _check_inputs("triton_bwd", q, k, v, mask, rng_seed, scale, window_left, window_right, dropout_p)
+    _, alibi_arg, softcap2, mod_meta = _modifier_args(q, softcap, None, alibi_slopes)
     _check_backward(q, grad_out, out, lse, grad_lse, mask_kind, mask_needs_grad, v.shape[3])
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
@@ -265,15 +284,16 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, scale, windo
         **pre_meta,
     )
     common = (*_strides3(qc), *_strides3(kc), *_strides3(vc), *_strides3(doc), *mask_strides)
-    scalars = (*shape_args, scale, scale * LOG2E, seed_lo, seed_hi, threshold, drop_scale, *key_args)
+    scalars = (*shape_args, scale, scale * LOG2E, seed_lo, seed_hi, threshold, drop_scale, alibi_arg, softcap2,
+               *key_args)
     _launch(
         bwd.dkdv_kernel, "dkdv", q.device, lambda c: (triton.cdiv(S, c["BLOCK_N"]), Hkv, B),
         qc, kc, vc, doc, mask_arg, lse_c, delta, dk, dv, *common, *_strides3(dk), *_strides3(dv), *scalars,
-        HAS_DROPOUT=dropout_p > 0, **meta,
+        HAS_DROPOUT=dropout_p > 0, **mod_meta, **meta,
     )
     _launch(
         bwd.dq_kernel, "dq", q.device, lambda c: (triton.cdiv(L, c["BLOCK_M"]), Hq, B),
         qc, kc, vc, doc, mask_arg, lse_c, delta, dq, dmask if mask_needs_grad else delta, *common, *_strides3(dq),
-        *scalars, HAS_DROPOUT=dropout_p > 0, MASK_GRAD=mask_needs_grad, **meta,
+        *scalars, HAS_DROPOUT=dropout_p > 0, MASK_GRAD=mask_needs_grad, **mod_meta, **meta,
     )
     return dq, dk, dv, dmask

@@ -30,6 +30,7 @@ struct VecAVX2 {
   friend ATTNKERN_VEC_INLINE VecAVX2 operator+(VecAVX2 a, VecAVX2 b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend ATTNKERN_VEC_INLINE VecAVX2 operator-(VecAVX2 a, VecAVX2 b) { return {_mm256_sub_ps(a.v, b.v)}; }
   friend ATTNKERN_VEC_INLINE VecAVX2 operator*(VecAVX2 a, VecAVX2 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend ATTNKERN_VEC_INLINE VecAVX2 operator/(VecAVX2 a, VecAVX2 b) { return {_mm256_div_ps(a.v, b.v)}; }
   static ATTNKERN_VEC_INLINE VecAVX2 fmadd(VecAVX2 a, VecAVX2 b, VecAVX2 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
   static ATTNKERN_VEC_INLINE VecAVX2 max(VecAVX2 a, VecAVX2 b) { return {_mm256_max_ps(a.v, b.v)}; }
   static ATTNKERN_VEC_INLINE float reduce_add(VecAVX2 a) {

@@ -28,6 +28,7 @@ struct VecAVX512 {
   friend ATTNKERN_VEC_INLINE VecAVX512 operator+(VecAVX512 a, VecAVX512 b) { return {_mm512_add_ps(a.v, b.v)}; }
   friend ATTNKERN_VEC_INLINE VecAVX512 operator-(VecAVX512 a, VecAVX512 b) { return {_mm512_sub_ps(a.v, b.v)}; }
   friend ATTNKERN_VEC_INLINE VecAVX512 operator*(VecAVX512 a, VecAVX512 b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend ATTNKERN_VEC_INLINE VecAVX512 operator/(VecAVX512 a, VecAVX512 b) { return {_mm512_div_ps(a.v, b.v)}; }
   static ATTNKERN_VEC_INLINE VecAVX512 fmadd(VecAVX512 a, VecAVX512 b, VecAVX512 c) {
     return {_mm512_fmadd_ps(a.v, b.v, c.v)};
   }

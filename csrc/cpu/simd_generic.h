@@ -38,6 +38,7 @@ struct VecGeneric {
   ATTNKERN_GENERIC_BINOP(+)
   ATTNKERN_GENERIC_BINOP(-)
   ATTNKERN_GENERIC_BINOP(*)
+  ATTNKERN_GENERIC_BINOP(/)
 #undef ATTNKERN_GENERIC_BINOP
   static ATTNKERN_VEC_INLINE VecGeneric fmadd(VecGeneric a, VecGeneric b, VecGeneric c) {
     VecGeneric r;
