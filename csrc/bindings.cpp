@@ -186,7 +186,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           at::parallel_for(0, q.size(0), 1, [&](int64_t begin, int64_t end) {
             for (int64_t i = begin; i < end; ++i)
               outs[i] = std::get<0>(attnkern::fwd_cpu(q[i], k[i], v[i], std::nullopt, std::nullopt, scale, -1, -1,
-                                                      false, 0.0));
+                                                      false, 0.0, 0.0, std::nullopt, std::nullopt));
           });
           return at::stack(outs);
         },
