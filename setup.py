@@ -60,7 +60,7 @@ CXX_FLAGS = ["-O3", f'-DATTNKERN_VERSION="{VERSION}"', "-fno-math-errno", "-Wno-
 
 
 def cpu_extension():
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/bindings.cpp", "csrc/bindings_varlen.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     return CppExtension("attnkern._C", sources, extra_compile_args={"cxx": CXX_FLAGS})
 
 

@@ -3,6 +3,8 @@
 Public API:
     scaled_dot_product_attention  drop-in for torch.nn.functional.scaled_dot_product_attention (+ window_size)
     flash_attn_func               drop-in for flash-attn's flash_attn_func (bottom-right alignment)
+    flash_attn_varlen_func        flash-attn's packed variable-length entry points (also _qkvpacked, _kvpacked)
+    flash_attn_with_kvcache       flash-attn's KV-cache decoding: in-place append, paged caches, rotary
     local_attention               sliding-window attention in torch's layout
     available_backends            backends usable on this machine
     patch / unpatch               route torch.nn.functional.scaled_dot_product_attention to attnkern
@@ -14,12 +16,22 @@ from ._version import __version__
 from .dispatch import available_backends
 from .functional import flash_attn_func, local_attention, scaled_dot_product_attention
 from .integrations.patch import patch, unpatch
+from .varlen import (
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
+)
 from . import nn
 
 __all__ = [
     "__version__",
     "available_backends",
     "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "local_attention",
     "nn",
     "patch",
