@@ -289,7 +289,7 @@ def _make_attention_function(backend: str):
                 "attn_implementation='attnkern' does not support paged (continuous-batching) caches"
             )
         len_q, len_k = query.shape[-2], key.shape[-2]
-        packed = _packed_call(attention_mask, kwargs, query, key)
+        packed = _packed_call(module, attention_mask, kwargs, query, key)
         if packed is not None:
             return _packed_attention(query, key, value, *packed, dropout, scaling, backend)
         window, bottom_right, mask = None, False, None
@@ -320,16 +320,19 @@ def _make_attention_function(backend: str):
     return attnkern_attention
 
 
-def _packed_call(attention_mask, kwargs, query, key):
+def _packed_call(module, attention_mask, kwargs, query, key):
     """``(cu_seqlens_q, cu_seqlens_k, max_q, max_k, window)`` for a packed batch, else None.
 
     Packed documents arrive either as flash-attn kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``
     from ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``, batch 1) or as the
     :class:`BandMask` our mask function built from restarting ``position_ids``.
     """
-    window = (-1, 0)
     if isinstance(attention_mask, BandMask):
         window = (attention_mask.window_left, attention_mask.window_right)
+    else:  # as HF's flash-attention path: the module's causality and the layer's sliding_window kwarg
+        width = kwargs.get("sliding_window")
+        window = (width - 1 if isinstance(width, int) and width > 0 else -1,
+                  0 if getattr(module, "is_causal", True) else -1)
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None and cu_k is not None:
         if query.shape[0] != 1:
