@@ -405,3 +405,31 @@ def test_compile_fullgraph(seed):
     assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
     g = torch.randn_like(out_c)
     assert torch.equal(torch.autograd.grad(out_c, q1, g)[0], torch.autograd.grad(out_e, q2, g)[0])
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_varlen_and_paged_under_isa(isa):
+    """The packed orchestration and the paged key reads in every compiled ISA variant."""
+    import os
+    import subprocess
+    import sys
+
+    from attnkern import ops
+
+    if isa == ops._C.cpu_isa():
+        pytest.skip(f"{isa} is this machine's default: the tests above cover it")
+    env = {**os.environ, "ATTNKERN_CPU_ISA": isa}
+    probe = subprocess.run([sys.executable, "-c", "import attnkern.ops as o; print(o._C.cpu_isa())"], env=env,
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        assert "is not available on this CPU" in probe.stderr, probe.stderr
+        pytest.skip(f"{isa} not available on this CPU")
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, "test_varlen.py")
+    tests = ["test_varlen_matches_reference[mixed-torch.float32]", "test_varlen_matches_reference[seqused-k-torch.float32]",
+             "test_varlen_matches_reference[causal-gqa-cross-torch.bfloat16]", "test_paged_varlen_matches_packed[5]",
+             "test_kvcache_decode_bf16_int_seqlens"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + [f"{path}::{t}" for t in tests]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " passed" in run.stdout
