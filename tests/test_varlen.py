@@ -252,15 +252,19 @@ def test_kvcache_matches_reference(name, paged, seed):
     assert_close(vc, ref_v, dtype, "v_cache after the append")
 
 
-def test_kvcache_decode_bf16_int_seqlens(seed):
-    B, S, H, Hk, E = 2, 300, 4, 4, 64
+@pytest.mark.parametrize("B,H,Hk,S", [(2, 4, 4, 300), (1, 2, 1, 1500)], ids=["batch", "split-keys"])
+def test_kvcache_decode_bf16_int_seqlens(B, H, Hk, S, seed):
+    """bf16 decoding; the second shape has too few tiles for the threads, so its keys are split
+    over threads and merged by LSE."""
+    E = 64
     kc, vc = make_cache(B, S, Hk, E, E, torch.bfloat16)
     q = torch.randn(B, 1, H, E).bfloat16()
-    out = attnkern.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=S)
-    ref, _, _, _ = reference_varlen.kvcache_attention(q.double(), kc.double(), vc.double(),
-                                                      cache_seqlens=torch.full((B,), S, dtype=torch.int32),
-                                                      scale=E ** -0.5)
+    out, lse = attnkern.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=S, return_softmax_lse=True)
+    ref, ref_lse, _, _ = reference_varlen.kvcache_attention(q.double(), kc.double(), vc.double(),
+                                                            cache_seqlens=torch.full((B,), S, dtype=torch.int32),
+                                                            scale=E ** -0.5)
     assert_close(out, ref, torch.bfloat16, "decode bf16")
+    assert_close(lse, ref_lse, torch.float32, "decode lse")
 
 
 def test_kvcache_has_no_backward(seed):

@@ -182,6 +182,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--decode-batch", type=int, default=8)
     p.add_argument("--budget", type=float, default=2.0, help="measuring seconds per case")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--causal", choices=("both", "causal", "full"), default="both")
+    p.add_argument("--skip", default="", help="comma-separated subjects not to run (e.g. sdpa-nested-jagged, "
+                                              "whose CPU path is slow and memory-hungry at large sizes)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     dtype = getattr(torch, args.dtype)
@@ -189,21 +192,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
     lo, hi = (int(x) for x in args.lengths.split(":"))
+    skip = [x for x in args.skip.split(",") if x]
     results = []
     if args.suite in ("varlen", "all"):
         for dist in ([args.dist] if args.dist else ["uniform", "longtail"]):
             lengths = document_lengths(args.batch, lo, hi, dist, gen)
-            for causal in (True, False):
+            for causal in {"both": (True, False), "causal": (True,), "full": (False,)}[args.causal]:
                 for mode in args.modes.split(","):
                     name = (f"varlen {dist} B={args.batch} tokens={sum(lengths)} longest={max(lengths)} "
                             f"H={args.heads}/{args.kv_heads} D={args.dim} {'causal' if causal else 'full'}")
                     subjects = varlen_subjects(lengths, args.heads, args.kv_heads, args.dim, dtype, causal,
                                                mode != "fwd")
+                    subjects.update({s: "skipped (--skip)" for s in skip if s in subjects})
                     results.append(run_case(name, subjects, mode, settings, "attnkern-varlen"))
                     _print(results[-1])
     if args.suite in ("decode", "all"):
         name = (f"decode B={args.decode_batch} cache={args.cache_len} H={args.heads}/{args.kv_heads} D={args.dim}")
         subjects = decode_subjects(args.decode_batch, args.cache_len, args.heads, args.kv_heads, args.dim, dtype)
+        subjects.update({s: "skipped (--skip)" for s in skip if s in subjects})
         results.append(run_case(name, subjects, "fwd", settings, "attnkern-kvcache"))
         _print(results[-1])
     info = device_info("cpu")
