@@ -437,3 +437,24 @@ def test_varlen_and_paged_under_isa(isa):
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout
+
+
+def test_packed_benchmark_runs(tmp_path):
+    """`attnkern packed` end to end on tiny shapes (FlexAttention and nested-jagged SDPA skipped: slow on CPU)."""
+    import json
+
+    from attnkern.bench import packed
+
+    path = tmp_path / "packed.json"
+    status = packed.main(["--batch", "2", "--lengths", "16:64", "--dist", "longtail", "--causal", "full",
+                          "--modes", "fwd,fwd+bwd", "--budget", "0.01", "--cache-len", "40", "--decode-batch", "2",
+                          "--heads", "2", "--kv-heads", "2", "--dim", "16", "--skip", "flex-document-mask,sdpa-nested-jagged",
+                          "--json", str(path)])
+    assert status == 0
+    doc = json.loads(path.read_text())
+    timed = {(r["case"].split()[0], r["mode"], row["subject"]) for r in doc["results"] for row in r["rows"]}
+    for subject in ("attnkern-varlen", "attnkern-padded", "sdpa-padded"):
+        assert ("varlen", "fwd", subject) in timed and ("varlen", "fwd+bwd", subject) in timed
+    for subject in ("attnkern-kvcache", "attnkern-paged16", "attnkern-paged256", "sdpa-gathered"):
+        assert ("decode", "fwd", subject) in timed
+    assert doc["device"]["threads"] >= 1 and "loadavg_1m" in doc["device"]

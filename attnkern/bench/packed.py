@@ -54,8 +54,9 @@ def _padded(x: torch.Tensor, lengths: Sequence[int], longest: int) -> torch.Tens
     return out.transpose(1, 2).contiguous()
 
 
-def varlen_subjects(lengths, heads, heads_kv, dim, dtype, causal, grad) -> Dict[str, object]:
-    """name -> (fn, [tensors to differentiate]) or the reason it cannot run here."""
+def varlen_subjects(lengths, heads, heads_kv, dim, dtype, causal, grad, skip=()) -> Dict[str, object]:
+    """name -> (fn, [tensors to differentiate]) or the reason it does not run here (or is skipped:
+    a skipped subject is not even built, FlexAttention's compile being slow)."""
     total, longest = sum(lengths), max(lengths)
     cu = _cu(lengths)
 
@@ -74,17 +75,18 @@ def varlen_subjects(lengths, heads, heads_kv, dim, dtype, causal, grad) -> Dict[
         lambda q, k, v: attnkern.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa), [qp, kp, vp])
     subjects["sdpa-padded"] = (
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa), [qp, kp, vp])
-    try:
+    import importlib.util
+
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        subjects["torch-varlen_attn"] = "torch.nn.attention.varlen is not in this torch"
+    elif q.device.type == "cpu":  # (not imported here: the import pulls in the compiler stack)
+        subjects["torch-varlen_attn"] = "torch.nn.attention.varlen.varlen_attn has no CPU kernel in this torch"
+    else:
         from torch.nn.attention.varlen import varlen_attn
 
-        if q.device.type == "cpu":
-            subjects["torch-varlen_attn"] = "torch.nn.attention.varlen.varlen_attn has no CPU kernel in this torch"
-        else:
-            subjects["torch-varlen_attn"] = (
-                lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest,
-                                            window_size=(-1, 0) if causal else (-1, -1), enable_gqa=gqa), [q, k, v])
-    except ImportError:
-        subjects["torch-varlen_attn"] = "torch.nn.attention.varlen is not in this torch"
+        subjects["torch-varlen_attn"] = (
+            lambda q, k, v: varlen_attn(q, k, v, cu, cu, longest, longest,
+                                        window_size=(-1, 0) if causal else (-1, -1), enable_gqa=gqa), [q, k, v])
     if causal and q.device.type == "cpu":
         subjects["sdpa-nested-jagged"] = "torch's nested-jagged SDPA has no causal CPU path in this torch"
     elif gqa:
@@ -98,6 +100,9 @@ def varlen_subjects(lengths, heads, heads_kv, dim, dtype, causal, grad) -> Dict[
         subjects["sdpa-nested-jagged"] = (
             lambda q, k, v: F.scaled_dot_product_attention(njt(q), njt(k), njt(v), is_causal=causal).values(),
             [q, k, v])
+    if "flex-document-mask" in skip:
+        subjects["flex-document-mask"] = "skipped (--skip)"
+        return subjects
     if grad and q.device.type == "cpu":
         subjects["flex-document-mask"] = "FlexAttention has no backward on CPU in this torch"
         return subjects
@@ -202,7 +207,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     name = (f"varlen {dist} B={args.batch} tokens={sum(lengths)} longest={max(lengths)} "
                             f"H={args.heads}/{args.kv_heads} D={args.dim} {'causal' if causal else 'full'}")
                     subjects = varlen_subjects(lengths, args.heads, args.kv_heads, args.dim, dtype, causal,
-                                               mode != "fwd")
+                                               mode != "fwd", skip)
                     subjects.update({s: "skipped (--skip)" for s in skip if s in subjects})
                     results.append(run_case(name, subjects, mode, settings, "attnkern-varlen"))
                     _print(results[-1])
