@@ -458,3 +458,21 @@ def test_packed_benchmark_runs(tmp_path):
     for subject in ("attnkern-kvcache", "attnkern-paged16", "attnkern-paged256", "sdpa-gathered"):
         assert ("decode", "fwd", subject) in timed
     assert doc["device"]["threads"] >= 1 and "loadavg_1m" in doc["device"]
+
+
+def test_kvcache_compile_fullgraph(seed):
+    """flash_attn_with_kvcache traces whole, the in-place cache append included."""
+    torch._dynamo.reset()
+    B, S, Hk, H, E = 2, 32, 2, 4, 16
+    kc, vc = make_cache(B, S, Hk, E, E, torch.float32)
+    q, kn, vn = torch.randn(B, 2, H, E), torch.randn(B, 2, Hk, E), torch.randn(B, 2, Hk, E)
+    seqlens = torch.tensor([5, 20], dtype=torch.int32)
+
+    def f(q, kc, vc, kn, vn, seqlens):
+        return attnkern.flash_attn_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, causal=True)
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    out_c = torch.compile(f, fullgraph=True, backend="aot_eager")(q, kc, vc, kn, vn, seqlens)
+    out_e = f(q, kc2, vc2, kn, vn, seqlens)
+    assert torch.equal(out_c, out_e) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert torch.equal(kc[1, 20:22], kn[1]), "the compiled call appended in place"
