@@ -107,7 +107,7 @@ def openmp_flags():
 
 
 def cpu_extension():
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = ["csrc/bindings.cpp", "csrc/bindings_varlen.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     omp_compile, omp_link = openmp_flags()
     return CppExtension("attnkern._C", sources, extra_compile_args={"cxx": CXX_FLAGS + omp_compile},
                         extra_link_args=omp_link)

@@ -2,7 +2,8 @@
 
 Without arguments: the version, the compiled backends, a parity self-check of every usable
 backend against the math reference, and a one-line speed comparison with torch's SDPA.
-``attnkern bench ...`` and ``attnkern memory ...`` run the benchmark tools.
+``attnkern bench ...``, ``attnkern memory ...`` and ``attnkern packed ...`` (varlen and paged decode)
+run the benchmark tools.
 """
 
 from __future__ import annotations
@@ -130,6 +131,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .bench import cli
 
         return cli.main(argv)
+    if argv and argv[0] == "packed":
+        from .bench import packed
+
+        return packed.main(argv[1:])
     parser = argparse.ArgumentParser(prog="attnkern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.parse_args(argv)

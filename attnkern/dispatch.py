@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from . import ops, reference
+from . import ops, ops_varlen, reference
 from ._semantics import Problem
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -295,3 +295,51 @@ def choose_topk(problem: Problem, backend: str, slots: int, return_indices: bool
         if topk_why_not(name, problem, slots, return_indices, mask_needs_grad) is None:
             return name
     return "math"
+
+
+# Packed (varlen) and paged (kvcache) calls: attnkern::varlen_fwd, a schema of its own. The CPU
+# kernels and the math reference serve them; the Triton and CUDA kernels do not take
+# cu_seqlens / block_table yet, so "auto" sends CUDA tensors to math.
+PACKED_NOT_SERVED = {
+    "triton": "backend 'triton' does not serve packed (varlen) or paged (kvcache) calls yet",
+    "cuda": "backend 'cuda' does not serve packed (varlen) or paged (kvcache) calls yet",
+}
+
+
+def _packed_cpu_why_not(problem) -> Optional[str]:
+    if ops_varlen.varlen_fwd is None:
+        return _cpu_available() or "the C++ extension has no attnkern::varlen_fwd (rebuild it)"
+    if problem.device_type != "cpu":
+        return f"backend 'cpu' does not run on {problem.device_type} tensors"
+    if problem.dtype not in KERNEL_DTYPES:
+        return f"backend 'cpu' does not support dtype {problem.dtype}"
+    return None
+
+
+def choose_packed(problem, backend: str) -> str:
+    """Backend for a packed/paged call (problem: attnkern._varlen_semantics.VarlenProblem)."""
+    if backend in PACKED_NOT_SERVED:
+        raise RuntimeError(f"backend={backend!r} cannot run this call: {PACKED_NOT_SERVED[backend]}")
+    if backend == "math":
+        return "math"
+    reason = _packed_cpu_why_not(problem)
+    if backend == "cpu" and reason:
+        raise RuntimeError(f"backend='cpu' cannot run this call: {reason}")
+    return "cpu" if reason is None else "math"
+
+
+def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend: str):
+    """Forward of a packed call through the chosen backend; returns ``(out, lse (Hq, total_q))``."""
+    if choose_packed(problem, backend) == "cpu":
+        return ops_varlen.varlen_fwd(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, problem.scale, problem.window_left,
+            problem.window_right,
+        )
+    compute = torch.float32 if q.dtype in HALF_DTYPES else q.dtype
+    from . import reference_varlen
+
+    out, lse = reference_varlen.varlen_attention(
+        q.to(compute), k.to(compute), v.to(compute), cu_seqlens_q, cu_seqlens_k, problem.scale, problem.window_left,
+        problem.window_right, seqused_k, block_table,
+    )
+    return out.to(q.dtype), lse.to(torch.float32)

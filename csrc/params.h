@@ -27,6 +27,11 @@ struct AttnParams {
   int64_t v_stride[3] = {0, 0, 0};
   DType dtype = DType::kFloat32;
 
+  // optional paged K/V (forward only): key j of the sequence is row j % page_size of page
+  // block_table[j / page_size]; k_stride[0] / v_stride[0] are then the page strides
+  const int32_t* block_table = nullptr;
+  int64_t page_size = 0;
+
   // optional mask, (B, Hq, L, S) with any strides (0 for broadcast dims)
   const void* mask = nullptr;
   int64_t mask_stride[4] = {0, 0, 0, 0};

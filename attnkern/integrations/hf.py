@@ -53,15 +53,18 @@ class BandMask:
     ``kv_length`` the key count S it was built for.
     """
 
-    __slots__ = ("window_left", "window_right", "bottom_right", "padding", "kv_length")
+    __slots__ = ("window_left", "window_right", "bottom_right", "padding", "kv_length", "sequence_index")
 
     def __init__(self, window_left: int, window_right: int, bottom_right: bool, padding: Optional[torch.Tensor],
-                 kv_length: int) -> None:
+                 kv_length: int, sequence_index: Optional[torch.Tensor] = None) -> None:
         self.window_left = window_left
         self.window_right = window_right
         self.bottom_right = bottom_right
         self.padding = padding
         self.kv_length = kv_length
+        # packed documents: (batch, S) index of the document each token belongs to (HF's
+        # packed_sequence_mask); the band then applies within each document
+        self.sequence_index = sequence_index
 
     # generate() prepares masks ahead of the forward for static caches: it calls
     # .contiguous() on them, and the model's mask creation reads .ndim (2 would mean a
@@ -77,6 +80,18 @@ class BandMask:
         device = None if self.padding is None else self.padding.device
         allowed = band_mask(len_q, self.kv_length, self.window_left, self.window_right, offset, device=device)
         allowed = allowed.view(1, 1, len_q, self.kv_length)
+        if self.sequence_index is not None:  # (L == S): position_ids restart inside each document
+            idx = self.sequence_index
+            starts = torch.cummax(torch.where(_document_starts(idx), torch.arange(idx.shape[1], device=idx.device), 0), 1)[0]
+            pos = torch.arange(idx.shape[1], device=idx.device) - starts  # position inside the document
+            qp, kp = pos[:, :, None], pos[:, None, :]
+            same = idx[:, :, None] == idx[:, None, :]
+            inside = torch.ones_like(same)
+            if self.window_left >= 0:
+                inside &= kp >= qp - self.window_left
+            if self.window_right >= 0:
+                inside &= kp <= qp + self.window_right
+            allowed = (same & inside)[:, None]
         return allowed if self.padding is None else allowed & self.padding[:, None, None, :]
 
     def __repr__(self) -> str:
@@ -138,6 +153,43 @@ def _known_band(mask_function):
     return None
 
 
+def _packed_band(mask_function):
+    """``(band, sequence_index)`` if ``mask_function`` is HF's packed-sequence composition
+    (documents told apart by restarting position_ids) around a plain band, else None."""
+    from transformers import masking_utils as mu
+
+    if getattr(mask_function, "__code__", None) is not mu.and_masks(mu.causal_mask_function).__code__:
+        return None
+    parts = _closure_value(mask_function, "mask_functions")
+    if not parts or len(parts) != 2:
+        return None
+    packed, remapped = parts
+    if getattr(packed, "__code__", None) is not mu.packed_sequence_mask_function(None).__code__:
+        return None
+    if getattr(remapped, "__code__", None) is not mu.remap_positions_for_packed_sequence(None, None).__code__:
+        return None
+    band = _known_band(_closure_value(remapped, "mask_function"))
+    index = _closure_value(packed, "packed_sequence_mask")
+    if band is None or not isinstance(index, torch.Tensor):
+        return None
+    return band, index
+
+
+def _document_starts(sequence_index: torch.Tensor) -> torch.Tensor:
+    """(batch, S) bool: True where a document starts (each row's first token, and each index change)."""
+    starts = torch.ones_like(sequence_index, dtype=torch.bool)
+    starts[:, 1:] = sequence_index[:, 1:] != sequence_index[:, :-1]
+    return starts
+
+
+def packed_cu_seqlens(sequence_index: torch.Tensor):
+    """cu_seqlens (int32) and the longest document of the flattened (batch * S) tokens."""
+    starts = _document_starts(sequence_index).flatten().nonzero().flatten()
+    total = torch.tensor([sequence_index.numel()], device=sequence_index.device)
+    cu = torch.cat((starts, total)).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+
+
 def _alignment(q_length, kv_length, q_offset, kv_offset):
     """True (bottom-right), False (top-left), or None when attnkern's two alignments cannot express it."""
     if not all(isinstance(x, int) for x in (q_offset, kv_offset)):
@@ -159,6 +211,11 @@ def band_mask_function(batch_size, q_length, kv_length, q_offset=None, kv_offset
         if attention_mask.kv_length != kv_length:
             raise ValueError(f"a prepared attnkern mask for {attention_mask.kv_length} keys was passed for {kv_length}")
         return attention_mask
+    packed = None
+    if mask_function is not None and attention_mask is None and q_length == kv_length and not kv_offset:
+        packed = _packed_band(mask_function)
+    if packed is not None:  # no dense mask: the attention function runs the documents as a packed batch
+        return BandMask(packed[0][0], packed[0][1], True, None, kv_length, sequence_index=packed[1].to(device))
     band = None if use_vmap or mask_function is None else _known_band(mask_function)
     bottom_right = None if band is None else _alignment(q_length, kv_length, q_offset, kv_offset)
     if band == (-1, -1):
@@ -232,6 +289,9 @@ def _make_attention_function(backend: str):
                 "attn_implementation='attnkern' does not support paged (continuous-batching) caches"
             )
         len_q, len_k = query.shape[-2], key.shape[-2]
+        packed = _packed_call(module, attention_mask, kwargs, query, key)
+        if packed is not None:
+            return _packed_attention(query, key, value, *packed, dropout, scaling, backend)
         window, bottom_right, mask = None, False, None
         if isinstance(attention_mask, BandMask):
             if attention_mask.kv_length != len_k:
@@ -259,6 +319,50 @@ def _make_attention_function(backend: str):
         return out.transpose(1, 2).contiguous(), None
 
     return attnkern_attention
+
+
+def _packed_call(module, attention_mask, kwargs, query, key):
+    """``(cu_seqlens_q, cu_seqlens_k, max_q, max_k, window)`` for a packed batch, else None.
+
+    Packed documents arrive either as flash-attn kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``
+    from ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``, batch 1) or as the
+    :class:`BandMask` our mask function built from restarting ``position_ids``.
+    """
+    if isinstance(attention_mask, BandMask):
+        window = (attention_mask.window_left, attention_mask.window_right)
+    else:  # as HF's flash-attention path: the module's causality and the layer's sliding_window kwarg
+        width = kwargs.get("sliding_window")
+        window = (width - 1 if isinstance(width, int) and width > 0 else -1,
+                  0 if getattr(module, "is_causal", True) else -1)
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        if query.shape[0] != 1:
+            raise ValueError(f"cu_seq_lens_q/k describe a packed batch of size 1, got a batch of {query.shape[0]}")
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+        if max_q is None:
+            max_q = int((cu_q[1:] - cu_q[:-1]).max())
+        if max_k is None:
+            max_k = int((cu_k[1:] - cu_k[:-1]).max())
+        return cu_q, cu_k, max_q, max_k, window
+    if isinstance(attention_mask, BandMask) and attention_mask.sequence_index is not None:
+        if query.shape[-2] != key.shape[-2]:
+            raise ValueError("a packed-documents mask needs as many keys as queries (no KV cache)")
+        cu, longest = packed_cu_seqlens(attention_mask.sequence_index)
+        return cu, cu, longest, longest, window
+    return None
+
+
+def _packed_attention(query, key, value, cu_q, cu_k, max_q, max_k, window, dropout, scaling, backend):
+    """(B, H, L, D) tensors whose tokens form the packed documents -> ((B, L, Hq, Dv), None)."""
+    from ..varlen import flash_attn_varlen_func
+
+    def tokens(t):  # (B, H, L, D) -> (B * L, H, D)
+        return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
+
+    out = flash_attn_varlen_func(tokens(query), tokens(key), tokens(value), cu_q, cu_k, max_q, max_k, dropout,
+                                 scaling, False, window, backend=backend)
+    return out.view(query.shape[0], query.shape[2], query.shape[1], -1), None
 
 
 def register(name: str = NAME, *, backend: str = "auto") -> str:

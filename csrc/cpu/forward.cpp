@@ -13,8 +13,6 @@ void forward(const AttnParams& p) {
   ThreadTrace::get().begin_op();
   const ForwardPlan plan = forward_plan(p, at::get_num_threads());
   const int64_t block_k = key_block_size(p);
-  const int64_t groups = p.batch * plan.row_groups;
-  const int64_t group_size = p.heads_q / p.heads_kv;
 
   std::unique_ptr<float[], FreeDeleter> o_part, lse_part;
   if (plan.splits > 1) {
@@ -22,27 +20,9 @@ void forward(const AttnParams& p) {
     o_part = alloc_scratch(static_cast<size_t>(plan.splits * rows * p.head_dim_v));
     lse_part = alloc_scratch(static_cast<size_t>(plan.splits * rows));
   }
-  // Items run group by group (neighbouring query tiles share most of their keys, which then
-  // stay in cache) and, within a group, from the last query tile to the first: under a
-  // causal band the last tiles see the most keys, so the cheap ones are left to fill in at
-  // the end (longest-processing-time order).
-  const int64_t per_group = plan.tiles * plan.splits;
-  parallel_items(groups * per_group, kt.forward_scratch_floats(p, plan.block_q, block_k),
+  parallel_items(forward_items(p, plan), kt.forward_scratch_floats(p, plan.block_q, block_k),
                  [&](int64_t index, float* scratch) {
-                   const int64_t bg = index / per_group, rest = index % per_group;
-                   const int64_t tile = plan.tiles - 1 - rest / plan.splits;
-                   const int64_t g = bg % plan.row_groups;
-                   ForwardItem item;
-                   item.b = bg / plan.row_groups;
-                   item.map = RowMap{plan.packed ? g * group_size : g, tile * plan.block_q, p.len_q, plan.packed};
-                   item.rows = std::min(plan.block_q, plan.group_rows - item.map.row0);
-                   item.block_q = plan.block_q;
-                   item.block_k = block_k;
-                   item.split = rest % plan.splits;
-                   item.splits = plan.splits;
-                   item.o_part = o_part.get();
-                   item.lse_part = lse_part.get();
-                   kt.forward_item(p, item, scratch);
+                   kt.forward_item(p, forward_item_at(p, plan, index, block_k, o_part.get(), lse_part.get()), scratch);
                  });
   if (plan.splits > 1)
     parallel_items(p.batch * p.heads_q, 0, [&](int64_t bh, float*) {

@@ -2,6 +2,7 @@
 // and backward.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../mask.h"
@@ -73,6 +74,33 @@ inline ForwardPlan forward_plan(const AttnParams& p, int64_t threads) {
   const int64_t min_keys = threads >= kManyThreads ? key_block_size(p) : kMinKeysPerSplit;
   plan.splits = parts_for_threads(items, threads, keys / min_keys);
   return plan;
+}
+
+// Work items of one problem under `plan`: group by group (neighbouring query tiles share most
+// of their keys, which then stay in cache) and, within a group, from the last query tile to the
+// first: under a causal band the last tiles see the most keys, so the cheap ones are left to
+// fill in at the end (longest-processing-time order).
+inline int64_t forward_items(const AttnParams& p, const ForwardPlan& plan) {
+  return p.batch * plan.row_groups * plan.tiles * plan.splits;
+}
+inline ForwardItem forward_item_at(const AttnParams& p, const ForwardPlan& plan, int64_t index, int64_t block_k,
+                                   float* o_part, float* lse_part) {
+  const int64_t per_group = plan.tiles * plan.splits;
+  const int64_t bg = index / per_group, rest = index % per_group;
+  const int64_t tile = plan.tiles - 1 - rest / plan.splits;
+  const int64_t g = bg % plan.row_groups;
+  const int64_t group_size = p.heads_q / p.heads_kv;
+  ForwardItem item;
+  item.b = bg / plan.row_groups;
+  item.map = RowMap{plan.packed ? g * group_size : g, tile * plan.block_q, p.len_q, plan.packed};
+  item.rows = std::min(plan.block_q, plan.group_rows - item.map.row0);
+  item.block_q = plan.block_q;
+  item.block_k = block_k;
+  item.split = rest % plan.splits;
+  item.splits = plan.splits;
+  item.o_part = o_part;
+  item.lse_part = lse_part;
+  return item;
 }
 
 }  // namespace attnkern::cpu

@@ -1,0 +1,59 @@
+"""torch.library registration of the packed ops ``attnkern::varlen_fwd`` / ``varlen_bwd``.
+
+The schemas and CPU kernels are in csrc/bindings_varlen.cpp. Here: the fake kernels (shapes
+and strides as the C++ kernels produce them: contiguous out (total_q, Hq, Ev), lse (Hq, total_q)
+fp32, gradients shaped like their inputs) and the autograd formula, so torch.compile traces
+the packed calls like the dense ones. Paged calls (block_table) have no backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .ops import _C
+
+NO_PAGED_BACKWARD = (
+    "attnkern: paged K/V (block_table) and flash_attn_with_kvcache calls have no backward; "
+    "run the packed call with k/v packed by cu_seqlens_k to train"
+)
+
+
+def _fake_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, window_left, window_right):
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[-1]))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    return out, lse
+
+
+def _fake_bwd(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, window_left,
+              window_right):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, window_left, window_right = inputs
+    out, lse = output
+    ctx.paged = block_table is not None
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k)
+    ctx.semantics = (scale, window_left, window_right)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    if ctx.paged:
+        raise NotImplementedError(NO_PAGED_BACKWARD)
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attnkern.varlen_bwd(
+        grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, *ctx.semantics
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+varlen_fwd: Optional[object] = None
+varlen_bwd: Optional[object] = None
+if _C is not None and hasattr(torch.ops.attnkern, "varlen_fwd"):
+    varlen_fwd = torch.ops.attnkern.varlen_fwd.default
+    varlen_bwd = torch.ops.attnkern.varlen_bwd.default
+    torch.library.register_fake("attnkern::varlen_fwd")(_fake_fwd)
+    torch.library.register_fake("attnkern::varlen_bwd")(_fake_bwd)
+    torch.library.register_autograd("attnkern::varlen_fwd", _backward, setup_context=_setup_context)
