@@ -13,10 +13,12 @@
 #              (c) short benchmark: attnkern bench --gpu-first (head dim 128 bf16, L = 4k, 16k,
 #                  causal and not, fwd and fwd+bwd against the fastest torch SDPA kernel; decode
 #                  L=1 S=32k GQA 8:1 against a copy's bandwidth), then window 1024 at L = 32k
-#                  against FlexAttention (--gpu-window --where head_dim=128 len_q=32768 mode=fwd)
+#                  against FlexAttention (--gpu-window --where head_dim=128 len_q=32768 mode=fwd);
+#                  Triton untuned (ATTNKERN_TRITON_AUTOTUNE=0) to save its compiles for the tests
 #              (d) the rest of the GPU tests (-m gpu), then the CPU tests, with the time left
 #   follow-up  the same build, compute-sanitizer memcheck and racecheck on small cases
-#              (csrc/cuda/sanitize_workload.py), then --gpu-decode, --gpu-window, the full --gpu-dense
+#              (csrc/cuda/sanitize_workload.py), then --gpu-decode, --gpu-window, the full --gpu-dense,
+#              Triton autotuned
 # Every step runs under its own time guard (min of its budget and the time left) and, as soon as
 # it ends, adds its status, duration, test outcomes (from junit) or bench cases to
 # OUT_DIR/gpu_check-PHASE.json; all output goes to OUT_DIR/gpu_check-PHASE.log; each bench
@@ -243,12 +245,15 @@ if [[ $timed -eq 1 ]]; then
     step smoke-triton "$(budget smoke-triton 75)" --junit -- "${pytest_cmd[@]}" -x "${smoke_triton[@]}"
     step smoke-cuda "$(budget smoke-cuda 45)" --junit -- "${pytest_cmd[@]}" -x "${smoke_cuda[@]}"
     step smoke-hopper "$(budget smoke-hopper 45)" --junit -- "${pytest_cmd[@]}" -x "${smoke_hopper[@]}"
-    # (c) tuned Triton (autotune on), every subject checked against float64 on sampled rows
+    # (c) every subject checked against float64 on sampled rows; Triton untuned here (its
+    # autotuner would compile every candidate of every specialisation first), tuned in follow-up
+    untuned=(env ATTNKERN_TRITON_AUTOTUNE=0)
+    note="first run: ATTNKERN_TRITON_AUTOTUNE=0, the first fitting config of each Triton kernel"
     step bench-first "$(budget bench-first 160)" --bench "$out_dir/bench-first.json" -- \
-      "${bench_cmd[@]}" --gpu-first --json "$out_dir/bench-first.json"
+      "${untuned[@]}" "${bench_cmd[@]}" --gpu-first --note "$note" --json "$out_dir/bench-first.json"
     step bench-window "$(budget bench-window 80)" --bench "$out_dir/bench-window32k.json" -- \
-      "${bench_cmd[@]}" --gpu-window --where head_dim=128 --where "len_q=$window_len" --where mode=fwd \
-      --json "$out_dir/bench-window32k.json"
+      "${untuned[@]}" "${bench_cmd[@]}" --gpu-window --where head_dim=128 --where "len_q=$window_len" \
+      --where mode=fwd --note "$note" --json "$out_dir/bench-window32k.json"
     # (d) with the time left
     step tests-gpu "$(budget tests-gpu 600)" --junit -- "${pytest_cmd[@]}" tests -m gpu "${deselect[@]}"
     step tests-cpu "$(budget tests-cpu 600)" --junit -- "${pytest_cmd[@]}" tests -m "not gpu"

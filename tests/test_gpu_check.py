@@ -63,10 +63,10 @@ def test_first_run_plan(tmp_path):
             assert steps["tests-gpu"][steps["tests-gpu"].index(i) - 1] == "--deselect"
     assert all("test_gpu_wgmma_parity" in i for i in _smoke_ids(steps["smoke-hopper"]))
     assert "tests/test_cuda.py::test_gpu_larger_shapes[decode-L1-gqa8]" in steps["smoke-cuda"]
-    first = " ".join(steps["bench-first"])
-    assert f"--gpu-first --json {tmp_path}/bench-first.json" in first and "--device cuda" in first
-    window = " ".join(steps["bench-window"])
-    assert "--gpu-window --where head_dim=128 --where len_q=32768 --where mode=fwd" in window
+    first, window = steps["bench-first"], steps["bench-window"]
+    assert "--gpu-first" in first and first[first.index("--json") + 1] == str(tmp_path / "bench-first.json")
+    assert "--device cuda" in " ".join(first) and "ATTNKERN_TRITON_AUTOTUNE=0" in first
+    assert "--gpu-window --where head_dim=128 --where len_q=32768 --where mode=fwd" in " ".join(window)
     assert " ".join(steps["tests-gpu"]).count("-m gpu") == 1 and "not gpu" in steps["tests-cpu"]
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
