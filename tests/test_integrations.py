@@ -954,6 +954,8 @@ def test_hf_register_errors(hf):
         hf_module.register(name="")
 
 
+@pytest.mark.skipif(_torch_version() < (2, 12), reason="torch 2.11's dynamo cannot trace transformers' mask "
+                    "functions under fullgraph (a lazy-module import, then closure cells)")
 def test_hf_model_compiles_fullgraph(hf, seed):
     transformers, _, _ = hf
     model = _tiny(transformers, "mistral")
