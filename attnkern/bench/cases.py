@@ -381,8 +381,23 @@ def modifiers(device: str) -> Preset:
                   warmup_s=0.1, exclude=exclude, baseline="eager")
 
 
+def gpu_first(device: str) -> Preset:
+    """The first GPU run's short benchmark (scripts/gpu_check.sh --phase first-run), a few minutes
+    on an H200: gpu-dense's head-dim-128 cases at L = S in {4k, 16k}, causal and not, forward and
+    forward+backward, and gpu-decode's case (with the forwards). The window at 32k runs beside it as
+    ``--gpu-window --where head_dim=128 --where len_q=32768 --where mode=fwd``, where FlexAttention
+    is a baseline; here it would compile every dense shape."""
+    scale = _GPU_SCALE.get(device, _GPU_SCALE["cpu"])
+    cases = []
+    for n in (4096 // scale.length, 16384 // scale.length):
+        b, h = max(1, scale.tokens // n), max(1, scale.hidden // 128)
+        cases += grid(["bfloat16"], [128], [(b, h, h)], [(n, n)], [(False, None), (True, None)], ["fwd", "fwd+bwd"])
+    return _gpu_preset("gpu-first", device, _forwards_first(cases + gpu_decode(device).cases), {"flex": _FLEX_COMPILES})
+
+
 PRESETS = {"quick": quick, "standard": standard, "llm": llm, "cpu-targets": cpu_targets, "gpu-dense": gpu_dense,
-           "gpu-window": gpu_window, "gpu-decode": gpu_decode, "topk": topk, "modifiers": modifiers}
+           "gpu-window": gpu_window, "gpu-decode": gpu_decode, "gpu-first": gpu_first, "topk": topk,
+           "modifiers": modifiers}
 
 
 def case_from_row(row: dict) -> Case:
