@@ -98,3 +98,24 @@ def test_band_mask_dense_of_packed_documents():
             for j in range(n):
                 expected[start + i, start + j] = i - 1 <= j <= i
     assert torch.equal(dense, expected)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])
+def test_packed_documents_keep_softcap_and_sinks(hf, varlen_calls, kind, seed):
+    """Gemma 2 (softcap) and gpt-oss (sinks) packed by position_ids: one varlen call per layer,
+    no dense call, no fallback warning, and eager's packed logits (eager applies the modifiers)."""
+    import warnings
+
+    from test_integrations import MODIFIER_MODELS, _logits, _no_fallback_warning
+
+    transformers, _, dense_calls = hf
+    model = _tiny(transformers, kind, **MODIFIER_MODELS[kind])
+    ids = torch.randint(0, 128, (1, 26))
+    positions = torch.cat([torch.arange(11), torch.arange(15)])[None]
+    eager = _logits(model, "eager", ids, position_ids=positions, use_cache=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ours = _logits(model, "attnkern", ids, position_ids=positions, use_cache=False)
+    assert _no_fallback_warning(record)
+    assert varlen_calls == [[0, 11, 26]] * 2 and not dense_calls, (varlen_calls, dense_calls)
+    assert _rel(ours, eager) <= 1e-5
