@@ -491,6 +491,14 @@ def test_opcheck_varlen(seed):
     kp, table = paged_copy(k.detach(), lk, 4)
     torch.library.opcheck(torch.ops.attnkern.varlen_fwd.default,
                           (q.detach(), kp, kp, cu(lq), cu(lk), None, table, 0.3, -1, -1))
+    # the modifiers: sinks with a gradient (autograd registration), per-sequence slopes
+    sinks = torch.randn(4, requires_grad=True)
+    slopes = torch.rand(3, 4)
+    torch.library.opcheck(torch.ops.attnkern.varlen_fwd.default, args + (0.7, sinks, slopes))
+    out, lse = torch.ops.attnkern.varlen_fwd(q.detach(), k.detach(), v.detach(), *args[3:], 0.7, sinks.detach(), slopes)
+    torch.library.opcheck(torch.ops.attnkern.varlen_bwd.default,
+                          (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, *args[3:6],
+                           0.3, 4, 0, 0.7, slopes))
 
 
 def test_compile_fullgraph(seed):
