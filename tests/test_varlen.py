@@ -506,18 +506,21 @@ def test_compile_fullgraph(seed):
     lq = [17, 40]
     q, k, v = packed(lq, lq, 2, 2, 16, 16, torch.float32)
     cq = cu(lq)
+    slopes = torch.rand(2, 2) * 0.3
 
-    def f(q, k, v, cq, m):
-        return attnkern.flash_attn_varlen_func(q, k, v, cq, cq, m, m, causal=True, return_lse=True)
+    def f(q, k, v, cq, m, sinks):  # with every modifier: they trace too
+        return attnkern.flash_attn_varlen_func(q, k, v, cq, cq, m, m, causal=True, softcap=0.8, alibi_slopes=slopes,
+                                               s_aux=sinks, return_lse=True)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    q1, k1, v1 = (t.clone().requires_grad_(True) for t in (q, k, v))
-    q2, k2, v2 = (t.clone().requires_grad_(True) for t in (q, k, v))
-    out_c, lse_c = compiled(q1, k1, v1, cq, torch.tensor(40))
-    out_e, lse_e = f(q2, k2, v2, cq, torch.tensor(40))
+    q1, k1, v1, s1 = (t.clone().requires_grad_(True) for t in (q, k, v, torch.randn(2)))
+    q2, k2, v2, s2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v, s1))
+    out_c, lse_c = compiled(q1, k1, v1, cq, torch.tensor(40), s1)
+    out_e, lse_e = f(q2, k2, v2, cq, torch.tensor(40), s2)
     assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
     g = torch.randn_like(out_c)
-    assert torch.equal(torch.autograd.grad(out_c, q1, g)[0], torch.autograd.grad(out_e, q2, g)[0])
+    grads_c, grads_e = torch.autograd.grad(out_c, (q1, s1), g), torch.autograd.grad(out_e, (q2, s2), g)
+    assert all(torch.equal(a, b) for a, b in zip(grads_c, grads_e))
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
