@@ -22,13 +22,12 @@ where reading values would break the graph).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
-from ._semantics import (_check_scale, _check_tensor, _is_int, check_alibi, check_dropout, check_sinks,
-                         check_softcap, normalize_window)
+from ._semantics import _check_scale, _check_tensor, _is_int, check_dropout, normalize_window
 
 
 @dataclass(frozen=True)
@@ -47,6 +46,7 @@ class VarlenProblem:
     page_size: int  # 0: k/v packed by cu_seqlens_k; else pages read through block_table
     dtype: torch.dtype
     device_type: str
+    # the score modifiers, set by _semantics.with_modifiers (batch = the number of sequences)
     softcap: float = 0.0  # 0: none
     has_sinks: bool = False
     has_alibi: bool = False
@@ -64,18 +64,6 @@ def check_not_implemented(dropout_p=0.0) -> None:
     """Arguments flash-attn accepts that attnkern's packed ops do not serve yet."""
     if check_dropout(dropout_p) > 0.0:
         raise NotImplementedError("dropout_p > 0 is not implemented for packed (varlen) calls yet")
-
-
-def with_varlen_modifiers(problem: VarlenProblem, q: torch.Tensor, softcap=0.0, sinks=None, alibi_slopes=None,
-                          sinks_name: str = "s_aux"):
-    """``_semantics.with_modifiers`` for a packed call: returns ``(problem, sinks, alibi)`` with
-    ``sinks`` fp32 ``(Hq,)`` and ``alibi`` fp32 ``(B, Hq)`` (B sequences), or None."""
-    cap = check_softcap(softcap)
-    sinks = check_sinks(sinks, problem.heads_q, q, sinks_name)
-    alibi = check_alibi(alibi_slopes, problem.batch, problem.heads_q, q)
-    if cap == 0 and sinks is None and alibi is None:
-        return problem, None, None
-    return replace(problem, softcap=cap, has_sinks=sinks is not None, has_alibi=alibi is not None), sinks, alibi
 
 
 def check_bool(x, name: str) -> bool:

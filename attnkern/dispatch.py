@@ -331,7 +331,7 @@ def choose_packed(problem, backend: str) -> str:
 def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend: str, sinks=None,
                alibi=None):
     """Forward of a packed call through the chosen backend; returns ``(out, lse (Hq, total_q))``.
-    ``sinks`` fp32 (Hq,) and ``alibi`` fp32 (B, Hq) as ``_varlen_semantics.with_varlen_modifiers`` gives them."""
+    ``sinks`` fp32 (Hq,) and ``alibi`` fp32 (B, Hq) as ``_semantics.with_modifiers`` gives them."""
     if choose_packed(problem, backend) == "cpu":
         return ops_varlen.varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, problem.scale, problem.window_left,

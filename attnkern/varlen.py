@@ -11,9 +11,8 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import dispatch
-from ._semantics import check_backend
-from ._varlen_semantics import (VarlenProblem, check_bool, check_not_implemented, normalize_kvcache, normalize_varlen,
-                               with_varlen_modifiers)
+from ._semantics import check_backend, with_modifiers
+from ._varlen_semantics import VarlenProblem, check_bool, check_not_implemented, normalize_kvcache, normalize_varlen
 
 Tensor = torch.Tensor
 
@@ -28,7 +27,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     check_bool(return_lse, "return_lse")
     problem = normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                causal, window_size, block_table, seqused_k)
-    problem, sinks, alibi = with_varlen_modifiers(problem, q, softcap, s_aux, alibi_slopes)
+    problem, sinks, alibi = with_modifiers(problem, q, softcap, s_aux, alibi_slopes, "s_aux")
     out, lse = dispatch.run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend,
                                    sinks, alibi)
     if return_attn_probs:
@@ -144,7 +143,7 @@ def flash_attn_with_kvcache(
         window_right=call.window_right, page_size=k_cache.shape[1], dtype=q.dtype, device_type=q.device.type,
     )
     # checked before the append below writes into the caches
-    problem, sinks, alibi = with_varlen_modifiers(problem, q, softcap, s_aux, alibi_slopes)
+    problem, sinks, alibi = with_modifiers(problem, q, softcap, s_aux, alibi_slopes, "s_aux")
     seqlens = call.cache_seqlens.long()
     if call.rotary_dim:
         band = call.window_left >= 0 or call.window_right >= 0
