@@ -544,8 +544,8 @@ def test_varlen_and_paged_under_isa(isa):
     path = os.path.join(here, "test_varlen.py")
     tests = ["test_varlen_matches_reference[mixed-torch.float32]", "test_varlen_matches_reference[seqused-k-torch.float32]",
              "test_varlen_matches_reference[causal-gqa-cross-torch.bfloat16]", "test_paged_varlen_matches_packed[5]",
-             "test_kvcache_decode_bf16_int_seqlens", "test_varlen_modifiers_match_reference[all-per-sequence-alibi-gqa]",
-             "test_kvcache_modifiers_match_reference[page5]"]
+             "test_kvcache_decode_bf16_int_seqlens", "test_kvcache_modifiers_match_reference[page5]",
+             "test_varlen_modifiers_match_reference[all-per-sequence-alibi-gqa]"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + [f"{path}::{t}" for t in tests]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
