@@ -10,7 +10,10 @@ Each sequence is one dense problem with flash-attn's bottom-right alignment: que
 sequence b sits at key position ``i + Lk_b - Lq_b``, the window and ``causal`` (which caps the
 right side at 0) are the dense ones (:mod:`attnkern._semantics`). Rows past
 ``cu_seqlens_q[-1]`` belong to no sequence: output 0, LSE -inf, gradient 0. A row that sees
-no key outputs 0 with LSE -inf (flash-attn 2 writes +inf there).
+no key outputs 0 with LSE -inf (flash-attn 2 writes +inf there), or LSE = the sink with sinks.
+The score modifiers (softcap, sinks ``s_aux`` (Hq,), ``alibi_slopes`` (Hq,) or (B, Hq) with B
+the number of sequences) are the dense ones applied per sequence: sequence b uses slope row b,
+and ALiBi distances use the bottom-right aligned positions of its own problem.
 
 Values (cu_seqlens, seqused_k, block_table) are checked here on every eager call, and again by
 the C++ op before a kernel reads through them (the op is also what runs under torch.compile,
@@ -19,15 +22,12 @@ where reading values would break the graph).
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 
 from ._semantics import _check_scale, _check_tensor, _is_int, check_dropout, normalize_window
-
-SCORE_MODIFIER = "score modifiers (softcap / ALiBi, issue 13)"
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,10 @@ class VarlenProblem:
     page_size: int  # 0: k/v packed by cu_seqlens_k; else pages read through block_table
     dtype: torch.dtype
     device_type: str
+    # the score modifiers, set by _semantics.with_modifiers (batch = the number of sequences)
+    softcap: float = 0.0  # 0: none
+    has_sinks: bool = False
+    has_alibi: bool = False
 
     @property
     def paged(self) -> bool:
@@ -56,14 +60,8 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_not_implemented(softcap, alibi_slopes, dropout_p=0.0) -> None:
+def check_not_implemented(dropout_p=0.0) -> None:
     """Arguments flash-attn accepts that attnkern's packed ops do not serve yet."""
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
-    if float(softcap) != 0.0:
-        raise NotImplementedError(f"softcap={softcap}: {SCORE_MODIFIER} are not implemented for packed/kvcache calls yet")
-    if alibi_slopes is not None:
-        raise NotImplementedError(f"alibi_slopes: {SCORE_MODIFIER} are not implemented for packed/kvcache calls yet")
     if check_dropout(dropout_p) > 0.0:
         raise NotImplementedError("dropout_p > 0 is not implemented for packed (varlen) calls yet")
 

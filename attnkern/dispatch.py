@@ -328,18 +328,20 @@ def choose_packed(problem, backend: str) -> str:
     return "cpu" if reason is None else "math"
 
 
-def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend: str):
-    """Forward of a packed call through the chosen backend; returns ``(out, lse (Hq, total_q))``."""
+def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend: str, sinks=None,
+               alibi=None):
+    """Forward of a packed call through the chosen backend; returns ``(out, lse (Hq, total_q))``.
+    ``sinks`` fp32 (Hq,) and ``alibi`` fp32 (B, Hq) as ``_semantics.with_modifiers`` gives them."""
     if choose_packed(problem, backend) == "cpu":
         return ops_varlen.varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, problem.scale, problem.window_left,
-            problem.window_right,
+            problem.window_right, problem.softcap, sinks, alibi,
         )
     compute = torch.float32 if q.dtype in HALF_DTYPES else q.dtype
     from . import reference_varlen
 
     out, lse = reference_varlen.varlen_attention(
         q.to(compute), k.to(compute), v.to(compute), cu_seqlens_q, cu_seqlens_k, problem.scale, problem.window_left,
-        problem.window_right, seqused_k, block_table,
+        problem.window_right, seqused_k, block_table, problem.softcap, sinks, alibi,
     )
     return out.to(q.dtype), lse.to(torch.float32)

@@ -25,12 +25,17 @@ def sequence_keys(k: torch.Tensor, b: int, start: int, length: int, block_table:
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, window_left: int = -1, window_right: int = -1,
-                     seqused_k: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+                     seqused_k: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
+                     softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
+                     alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q (total_q, Hq, E); k, v packed (total_k, Hkv, *) or paged (num_blocks, page, Hkv, *).
 
-    Returns out (total_q, Hq, Ev) and lse (Hq, total_q) (float64 for float64 inputs, else fp32).
+    Modifiers as in :func:`reference.attention`, per sequence: sinks (Hq,), alibi_slopes (Hq,)
+    or (B, Hq) (row b for sequence b). Returns out (total_q, Hq, Ev) and lse (Hq, total_q)
+    (float64 for float64 inputs, else fp32).
     """
+    if alibi_slopes is not None and alibi_slopes.dim() == 1:
+        alibi_slopes = alibi_slopes.expand(len(cu_seqlens_q) - 1, -1)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     used = seqused_k.tolist() if seqused_k is not None else None
     heads, ev = q.shape[1], v.shape[-1]
@@ -40,7 +45,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, window_l
         lq = cq[b + 1] - cq[b]
         lk = used[b] if used is not None else ck[b + 1] - ck[b]
         qb = q[cq[b]:cq[b + 1]]
-        if lk == 0 or lq == 0:  # no key: output 0, LSE -inf (and no score matrix to reduce)
+        if lq == 0 or (lk == 0 and sinks is None):  # no key: output 0, LSE -inf (and no score matrix to reduce)
             outs.append(qb.new_zeros(lq, heads, ev) + 0 * qb.sum())
             lses.append(torch.full((heads, lq), float("-inf"), dtype=lse_dtype, device=q.device))
             continue
@@ -48,7 +53,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, window_l
         vb = sequence_keys(v, b, ck[b], lk, block_table)
         o, lse = reference.attention(
             qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], None, scale,
-            window_left, window_right, bottom_right=True,
+            window_left, window_right, bottom_right=True, softcap=softcap, sinks=sinks,
+            alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1],
         )
         outs.append(o[0].transpose(0, 1))
         lses.append(lse[0].to(lse_dtype))
@@ -81,7 +87,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: tor
 
 def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                       cache_batch_idx=None, block_table=None, scale: float = 1.0, window_left: int = -1,
-                      window_right: int = -1, rotary_interleaved: bool = True):
+                      window_right: int = -1, rotary_interleaved: bool = True, softcap: float = 0.0, sinks=None,
+                      alibi_slopes=None):
     """What flash_attn_with_kvcache computes, without touching its inputs.
 
     Returns (out (B, Lq, H, Ev), lse (B, H, Lq), k_cache', v_cache'): the caches after the append.
@@ -119,7 +126,9 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rota
             vb = sequence_keys(v_cache, b, 0, lk, block_table)
         cu_q = torch.tensor([0, Lq], dtype=torch.int32)
         cu_k = torch.tensor([0, lk], dtype=torch.int32)
-        o, lse = varlen_attention(q[b], kb, vb, cu_q, cu_k, scale, window_left, window_right)
+        slopes = None if alibi_slopes is None else alibi_slopes.expand(B, H)[b:b + 1]
+        o, lse = varlen_attention(q[b], kb, vb, cu_q, cu_k, scale, window_left, window_right, softcap=softcap,
+                                  sinks=sinks, alibi_slopes=slopes)
         outs.append(o)
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses), k_cache, v_cache

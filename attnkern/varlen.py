@@ -1,7 +1,7 @@
 """flash-attn 2's packed (varlen) and KV-cache entry points.
 
 Positional order follows flash-attn 2 exactly; attnkern's extras (``seqused_k``,
-``return_lse``, ``backend``) are keyword-only. Semantics: :mod:`attnkern._varlen_semantics`.
+``s_aux``, ``return_lse``, ``backend``) are keyword-only. Semantics: :mod:`attnkern._varlen_semantics`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import dispatch
-from ._semantics import check_backend
+from ._semantics import check_backend, with_modifiers
 from ._varlen_semantics import VarlenProblem, check_bool, check_not_implemented, normalize_kvcache, normalize_varlen
 
 Tensor = torch.Tensor
@@ -19,15 +19,17 @@ Tensor = torch.Tensor
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
             window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table, seqused_k, return_lse,
-            backend):
+            backend, s_aux):
     backend = check_backend(backend)
-    check_not_implemented(softcap, alibi_slopes, dropout_p)
+    check_not_implemented(dropout_p)
     check_bool(deterministic, "deterministic")  # always deterministic
     check_bool(return_attn_probs, "return_attn_probs")
     check_bool(return_lse, "return_lse")
     problem = normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                causal, window_size, block_table, seqused_k)
-    out, lse = dispatch.run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend)
+    problem, sinks, alibi = with_modifiers(problem, q, softcap, s_aux, alibi_slopes, "s_aux")
+    out, lse = dispatch.run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend,
+                                   sinks, alibi)
     if return_attn_probs:
         # flash-attn returns (out, lse, S_dmask); attnkern never materialises the probabilities
         return out, lse, None
@@ -40,7 +42,7 @@ def flash_attn_varlen_func(
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
     return_attn_probs: bool = False, block_table: Optional[Tensor] = None, *, seqused_k: Optional[Tensor] = None,
-    return_lse: bool = False, backend: str = "auto",
+    s_aux: Optional[Tensor] = None, return_lse: bool = False, backend: str = "auto",
 ):
     """Attention over sequences packed back to back (flash-attn 2's ``flash_attn_varlen_func``).
 
@@ -52,18 +54,21 @@ def flash_attn_varlen_func(
     gives the key counts. ``seqused_k`` (B,) int32 keeps only the first keys of each sequence.
     ``return_lse=True`` returns ``(out, lse)`` with lse ``(H, total_q)`` fp32; a row that sees no
     key gives 0 and LSE -inf (flash-attn: +inf). Rows past ``cu_seqlens_q[-1]`` output 0.
-    Full backward (dq, dk, dv), deterministic.
+    ``softcap``, ``alibi_slopes`` (``(H,)`` or ``(B, H)`` fp32, row b for sequence b) and
+    ``s_aux`` (attention sinks, ``(H,)`` logits) as in ``flash_attn_func``, per sequence.
+    Full backward (dq, dk, dv, and the sinks' gradient), deterministic.
     """
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table, seqused_k,
-                   return_lse, backend)
+                   return_lse, backend, s_aux)
 
 
 def flash_attn_varlen_qkvpacked_func(
     qkv: Tensor, cu_seqlens: Tensor, max_seqlen: Union[int, Tensor], dropout_p: float = 0.0,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     softcap: float = 0.0, alibi_slopes: Optional[Tensor] = None, deterministic: bool = False,
-    return_attn_probs: bool = False, *, return_lse: bool = False, backend: str = "auto",
+    return_attn_probs: bool = False, *, s_aux: Optional[Tensor] = None, return_lse: bool = False,
+    backend: str = "auto",
 ):
     """``flash_attn_varlen_func`` on qkv ``(total, 3, H, D)`` (self-attention, one cu_seqlens)."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
@@ -71,7 +76,7 @@ def flash_attn_varlen_qkvpacked_func(
     q, k, v = qkv.unbind(1)
     return _varlen(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, deterministic, return_attn_probs, None, None, return_lse,
-                   backend)
+                   backend, s_aux)
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -79,7 +84,7 @@ def flash_attn_varlen_kvpacked_func(
     max_seqlen_k: Union[int, Tensor], dropout_p: float = 0.0, softmax_scale: Optional[float] = None,
     causal: bool = False, window_size: Tuple[int, int] = (-1, -1), softcap: float = 0.0,
     alibi_slopes: Optional[Tensor] = None, deterministic: bool = False, return_attn_probs: bool = False, *,
-    return_lse: bool = False, backend: str = "auto",
+    s_aux: Optional[Tensor] = None, return_lse: bool = False, backend: str = "auto",
 ):
     """``flash_attn_varlen_func`` with kv ``(total_k, 2, Hk, D)``."""
     if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
@@ -87,7 +92,7 @@ def flash_attn_varlen_kvpacked_func(
     k, v = kv.unbind(1)
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
                    window_size, softcap, alibi_slopes, deterministic, return_attn_probs, None, None, return_lse,
-                   backend)
+                   backend, s_aux)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
@@ -111,7 +116,7 @@ def flash_attn_with_kvcache(
     cache_leftpad: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
     softmax_scale: Optional[float] = None, causal: bool = False, window_size: Tuple[int, int] = (-1, -1),
     softcap: float = 0.0, rotary_interleaved: bool = True, alibi_slopes: Optional[Tensor] = None,
-    num_splits: int = 0, return_softmax_lse: bool = False, *, backend: str = "auto",
+    num_splits: int = 0, return_softmax_lse: bool = False, *, s_aux: Optional[Tensor] = None, backend: str = "auto",
 ):
     """Decoding against a KV cache (flash-attn 2's ``flash_attn_with_kvcache``); forward only.
 
@@ -122,16 +127,23 @@ def flash_attn_with_kvcache(
     ``rotary_cos/sin`` (seqlen_ro, rotary_dim / 2), the new k is rotated at positions
     ``cache_seqlens + t``, and q too: at ``cache_seqlens + t`` under a causal/local band, else at
     ``cache_seqlens`` for every query (as flash-attn). ``num_splits`` 0 (automatic) or a hint the
-    CPU kernels ignore (they choose their own split). Returns out ``(B, Lq, H, D)``, and
+    CPU kernels ignore (they choose their own split). ``softcap``, ``alibi_slopes`` (``(H,)`` or
+    ``(B, H)`` fp32) and ``s_aux`` (sinks, ``(H,)``) as in ``flash_attn_func``. Returns out ``(B, Lq, H, D)``, and
     lse ``(B, H, Lq)`` with ``return_softmax_lse``.
     """
     backend = check_backend(backend)
-    check_not_implemented(softcap, alibi_slopes)
     check_bool(return_softmax_lse, "return_softmax_lse")
     call = normalize_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table, softmax_scale, causal, window_size, rotary_interleaved,
                              num_splits)
     B, Lq, H, _ = q.shape
+    problem = VarlenProblem(
+        batch=B, heads_q=H, heads_kv=k_cache.shape[2], total_q=B * Lq, head_dim=q.shape[3],
+        head_dim_v=v_cache.shape[3], scale=call.scale, window_left=call.window_left,
+        window_right=call.window_right, page_size=k_cache.shape[1], dtype=q.dtype, device_type=q.device.type,
+    )
+    # checked before the append below writes into the caches
+    problem, sinks, alibi = with_modifiers(problem, q, softcap, s_aux, alibi_slopes, "s_aux")
     seqlens = call.cache_seqlens.long()
     if call.rotary_dim:
         band = call.window_left >= 0 or call.window_right >= 0
@@ -160,13 +172,8 @@ def flash_attn_with_kvcache(
     zero = torch.zeros(1, dtype=torch.int32, device=q.device)
     cu_q = torch.arange(B + 1, dtype=torch.int32, device=q.device) * Lq
     cu_k = torch.cat((zero, torch.cumsum(call.cache_seqlens + call.len_new, 0, dtype=torch.int32)))
-    problem = VarlenProblem(
-        batch=B, heads_q=H, heads_kv=k_cache.shape[2], total_q=B * Lq, head_dim=q.shape[3],
-        head_dim_v=v_cache.shape[3], scale=call.scale, window_left=call.window_left,
-        window_right=call.window_right, page_size=k_cache.shape[1], dtype=q.dtype, device_type=q.device.type,
-    )
     out, lse = dispatch.run_packed(problem, q.reshape(B * Lq, H, q.shape[3]), k_cache, v_cache, cu_q, cu_k, None,
-                                   table, backend)
+                                   table, backend, sinks, alibi)
     out = out.view(B, Lq, H, -1)
     if return_softmax_lse:
         return out, lse.view(H, B, Lq).permute(1, 0, 2)

@@ -158,6 +158,22 @@ AttnParams sequence_params(const PackedLayout& lay, int64_t b, const at::Tensor&
   return p;
 }
 
+// The score modifiers of every sequence: checked once against the packed batch (alibi_slopes
+// (B, Hq) with B the number of sequences), then sequence b reads row b of the slopes.
+void fill_sequence_modifiers(std::vector<AttnParams>& seqs, const at::Tensor& q, double softcap,
+                             const std::optional<at::Tensor>& sinks,
+                             const std::optional<at::Tensor>& alibi_slopes) {
+  AttnParams all;
+  all.batch = static_cast<int64_t>(seqs.size());
+  all.heads_q = q.size(1);
+  check_and_fill_modifiers(all, q, softcap, sinks, alibi_slopes);
+  for (int64_t b = 0; b < all.batch; ++b) {
+    seqs[b].softcap = all.softcap;
+    seqs[b].sinks = all.sinks;
+    seqs[b].alibi_slopes = all.alibi_slopes ? all.alibi_slopes + b * all.heads_q : nullptr;
+  }
+}
+
 void check_scalars(double scale, int64_t window_left, int64_t window_right) {
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_left/window_right must be >= -1, got (",
                     window_left, ", ", window_right, ")");
@@ -188,7 +204,9 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q_in, const 
                                                   const at::Tensor& cu_seqlens_k,
                                                   const std::optional<at::Tensor>& seqused_k,
                                                   const std::optional<at::Tensor>& block_table, double scale,
-                                                  int64_t window_left, int64_t window_right) {
+                                                  int64_t window_left, int64_t window_right, double softcap,
+                                                  const std::optional<at::Tensor>& sinks,
+                                                  const std::optional<at::Tensor>& alibi_slopes) {
   const bool paged = block_table.has_value() && block_table->defined();
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   check_packed_tensors(q, k, v, paged);
@@ -210,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q_in, const 
     p.lse = lse_blocks.data_ptr<float>() + heads * lay.q_start[b];
     seqs.push_back(p);
   }
+  fill_sequence_modifiers(seqs, q, softcap, sinks, alibi_slopes);
   cpu::varlen_forward(seqs);
   blocks_to_heads(lay, heads, lse_blocks.data_ptr<float>(), lse.data_ptr<float>(), total_q);
   return {out, lse};
@@ -219,7 +238,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
-    double scale, int64_t window_left, int64_t window_right) {
+    double scale, int64_t window_left, int64_t window_right, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor out = unit_last_stride(out_in), dout = unit_last_stride(grad_out);
   check_packed_tensors(q, k, v, false);
@@ -268,6 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     p.dlse = has_dlse ? dlse_blocks.data_ptr<float>() + heads * row : nullptr;
     seqs.push_back(p);
   }
+  // no sinks: the saved lse includes them (as in the dense backward)
+  fill_sequence_modifiers(seqs, q, softcap, std::nullopt, alibi_slopes);
   const cpu::VarlenBackwardPlan plan = cpu::varlen_backward_plan(seqs);
   at::Tensor dq_acc = at::zeros({plan.acc_floats}, f32);
   cpu::varlen_backward(seqs, plan, dq_acc.data_ptr<float>());
@@ -280,11 +302,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
 TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def(
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, "
-      "Tensor? block_table, float scale, int window_left, int window_right) -> (Tensor out, Tensor lse)");
+      "Tensor? block_table, float scale, int window_left, int window_right, float softcap=0., Tensor? sinks=None, "
+      "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
   m.def(
       "varlen_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, float scale, int window_left, "
-      "int window_right) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "int window_right, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor grad_q, Tensor grad_k, "
+      "Tensor grad_v)");
 }
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {

@@ -143,6 +143,78 @@ def test_signatures_follow_flash_attn():
 
 
 # ---------------------------------------------------------------------------------------
+# score modifiers (softcap, sinks, ALiBi) per sequence
+
+# (lengths_q, lengths_k, heads_q, heads_kv, causal, window, softcap, sinks, alibi ("H", "BH" or None), extra rows)
+MODIFIER_CASES = {
+    "softcap-causal-gqa": ([20, 0, 70], [33, 5, 70], 4, 2, True, (-1, -1), 0.8, False, None, 3),
+    "sinks-window-empty-keys": ([0, 17, 9, 6], [12, 60, 0, 6], 2, 1, False, (6, 3), 0.0, True, None, 2),
+    "alibi-heads-causal-window": ([30, 65], [40, 65], 4, 4, True, (20, -1), 0.0, False, "H", 0),
+    "all-per-sequence-alibi-gqa": ([9, 40, 4, 0, 25], [9, 41, 0, 3, 70], 4, 2, True, (-1, -1), 1.0, True, "BH", 4),
+}
+
+
+def modifier_inputs(heads, batch, sinks, alibi):
+    s_aux = (torch.randn(heads, dtype=torch.float64) * 2).float() if sinks else None
+    slopes = None
+    if alibi is not None:  # distinct per sequence, so that a wrong row would show
+        slopes = torch.rand(heads if alibi == "H" else (batch, heads), dtype=torch.float64).float() * 0.3
+    return s_aux, slopes
+
+
+@pytest.mark.parametrize("name", list(MODIFIER_CASES))
+def test_varlen_modifiers_match_reference(name, seed):
+    lq, lk, hq, hkv, causal, window, cap, with_sinks, alibi, extra = MODIFIER_CASES[name]
+    q, k, v = packed(lq, lk, hq, hkv, 16, 16, torch.float32, extra_q=extra, extra_k=extra)
+    cq, ck = cu(lq), cu(lk)
+    s_aux, slopes = modifier_inputs(hq, len(lq), with_sinks, alibi)
+    inputs = [q, k, v] + ([s_aux] if with_sinks else [])
+    for t in inputs:
+        t.requires_grad_(True)
+    args = (q, k, v, cq, ck, max(lq), max(lk), 0.0, None, causal, window, cap, slopes)
+    out, lse = attnkern.flash_attn_varlen_func(*args, s_aux=s_aux, return_lse=True, backend="cpu")
+    grad_out = torch.randn_like(out)
+    grad_lse = torch.where(torch.isfinite(lse), torch.randn_like(lse), 0)
+    grads = torch.autograd.grad((out, lse), inputs, (grad_out, grad_lse))
+
+    ref_in = [t.detach().double().requires_grad_(True) for t in inputs]
+    eff = (window[0], 0 if causal else window[1])
+    ref_out, ref_lse = reference_varlen.varlen_attention(
+        *ref_in[:3], cq, ck, 16 ** -0.5, eff[0], eff[1], softcap=cap, sinks=ref_in[3] if with_sinks else None,
+        alibi_slopes=None if slopes is None else slopes.double(),
+    )
+    fin = torch.isfinite(ref_lse)
+    loss = (ref_out * grad_out.double()).sum() + (torch.where(fin, ref_lse, 0.0) * grad_lse.double()).sum()
+    ref_grads = torch.autograd.grad(loss, ref_in)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), "LSE -inf exactly where the reference has it"
+    assert (lse[fin].double() - ref_lse[fin]).abs().max().item() < 1e-4
+    for g, r, what in zip(grads, ref_grads, ("dq", "dk", "dv", "d s_aux")):
+        assert_close(g, r, torch.float32, what)
+    if with_sinks:  # a sequence with no key: output 0, LSE = the sink
+        b = next(b for b in range(len(lq)) if lk[b] == 0 and lq[b] > 0)
+        rows = slice(int(cq[b]), int(cq[b + 1]))
+        assert out[rows].eq(0).all() and torch.equal(lse[:, rows], s_aux.detach()[:, None].expand(-1, lq[b]))
+    math = attnkern.flash_attn_varlen_func(*args, s_aux=s_aux, backend="math")
+    assert_close(math, ref_out, torch.float32, "math backend")
+
+
+def test_varlen_modifiers_matter(seed):
+    """Each modifier changes the result, and (B, H) slopes use row b for sequence b."""
+    lq = [24, 31]
+    q, k, v = packed(lq, lq, 2, 2, 16, 16, torch.float32)
+    run = lambda **kw: attnkern.flash_attn_varlen_func(q, k, v, cu(lq), cu(lq), 31, 31, causal=True, **kw)  # noqa
+    plain = run()
+    slopes = torch.tensor([[0.5, 0.1], [0.05, 0.3]])
+    for kw in (dict(softcap=0.5), dict(s_aux=torch.tensor([1.0, -0.5])), dict(alibi_slopes=slopes)):
+        assert (run(**kw) - plain).abs().max() > 1e-2, kw
+    per_seq = run(alibi_slopes=slopes)
+    for b, rows in enumerate((slice(0, 24), slice(24, 55))):
+        shared = run(alibi_slopes=slopes[b].contiguous())
+        assert torch.equal(per_seq[rows], shared[rows])
+
+
+# ---------------------------------------------------------------------------------------
 # paged K/V and the KV cache
 
 
@@ -267,6 +339,29 @@ def test_kvcache_decode_bf16_int_seqlens(B, H, Hk, S, seed):
     assert_close(lse, ref_lse, torch.float32, "decode lse")
 
 
+@pytest.mark.parametrize("paged", [None, 5], ids=["contiguous", "page5"])
+def test_kvcache_modifiers_match_reference(paged, seed):
+    B, Lq, Lnew, H, Hk, E, S = 3, 3, 2, 4, 2, 16, 40
+    q, k_new, v_new = torch.randn(B, Lq, H, E), torch.randn(B, Lnew, Hk, E), torch.randn(B, Lnew, Hk, E)
+    seqlens = torch.tensor([S - Lnew, 0, 17], dtype=torch.int32)
+    kc, vc = make_cache(B, S, Hk, E, E, torch.float32)
+    table = None
+    if paged:  # block b * 8 + j holds rows j * 5.. of sequence b
+        kc, vc = kc.reshape(B * S // paged, paged, Hk, E), vc.reshape(B * S // paged, paged, Hk, E)
+        table = torch.arange(B * S // paged, dtype=torch.int32).view(B, -1)
+    s_aux, slopes = modifier_inputs(H, B, True, "BH" if paged else "H")
+    ref_out, ref_lse, _, _ = reference_varlen.kvcache_attention(
+        q.double(), kc.double(), vc.double(), k_new.double(), v_new.double(), cache_seqlens=seqlens,
+        block_table=table, scale=E ** -0.5, window_left=-1, window_right=0, softcap=0.8, sinks=s_aux.double(),
+        alibi_slopes=slopes.double(),
+    )
+    out, lse = attnkern.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=seqlens, block_table=table,
+                                                causal=True, softcap=0.8, alibi_slopes=slopes, s_aux=s_aux,
+                                                return_softmax_lse=True)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert_close(lse, ref_lse, torch.float32, "lse")
+
+
 def test_kvcache_has_no_backward(seed):
     kc, vc = make_cache(1, 8, 1, 16, 16, torch.float32)
     q = torch.randn(1, 1, 1, 16, requires_grad=True)
@@ -301,8 +396,12 @@ VARLEN_ERRORS = [
     ("max_seqlen-type", lambda a: a.update(max_seqlen_k=7.0), TypeError, "max_seqlen_k must be an int"),
     ("seqused_k", lambda a: a.update(seqused_k=torch.tensor([6, 1], dtype=torch.int32)), ValueError,
      r"seqused_k\[0\] = 6"),
-    ("softcap", lambda a: a.update(softcap=30.0), NotImplementedError, "softcap"),
-    ("alibi", lambda a: a.update(alibi_slopes=torch.ones(2)), NotImplementedError, "alibi_slopes"),
+    ("softcap", lambda a: a.update(softcap=-1.0), ValueError, "softcap must be a finite float >= 0"),
+    ("alibi", lambda a: a.update(alibi_slopes=torch.ones(3, 2)), ValueError,
+     r"alibi_slopes must have shape \(num_heads,\) = \(2,\) or \(batch, num_heads\) = \(2, 2\)"),
+    ("alibi-dtype", lambda a: a.update(alibi_slopes=torch.ones(2, dtype=torch.float64)), TypeError,
+     "alibi_slopes must be float32"),
+    ("s_aux", lambda a: a.update(s_aux=torch.ones(3)), ValueError, r"s_aux must have shape \(num_query_heads,\)"),
     ("dropout", lambda a: a.update(dropout_p=0.1), NotImplementedError, "dropout_p"),
     ("k-dims", lambda a: a.update(k=a["k"][None]), ValueError, "k must be 3-D"),
 ]
@@ -357,6 +456,8 @@ KV_ERRORS = [
     ("leftpad", lambda a: a.update(cache_leftpad=torch.zeros(2, dtype=torch.int32)), NotImplementedError,
      "cache_leftpad"),
     ("num_splits", lambda a: a.update(num_splits=-1), ValueError, "num_splits"),
+    ("alibi", lambda a: a.update(alibi_slopes=torch.ones(3, 2)), ValueError, "alibi_slopes must have shape"),
+    ("s_aux", lambda a: a.update(s_aux=torch.ones(2, dtype=torch.int32)), TypeError, "s_aux must be float32"),
     ("rotary-without-k", lambda a: a.update(k=None, v=None, rotary_cos=torch.ones(16, 4), rotary_sin=torch.ones(16, 4)),
      ValueError, "need k and v"),
 ]
@@ -390,6 +491,14 @@ def test_opcheck_varlen(seed):
     kp, table = paged_copy(k.detach(), lk, 4)
     torch.library.opcheck(torch.ops.attnkern.varlen_fwd.default,
                           (q.detach(), kp, kp, cu(lq), cu(lk), None, table, 0.3, -1, -1))
+    # the modifiers: sinks with a gradient (autograd registration), per-sequence slopes
+    sinks = torch.randn(4, requires_grad=True)
+    slopes = torch.rand(3, 4)
+    torch.library.opcheck(torch.ops.attnkern.varlen_fwd.default, args + (0.7, sinks, slopes))
+    out, lse = torch.ops.attnkern.varlen_fwd(q.detach(), k.detach(), v.detach(), *args[3:], 0.7, sinks.detach(), slopes)
+    torch.library.opcheck(torch.ops.attnkern.varlen_bwd.default,
+                          (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, *args[3:6],
+                           0.3, 4, 0, 0.7, slopes))
 
 
 def test_compile_fullgraph(seed):
@@ -397,18 +506,21 @@ def test_compile_fullgraph(seed):
     lq = [17, 40]
     q, k, v = packed(lq, lq, 2, 2, 16, 16, torch.float32)
     cq = cu(lq)
+    slopes = torch.rand(2, 2) * 0.3
 
-    def f(q, k, v, cq, m):
-        return attnkern.flash_attn_varlen_func(q, k, v, cq, cq, m, m, causal=True, return_lse=True)
+    def f(q, k, v, cq, m, sinks):  # with every modifier: they trace too
+        return attnkern.flash_attn_varlen_func(q, k, v, cq, cq, m, m, causal=True, softcap=0.8, alibi_slopes=slopes,
+                                               s_aux=sinks, return_lse=True)
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    q1, k1, v1 = (t.clone().requires_grad_(True) for t in (q, k, v))
-    q2, k2, v2 = (t.clone().requires_grad_(True) for t in (q, k, v))
-    out_c, lse_c = compiled(q1, k1, v1, cq, torch.tensor(40))
-    out_e, lse_e = f(q2, k2, v2, cq, torch.tensor(40))
+    q1, k1, v1, s1 = (t.clone().requires_grad_(True) for t in (q, k, v, torch.randn(2)))
+    q2, k2, v2, s2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v, s1))
+    out_c, lse_c = compiled(q1, k1, v1, cq, torch.tensor(40), s1)
+    out_e, lse_e = f(q2, k2, v2, cq, torch.tensor(40), s2)
     assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
     g = torch.randn_like(out_c)
-    assert torch.equal(torch.autograd.grad(out_c, q1, g)[0], torch.autograd.grad(out_e, q2, g)[0])
+    grads_c, grads_e = torch.autograd.grad(out_c, (q1, s1), g), torch.autograd.grad(out_e, (q2, s2), g)
+    assert all(torch.equal(a, b) for a, b in zip(grads_c, grads_e))
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
@@ -432,7 +544,8 @@ def test_varlen_and_paged_under_isa(isa):
     path = os.path.join(here, "test_varlen.py")
     tests = ["test_varlen_matches_reference[mixed-torch.float32]", "test_varlen_matches_reference[seqused-k-torch.float32]",
              "test_varlen_matches_reference[causal-gqa-cross-torch.bfloat16]", "test_paged_varlen_matches_packed[5]",
-             "test_kvcache_decode_bf16_int_seqlens"]
+             "test_kvcache_decode_bf16_int_seqlens", "test_kvcache_modifiers_match_reference[page5]",
+             "test_varlen_modifiers_match_reference[all-per-sequence-alibi-gqa]"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"] + [f"{path}::{t}" for t in tests]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

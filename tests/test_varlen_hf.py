@@ -98,3 +98,31 @@ def test_band_mask_dense_of_packed_documents():
             for j in range(n):
                 expected[start + i, start + j] = i - 1 <= j <= i
     assert torch.equal(dense, expected)
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt_oss"])
+def test_packed_documents_keep_softcap_and_sinks(hf, varlen_calls, kind, seed):
+    """Gemma 2 (softcap) and gpt-oss (sinks) with the flattening collator's kwargs: one varlen
+    call per layer, no dense call, no fallback warning, and each document's logits equal eager's
+    on that document alone (eager applies the modifiers)."""
+    import warnings
+
+    from test_integrations import MODIFIER_MODELS, _no_fallback_warning
+
+    transformers, _, dense_calls = hf
+    model = _tiny(transformers, kind, **MODIFIER_MODELS[kind])
+    docs = [torch.randint(0, 128, (n,)) for n in (11, 15)]
+    cu = torch.tensor([0, 11, 26], dtype=torch.int32)
+    kwargs = dict(input_ids=torch.cat(docs)[None], position_ids=torch.cat([torch.arange(11), torch.arange(15)])[None],
+                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=15, max_length_k=15, use_cache=False)
+    model.set_attn_implementation("attnkern")
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        ours = model(**kwargs).logits[0]
+    assert _no_fallback_warning(record)
+    assert varlen_calls == [[0, 11, 26]] * 2 and not dense_calls, (varlen_calls, dense_calls)
+    model.set_attn_implementation("eager")
+    for doc, rows in zip(docs, (slice(0, 11), slice(11, 26))):
+        with torch.no_grad():
+            alone = model(doc[None], use_cache=False).logits[0]
+        assert _rel(ours[rows], alone) <= 1e-5

@@ -291,7 +291,7 @@ def _make_attention_function(backend: str):
         len_q, len_k = query.shape[-2], key.shape[-2]
         packed = _packed_call(module, attention_mask, kwargs, query, key)
         if packed is not None:
-            return _packed_attention(query, key, value, *packed, dropout, scaling, backend)
+            return _packed_attention(query, key, value, *packed, dropout, scaling, backend, kwargs)
         window, bottom_right, mask = None, False, None
         if isinstance(attention_mask, BandMask):
             if attention_mask.kv_length != len_k:
@@ -353,15 +353,21 @@ def _packed_call(module, attention_mask, kwargs, query, key):
     return None
 
 
-def _packed_attention(query, key, value, cu_q, cu_k, max_q, max_k, window, dropout, scaling, backend):
-    """(B, H, L, D) tensors whose tokens form the packed documents -> ((B, L, Hq, Dv), None)."""
+def _packed_attention(query, key, value, cu_q, cu_k, max_q, max_k, window, dropout, scaling, backend, kwargs):
+    """(B, H, L, D) tensors whose tokens form the packed documents -> ((B, L, Hq, Dv), None).
+    The layer's score modifiers (softcap, s_aux, alibi_slopes) apply to every document; a
+    (1, H) ALiBi row is one batch row's slopes, shared by its documents."""
     from ..varlen import flash_attn_varlen_func
 
     def tokens(t):  # (B, H, L, D) -> (B * L, H, D)
         return t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])
 
+    alibi = kwargs.get("alibi_slopes")
+    if isinstance(alibi, torch.Tensor) and alibi.dim() == 2 and alibi.shape[0] == 1:
+        alibi = alibi[0]
     out = flash_attn_varlen_func(tokens(query), tokens(key), tokens(value), cu_q, cu_k, max_q, max_k, dropout,
-                                 scaling, False, window, backend=backend)
+                                 scaling, False, window, kwargs.get("softcap") or 0.0, alibi,
+                                 s_aux=kwargs.get("s_aux"), backend=backend)
     return out.view(query.shape[0], query.shape[2], query.shape[1], -1), None
 
 

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .band import key_block_range, query_block_range, segment_bounds
-from .forward import UNSPECIALIZED, load_mask_tile, load_tile, mask_to_log2, score_tile
+from .forward import LOG2E, UNSPECIALIZED, load_mask_tile, load_tile, mask_to_log2, score_tile
 from .philox import dropout_keep
 
 
