@@ -225,6 +225,7 @@ def test_check_on_sampled_rows_is_exact_and_can_fail(monkeypatch, seed):
 @pytest.mark.parametrize("name", GPU_PRESETS)
 def test_gpu_preset_end_to_end_on_cpu(name, tmp_path, capsys):
     out = tmp_path / "results" / f"gpu-synthetic-{name}.json"
+    out.parent.mkdir()  # attnkern bench refuses a --json path in a missing directory
     rc = cli.main(["bench", f"--{name}", "--device", "cpu", "--json", str(out), "--budget", "0.01", "--min-reps", "2",
                    "--max-reps", "3", "--warmup", "0.001", "--no-progress"])
     assert rc == 0
