@@ -35,7 +35,7 @@ KERNELS = {"fwd": forward.fwd_kernel, "dkdv": backward.dkdv_kernel, "dq": backwa
 TABLES = {"fwd": configs._FWD, "dkdv": configs._BWD_DKDV, "dq": configs._BWD_DQ}
 
 
-def compile_kernel(kind, arch, dtype, head_dim, config, mask=None, dropout=False, mask_grad=False):
+def compile_kernel(kind, arch, dtype, head_dim, config, mask=None, dropout=False, mask_grad=False, modifiers=False):
     """Compile one kernel as a launch on aligned tensors with unit-stride masks would specialise it.
 
     ``config`` is an autotune entry (BLOCK_M, BLOCK_N, num_warps, num_stages).
@@ -47,20 +47,22 @@ def compile_kernel(kind, arch, dtype, head_dim, config, mask=None, dropout=False
     constexprs = dict(BLOCK_D=block_d, BLOCK_DV=block_d, PAD_D=block_d != head_dim, PAD_DV=block_d != head_dim,
                       MASK_KIND=forward.MASK_KINDS[mask], HAS_DROPOUT=dropout,
                       DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n,
-                      stride_mn=1)
+                      stride_mn=1, SOFTCAP=modifiers, HAS_ALIBI=modifiers)
+    if "HAS_SINKS" in kernel.arg_names:  # the forward adds the sinks (the backward needs none)
+        constexprs["HAS_SINKS"] = modifiers
     if kind == "dq":
         constexprs["MASK_GRAD"] = mask_grad
     signature, aligned = {}, []
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("Lse", "Delta", "dMask", "GradLse"):
+        elif name in ("Lse", "Delta", "dMask", "GradLse", "Sinks", "Alibi"):
             signature[name] = "*fp32"
         elif name == "Mask":
             signature[name] = "*" + mask_type
         elif name[0].isupper() or name[:2] in ("dQ", "dK", "dV", "dO"):
             signature[name] = "*" + _TRITON_TYPES[dtype]
-        elif name in ("scale", "qk_scale", "drop_scale"):
+        elif name in ("scale", "qk_scale", "drop_scale", "softcap2"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
@@ -85,6 +87,17 @@ def _check(compiled, kind, arch, dtype, head_dim, config, mask=None):
     estimate = configs._smem_bytes(cfg, args, kind)
     assert shared <= estimate, f"{kind} {config}: {shared} B of shared memory, above the pruner's {estimate}"
     assert "async_copy_global_to_local" in compiled.asm["ttgir"], f"{kind} {config}: loads are not pipelined"
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+def test_kernels_compile_with_modifiers(kind, arch):
+    """The softcap/sinks/ALiBi variants (constexpr SOFTCAP, HAS_SINKS, HAS_ALIBI) compile for sm80/sm90,
+    within the device's shared memory, with pipelined loads."""
+    config = TABLES[kind][arch][128][-1]
+    compiled = compile_kernel(kind, arch, torch.bfloat16, 128, config, mask="float", modifiers=True)
+    assert compiled.metadata.shared <= ARCHS[arch][1]
+    assert "async_copy_global_to_local" in compiled.asm["ttgir"]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

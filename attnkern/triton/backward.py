@@ -149,7 +149,7 @@ def dkdv_kernel(
         head_index = b * heads_q + h
         slope2 = 0.0
         if HAS_ALIBI:
-            slope2 = tl.load(Alibi + head_index) * LOG2E
+            slope2 = tl.load(Alibi + head_index).to(tl.float32) * LOG2E
         for segment in tl.static_range(3):
             m_lo, m_hi = segment_bounds(segment, start, full_lo, full_hi, end)
             dk, dv = _dkdv_blocks(
@@ -255,7 +255,7 @@ def dq_kernel(
     head_index = b * heads_q + h
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(Alibi + head_index) * LOG2E
+        slope2 = tl.load(Alibi + head_index).to(tl.float32) * LOG2E
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, full_lo, full_hi, end = key_block_range(m0, len_q, len_k, offset, left, right, BLOCK_M, BLOCK_N)

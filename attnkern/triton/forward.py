@@ -196,7 +196,7 @@ def fwd_kernel(
     head_index = b * heads_q + h
     slope2 = 0.0
     if HAS_ALIBI:
-        slope2 = tl.load(Alibi + head_index) * LOG2E
+        slope2 = tl.load(Alibi + head_index).to(tl.float32) * LOG2E
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -213,7 +213,7 @@ def fwd_kernel(
     if HAS_SINKS:
         # the head's sink joins the denominator once and adds no value (a row with no key keeps
         # acc = 0 and gets l = 1 at m = sink: output 0, LSE = sink)
-        sink2 = tl.load(Sinks + h) * LOG2E
+        sink2 = tl.load(Sinks + h).to(tl.float32) * LOG2E
         top = tl.maximum(m_i, sink2)
         top_sub = tl.where(top == float("-inf"), 0.0, top)
         keys = tl.exp2(m_i - top_sub)
