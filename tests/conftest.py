@@ -15,6 +15,8 @@ import hashlib
 import math
 import os
 import random
+import subprocess
+import sys
 import sysconfig
 import tempfile
 import zlib
@@ -182,3 +184,20 @@ def reference_forward_backward(case: Case, q, k, v, mask, grad_out, seed: int, m
     inputs = [q64, k64, v64] + ([m64] if mask_grad else [])
     grads = torch.autograd.grad(out, inputs, grad_out.detach().double().cpu())
     return out, grads
+
+
+def forced_isa_env(isa: str) -> dict:
+    """The environment that forces the CPU kernels' ``isa`` variant (ATTNKERN_CPU_ISA) in a child
+    process. Skips the calling test where ``isa`` is this machine's default (the in-process tests
+    cover it) or where this CPU/build lacks it."""
+    from attnkern import ops
+
+    if isa == ops._C.cpu_isa():
+        pytest.skip(f"{isa} is this machine's default: the in-process tests cover it")
+    env = {**os.environ, "ATTNKERN_CPU_ISA": isa}
+    probe = subprocess.run([sys.executable, "-c", "import attnkern.ops as o; print(o._C.cpu_isa())"], env=env,
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        assert "is not available on this CPU" in probe.stderr, probe.stderr
+        pytest.skip(f"{isa} not available on this CPU")
+    return env

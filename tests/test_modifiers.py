@@ -19,7 +19,7 @@ import torch
 import attnkern
 from attnkern import dispatch, ops
 from attnkern._semantics import check_backend, normalize_torch_layout, with_modifiers
-from conftest import TOLERANCE, assert_close, device_backends
+from conftest import TOLERANCE, assert_close, device_backends, forced_isa_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -230,14 +230,7 @@ def test_opcheck_and_compile_with_modifiers(seed):
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_modifier_parity_under_isa(isa):
     """The other instruction-set variants of the CPU kernels, forced (see test_cpu_isa.py)."""
-    if isa == ops._C.cpu_isa():
-        pytest.skip(f"{isa} is this machine's default: test_modifier_parity covers it")
-    env = {**os.environ, "ATTNKERN_CPU_ISA": isa}
-    probe = subprocess.run([sys.executable, "-c", "import attnkern.ops as o; print(o._C.cpu_isa())"], env=env,
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        assert "is not available on this CPU" in probe.stderr, probe.stderr
-        pytest.skip(f"{isa} not available on this CPU")
+    env = forced_isa_env(isa)
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, __file__),
            "-k", "test_modifier_parity and cpu and not under_isa"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(HERE))

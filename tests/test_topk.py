@@ -11,7 +11,7 @@ import torch
 import attnkern
 from attnkern import dispatch, reference, topk as topk_module
 from attnkern._semantics import band_mask
-from conftest import TOLERANCE, assert_close
+from conftest import TOLERANCE, assert_close, forced_isa_env
 
 needs_cpu_kernel = pytest.mark.skipif(topk_module.topk_fwd is None, reason="C++ extension not built")
 
@@ -254,16 +254,7 @@ def test_parity_under_each_isa(isa):
     import subprocess
     import sys
 
-    from attnkern import ops
-
-    if isa == ops._C.cpu_isa():
-        pytest.skip(f"{isa} is this machine's default: the tests above cover it")
-    env = {**os.environ, "ATTNKERN_CPU_ISA": isa}
-    probe = subprocess.run([sys.executable, "-c", "import attnkern.ops as o; print(o._C.cpu_isa())"], env=env,
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        assert "is not available on this CPU" in probe.stderr, probe.stderr
-        pytest.skip(f"{isa} not available on this CPU")
+    env = forced_isa_env(isa)
     here = os.path.dirname(os.path.abspath(__file__))
     script = f"import sys; sys.path.insert(0, {here!r}); import test_topk; test_topk.parity_subset(); print('ok')"
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)

@@ -10,7 +10,7 @@ import torch
 
 import attnkern
 from attnkern import ops_varlen, reference_varlen
-from conftest import TOLERANCE, assert_close
+from conftest import TOLERANCE, assert_close, forced_isa_env
 
 pytestmark = pytest.mark.skipif(ops_varlen.varlen_fwd is None, reason="C++ extension without attnkern::varlen_fwd")
 
@@ -530,16 +530,7 @@ def test_varlen_and_paged_under_isa(isa):
     import subprocess
     import sys
 
-    from attnkern import ops
-
-    if isa == ops._C.cpu_isa():
-        pytest.skip(f"{isa} is this machine's default: the tests above cover it")
-    env = {**os.environ, "ATTNKERN_CPU_ISA": isa}
-    probe = subprocess.run([sys.executable, "-c", "import attnkern.ops as o; print(o._C.cpu_isa())"], env=env,
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        assert "is not available on this CPU" in probe.stderr, probe.stderr
-        pytest.skip(f"{isa} not available on this CPU")
+    env = forced_isa_env(isa)
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.path.join(here, "test_varlen.py")
     tests = ["test_varlen_matches_reference[mixed-torch.float32]", "test_varlen_matches_reference[seqused-k-torch.float32]",
