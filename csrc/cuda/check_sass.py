@@ -50,12 +50,15 @@ def is_sm90_kernel(name: str) -> bool:
 #     masks/dropout, as does the Hopper forward at head dim 128 with masks/dropout;
 #   * the split-KV decode forward at head dim 256 (two warps, 255 registers each);
 #   * the masked/dropout sm80 dK/dV pass at head dim 128, compiled for sm_90a.
-# None is measured on a GPU; each is a place to look when one is.
+# None is measured on a GPU; each is a place to look when one is. The Hopper dK/dV pass without
+# features grew from 80 to 136 bytes in stop 9, when the AttnParams fields of the score modifiers
+# and packed/paged calls and the NaN-preserving rules of score.cuh/bwd_kernel.cuh merged; which
+# change tipped ptxas was not isolated.
 ALLOWED_SPILLS = {
     (arch, name.format(t=t)): size
     for t in ("__half", "__nv_bfloat16")
     for arch, name, size in (
-        ("sm_90a", "bwd_kv_sm90_kernel<BwdSm90Config<128, 64, 2>, {t}, false>", 96),
+        ("sm_90a", "bwd_kv_sm90_kernel<BwdSm90Config<128, 64, 2>, {t}, false>", 144),
         ("sm_90a", "bwd_kv_sm90_kernel<BwdSm90Config<128, 64, 2>, {t}, true>", 128),
         ("sm_90a", "fwd_sm90_kernel<FwdSm90Config<128, 128, 2>, {t}, true>", 128),
         ("sm_80", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, {t}, false, true>", 16),
