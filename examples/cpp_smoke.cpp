@@ -13,11 +13,14 @@ int main() {
                 .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                           const std::optional<at::Tensor>&,
                                                           const std::optional<at::Tensor>&, double, int64_t, int64_t,
-                                                          bool, double)>();
+                                                          bool, double, double, const std::optional<at::Tensor>&,
+                                                          const std::optional<at::Tensor>&)>();
   at::manual_seed(std::random_device{}());
   at::Tensor q = at::randn({2, 4, 100, 64}), k = at::randn({2, 4, 120, 64}), v = at::randn({2, 4, 120, 64});
   const double scale = 1.0 / std::sqrt(64.0);
-  auto [out, lse] = op.call(q, k, v, std::nullopt, std::nullopt, scale, -1, 0, false, 0.0);  // causal
+  // causal; no softcap, sinks or ALiBi slopes
+  auto [out, lse] = op.call(q, k, v, std::nullopt, std::nullopt, scale, -1, 0, false, 0.0, 0.0, std::nullopt,
+                            std::nullopt);
   at::Tensor ref = at::scaled_dot_product_attention(q.to(at::kDouble), k.to(at::kDouble), v.to(at::kDouble), {}, 0.0,
                                                     /*is_causal=*/true);
   const double err = ((out.to(at::kDouble) - ref).norm() / ref.norm()).item<double>();
