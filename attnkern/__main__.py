@@ -84,6 +84,16 @@ def cpu_threads_line() -> str:
     return f"parallel: {ops._C.cpu_parallel()}, {ops._C.cpu_threads()} threads in use"
 
 
+def cpu_amx_line() -> str:
+    """The AMX variant's state: in use (bf16 block products on tiles), available, or why not."""
+    state = ops._C.cpu_amx()
+    if state != "usable":
+        return f"AMX bf16 tiles: not used ({state.removeprefix('unusable: ')})"
+    if ops._C.cpu_isa() == "amx_bf16":
+        return "AMX bf16 tiles: in use for bf16 inputs with head dims multiple of 32 (q/k) and 16 (v)"
+    return "AMX bf16 tiles: usable, not selected (ATTNKERN_CPU_ISA)"
+
+
 def _problem(q):
     from ._semantics import normalize_torch_layout
 
@@ -94,6 +104,7 @@ def report() -> int:
     print(f"attnkern {__version__} (torch {torch.__version__}, python {platform.python_version()})")
     if ops._C is not None:
         print(f"  cpu backend: compiled, kernels for {ops._C.cpu_isa()}; {cpu_threads_line()}")
+        print(f"    {cpu_amx_line()}")
         if ops._C.cpu_parallel().startswith("none"):
             print("  WARNING: the CPU kernels were built without OpenMP and run single-threaded; "
                   "rebuild with a compiler that accepts -fopenmp")

@@ -144,6 +144,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("version", [] { return std::string(ATTNKERN_VERSION); });
   m.def("cpu_isa", [] { return std::string(attnkern::cpu::select_kernels().isa); },
         "SIMD instruction set the CPU kernels use on this machine");
+  m.def("_set_cpu_isa", [](const std::string& name) { attnkern::cpu::set_kernels(name.c_str()); },
+        "Switch the CPU kernel variant in this process (benchmarks; 'auto' restores the default); "
+        "ATTNKERN_CPU_ISA sets it for a whole process");
+  m.def("cpu_amx", [] {
+    const std::string why = attnkern::cpu::amx_unusable_reason();
+    return why.empty() ? std::string("usable") : "unusable: " + why;
+  }, "Whether the amx_bf16 kernels (bf16 block products on AMX tiles) can run in this process, and if not, why");
   m.def("cpu_parallel", [] {
 #if defined(_OPENMP)
     return std::string("OpenMP ") + std::to_string(_OPENMP);

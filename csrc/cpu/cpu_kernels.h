@@ -63,14 +63,21 @@ struct KernelTable {
 };
 
 // nullptr where the file was not compiled for that ISA (non-x86 builds)
+const KernelTable* amx_bf16_kernels();
 const KernelTable* avx512_bf16_kernels();
 const KernelTable* avx512_kernels();
 const KernelTable* avx2_kernels();
 const KernelTable* generic_kernels();
 
-// The best table for this CPU; ATTNKERN_CPU_ISA=generic|avx2|avx512|avx512_bf16
+// The best table for this CPU; ATTNKERN_CPU_ISA=generic|avx2|avx512|avx512_bf16|amx_bf16
 // overrides (for tests).
 const KernelTable& select_kernels();
+// Switches this process to the variant `name` ("auto" or "": back to select_kernels()'s own
+// choice), throwing if it cannot run here: for benchmarks comparing variants in one process.
+// Set it between calls, not during one.
+void set_kernels(const char* name);
+// Why the amx_bf16 kernels cannot run in this process (one line), or "" when they can.
+const char* amx_unusable_reason();
 
 }  // namespace attnkern::cpu
 

@@ -1,10 +1,21 @@
 // Picks the CPU kernel table for this machine.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 
 #include "cpu_kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#endif
 
 namespace attnkern::cpu {
 
@@ -26,6 +37,55 @@ static bool cpu_supports_avx512_bf16() {
 #endif
 }
 
+// AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22), read directly: not every
+// compiler's __builtin_cpu_supports knows their names
+static bool cpu_has_amx_bf16() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return (d >> 24 & 1u) && (d >> 22 & 1u);
+#else
+  return false;
+#endif
+}
+
+// Whether this process may use the AMX tiles, and if not, why (one line). Linux (>= 5.16)
+// hands the tile data state (XTILEDATA, 8 KiB per thread) only to processes that ask with
+// arch_prctl(ARCH_REQ_XCOMP_PERM); a tile instruction without it dies with SIGILL. The
+// permission is process-wide, so it is asked once (a function-local static: thread-safe),
+// after checking whether it was already granted (oneDNN, in torch, asks the same way).
+struct AmxStatus {
+  bool usable;
+  std::string reason;
+};
+static AmxStatus query_amx() {
+  if (!cpu_supports_avx512_bf16() || !cpu_has_amx_bf16()) return {false, "this CPU has no AMX-BF16"};
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kGetPerm = 0x1022, kReqPerm = 0x1023;  // ARCH_GET_XCOMP_PERM, ARCH_REQ_XCOMP_PERM
+  constexpr unsigned long kXtileData = 18;              // XFEATURE_XTILEDATA
+  unsigned long granted = 0;
+  if (syscall(SYS_arch_prctl, kGetPerm, &granted) == 0 && (granted >> kXtileData & 1ul)) return {true, ""};
+  if (syscall(SYS_arch_prctl, kReqPerm, kXtileData) != 0)
+    return {false, std::string("the kernel refused AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM: ") +
+                       std::strerror(errno) + ")"};
+  if (syscall(SYS_arch_prctl, kGetPerm, &granted) != 0 || !(granted >> kXtileData & 1ul))
+    return {false, "the kernel did not grant AMX tile data (arch_prctl ARCH_GET_XCOMP_PERM)"};
+  return {true, ""};
+#else
+  return {false, "AMX needs Linux's arch_prctl permission, which this build does not ask for"};
+#endif
+}
+
+static const AmxStatus& amx_status() {
+  static const AmxStatus status = query_amx();
+  return status;
+}
+
+const char* amx_unusable_reason() {
+  if (!amx_bf16_kernels()) return "this build has no amx_bf16 kernels (compiler without AMX support)";
+  return amx_status().usable ? "" : amx_status().reason.c_str();
+}
+
 static bool cpu_supports_avx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -34,32 +94,50 @@ static bool cpu_supports_avx2() {
 #endif
 }
 
+// The table called `name` if this CPU (and, for amx_bf16, the kernel) can run it; nullptr if
+// not; an exception naming the choices for an unknown name.
+static const KernelTable* table_named(const std::string& name) {
+  if (name == "generic") return generic_kernels();
+  if (name == "avx2") return cpu_supports_avx2() ? avx2_kernels() : nullptr;
+  if (name == "avx512") return cpu_supports_avx512() ? avx512_kernels() : nullptr;
+  if (name == "avx512_bf16") return cpu_supports_avx512_bf16() ? avx512_bf16_kernels() : nullptr;
+  if (name == "amx_bf16") return !*amx_unusable_reason() ? amx_bf16_kernels() : nullptr;
+  throw std::runtime_error("ATTNKERN_CPU_ISA=" + name +
+                           " is not a CPU kernel variant (use generic, avx2, avx512, avx512_bf16, amx_bf16 or auto)");
+}
+
+static const KernelTable* table_or_throw(const std::string& name) {
+  if (const KernelTable* t = table_named(name)) return t;
+  throw std::runtime_error("ATTNKERN_CPU_ISA=" + name + " is not available on this CPU/build" +
+                           (name == "amx_bf16" ? std::string(": ") + amx_unusable_reason() : std::string()));
+}
+
 static const KernelTable* pick() {
-  const KernelTable* avx512_bf16 = cpu_supports_avx512_bf16() ? avx512_bf16_kernels() : nullptr;
-  const KernelTable* avx512 = cpu_supports_avx512() ? avx512_kernels() : nullptr;
-  const KernelTable* avx2 = cpu_supports_avx2() ? avx2_kernels() : nullptr;
-  if (const char* want = std::getenv("ATTNKERN_CPU_ISA")) {
-    if (!std::strcmp(want, "generic")) return generic_kernels();
-    if (!std::strcmp(want, "avx2") && avx2) return avx2;
-    if (!std::strcmp(want, "avx512") && avx512) return avx512;
-    if (!std::strcmp(want, "avx512_bf16") && avx512_bf16) return avx512_bf16;
-    if (std::strcmp(want, "") && std::strcmp(want, "auto"))
-      throw std::runtime_error(std::string("ATTNKERN_CPU_ISA=") + want +
-                               " is not available on this CPU/build (use generic, avx2, avx512, avx512_bf16 or auto)");
-  }
+  const char* want = std::getenv("ATTNKERN_CPU_ISA");
+  if (want && std::strcmp(want, "") && std::strcmp(want, "auto")) return table_or_throw(want);
+  // amx_bf16 is the avx512 variant but for bf16 inputs, whose block products run on AMX tiles:
+  // measured faster there (benchmarks/bench_cpu_bf16_isa.py), so it is the default where usable.
   // avx512_bf16 is opt-in: on the Intel Xeon (AMX-era) where it was measured, vdpbf16ps has no
   // more multiply throughput than fp32 FMA and the variant's bf16 forward ran at 0.55x the
   // conversion path (README, "CPU threads and bf16"). CPUs where vdpbf16ps is twice the fp32
   // FMA rate (AMD Zen 4/5) should pick it, once measured there.
-  (void)avx512_bf16;
-  if (avx512) return avx512;
-  if (avx2) return avx2;
+  for (const char* name : {"amx_bf16", "avx512", "avx2"})
+    if (const KernelTable* t = table_named(name)) return t;
   return generic_kernels();
 }
 
+// Set by set_kernels (benchmarks comparing variants in one process); null: pick()'s choice
+static std::atomic<const KernelTable*> chosen{nullptr};
+
 const KernelTable& select_kernels() {
-  static const KernelTable* table = pick();
-  return *table;
+  static const KernelTable* picked = pick();
+  const KernelTable* t = chosen.load(std::memory_order_acquire);
+  return t ? *t : *picked;
+}
+
+void set_kernels(const char* name) {
+  const bool reset = !name || !*name || !std::strcmp(name, "auto");
+  chosen.store(reset ? nullptr : table_or_throw(name), std::memory_order_release);
 }
 
 }  // namespace attnkern::cpu
