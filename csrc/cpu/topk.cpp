@@ -25,8 +25,9 @@ constexpr int64_t kTopkRowsPerItem = 64;  // kTopkBlockQ of every ISA
 const TopkKernelTable& select_topk_kernels() {
   const char* isa = select_kernels().isa;
   const TopkKernelTable* t = nullptr;
-  // avx512_bf16 changes only the dense bf16 GEMMs; top-k runs the plain AVX-512 build there
-  if (!std::strcmp(isa, "avx512") || !std::strcmp(isa, "avx512_bf16")) t = avx512_topk_kernels();
+  // avx512_bf16 and amx_bf16 change only the dense bf16 GEMMs; top-k runs the plain AVX-512 build there
+  if (!std::strcmp(isa, "avx512") || !std::strcmp(isa, "avx512_bf16") || !std::strcmp(isa, "amx_bf16"))
+    t = avx512_topk_kernels();
   if (!std::strcmp(isa, "avx2")) t = avx2_topk_kernels();
   return t ? *t : *generic_topk_kernels();
 }
