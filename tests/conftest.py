@@ -56,6 +56,13 @@ def assert_close(out, ref, dtype, what=""):
     assert err <= tol, f"{what}: relative error {err:.3e} > tolerance {tol:.1e} for {dtype}"
 
 
+def assert_lse_close(lse, ref, dtype, what="lse"):
+    """LSE against the reference: rows that see no key are -inf in both, the rest are close."""
+    empty = torch.isneginf(ref.detach().cpu())
+    assert torch.equal(torch.isneginf(lse.detach().cpu()), empty), f"{what}: -inf rows differ from the reference"
+    assert_close(lse.detach().cpu()[~empty], ref.detach().cpu()[~empty], dtype, what)
+
+
 _BASE_SEED = int(os.environ.get("ATTNKERN_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
