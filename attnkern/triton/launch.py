@@ -163,7 +163,7 @@ def _launcher(kernel, kind: str, device: torch.device, meta):
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
     head = configs.head_class(meta["BLOCK_D"], meta["BLOCK_DV"])
     tune = configs.tuning_enabled()
-    key = (kind, arch, head, smem, tune)
+    key = (kernel, kind, arch, head, smem, tune)
     if key not in _tuned_cache:
         _tuned_cache[key] = configs.autotuned(kernel, kind, arch, head, smem, tune)
     return _tuned_cache[key]
@@ -201,9 +201,10 @@ def _strides3(t):
 # the ops
 
 
-def _modifier_args(q, softcap, sinks, alibi_slopes):
-    """Pointers, the log2-domain cap and the constexprs of the score modifiers (ops' checks done here)."""
-    B, Hq = q.shape[0], q.shape[1]
+def _modifier_args(q, softcap, sinks, alibi_slopes, batch=None):
+    """Pointers, the log2-domain cap and the constexprs of the score modifiers (ops' checks done here).
+    ``batch``: rows of alibi_slopes (q.shape[0] for the dense op; the sequence count when packed)."""
+    B, Hq = q.shape[0] if batch is None else batch, q.shape[1]
     if not (0.0 <= softcap < math.inf):
         raise ValueError(f"softcap must be finite and >= 0, got {softcap}")
     for t, name, shape in ((sinks, "sinks", (Hq,)), (alibi_slopes, "alibi_slopes", (B, Hq))):
