@@ -139,6 +139,22 @@ def check_block_table(block_table, batch: int, device, num_blocks: int, page_siz
                 raise ValueError(f"block_table[{b}, {j}] = {rows[b][j]} is outside the cache's {num_blocks} blocks")
 
 
+def packed_lengths(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, paged: bool):
+    """The values of cu_seqlens_q/k (checked against q's and, unpaged, k's rows) and each
+    sequence's query and key counts (key counts cut to seqused_k): ``(cq, ck, len_q, len_k)``."""
+    cq = cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q")
+    ck = cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", None if paged else k.shape[0], "k")
+    batch = len(cq) - 1
+    len_q = [cq[b + 1] - cq[b] for b in range(batch)]
+    len_k = [ck[b + 1] - ck[b] for b in range(batch)]
+    if seqused_k is not None:
+        for b, (used, lk) in enumerate(zip(seqused_k.tolist(), len_k)):
+            if not 0 <= used <= lk:
+                raise ValueError(f"seqused_k[{b}] = {used} must be in [0, cu_seqlens_k[{b + 1}] - cu_seqlens_k[{b}]] = [0, {lk}]")
+            len_k[b] = used
+    return cq, ck, len_q, len_k
+
+
 def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                      window_size, block_table=None, seqused_k=None) -> VarlenProblem:
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
@@ -180,15 +196,7 @@ def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
     len_k = None
     if not _compiling():
-        cq = cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q")
-        ck = cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", None if paged else k.shape[0], "k")
-        len_q = [cq[b + 1] - cq[b] for b in range(batch)]
-        len_k = [ck[b + 1] - ck[b] for b in range(batch)]
-        if seqused_k is not None:
-            for b, (used, lk) in enumerate(zip(seqused_k.tolist(), len_k)):
-                if not 0 <= used <= lk:
-                    raise ValueError(f"seqused_k[{b}] = {used} must be in [0, cu_seqlens_k[{b + 1}] - cu_seqlens_k[{b}]] = [0, {lk}]")
-                len_k[b] = used
+        _, _, len_q, len_k = packed_lengths(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, paged)
         for name, given, lens in (("max_seqlen_q", mq, len_q), ("max_seqlen_k", mk, len_k)):
             if given is not None and lens and given < max(lens):
                 raise ValueError(f"{name} = {given} is less than the longest sequence's {max(lens)}")
