@@ -155,15 +155,8 @@ def packed_lengths(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, paged: bool):
     return cq, ck, len_q, len_k
 
 
-def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     window_size, block_table=None, seqused_k=None) -> VarlenProblem:
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        _check_tensor(t, name)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    paged = block_table is not None
+def check_packed_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, paged: bool) -> int:
+    """Shapes of packed q/k/v (k/v paged with a block table) and of the index vectors; returns B."""
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D (total_q, heads, head_dim), got shape {tuple(q.shape)}")
     kdim, kshape = (4, "(num_blocks, page_size, heads_k, head_dim)") if paged else (3, "(total_k, heads_k, head_dim)")
@@ -188,6 +181,20 @@ def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         )
     if seqused_k is not None:
         _int32_vector(seqused_k, "seqused_k", q.device, batch)
+    return batch
+
+
+def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                     window_size, block_table=None, seqused_k=None) -> VarlenProblem:
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        _check_tensor(t, name)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    paged = block_table is not None
+    batch = check_packed_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, paged)
+    heads_q, heads_kv = q.shape[1], k.shape[-2]
     mq = check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     mk = check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     left, right = normalize_window(window_size, causal, "window_size")

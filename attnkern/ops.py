@@ -172,25 +172,27 @@ def _fake_rng_seed() -> torch.Tensor:
 # the Triton pair: same schema, Python implementation
 
 _triton_lib = torch.library.Library("attnkern", "FRAGMENT")
-_triton_lib.define("triton_fwd" + FWD_ARGS)
-_triton_lib.define("triton_bwd" + BWD_ARGS)
 
 
-def _triton_fwd_impl(*args):
-    from .triton import launch
+def define_triton_pair(fwd_name: str, fwd_args: str, bwd_name: str, bwd_args: str, launcher: str) -> None:
+    """Define ``attnkern::<fwd_name>`` / ``<bwd_name>`` implemented by ``attnkern.triton.<launcher>``'s
+    ``forward`` / ``backward``, imported on the first call (importing it fixes whether Triton
+    compiles or interprets). CPU tensors run under TRITON_INTERPRET=1."""
+    _triton_lib.define(fwd_name + fwd_args)
+    _triton_lib.define(bwd_name + bwd_args)
 
-    return launch.forward(*args)
+    def implementation(function: str):
+        def run(*args):
+            return getattr(importlib.import_module(f"attnkern.triton.{launcher}"), function)(*args)
+
+        return run
+
+    for key in ("CPU", "CUDA"):
+        _triton_lib.impl(fwd_name, implementation("forward"), key)
+        _triton_lib.impl(bwd_name, implementation("backward"), key)
 
 
-def _triton_bwd_impl(*args):
-    from .triton import launch
-
-    return launch.backward(*args)
-
-
-for _key in ("CPU", "CUDA"):  # CPU tensors run under TRITON_INTERPRET=1
-    _triton_lib.impl("triton_fwd", _triton_fwd_impl, _key)
-    _triton_lib.impl("triton_bwd", _triton_bwd_impl, _key)
+define_triton_pair("triton_fwd", FWD_ARGS, "triton_bwd", BWD_ARGS, "launch")
 
 native_fwd: Optional[object] = None
 native_bwd: Optional[object] = None

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .ops import _C, sink_grad
+from .ops import _C, define_triton_pair, sink_grad
 
 NO_PAGED_BACKWARD = (
     "attnkern: paged K/V (block_table) and flash_attn_with_kvcache calls have no backward; "
@@ -96,26 +96,7 @@ VARLEN_BWD_ARGS = (
     "int window_right, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor grad_q, Tensor grad_k, "
     "Tensor grad_v)"
 )
-_triton_lib = torch.library.Library("attnkern", "FRAGMENT")
-_triton_lib.define("triton_varlen_fwd" + VARLEN_FWD_ARGS)
-_triton_lib.define("triton_varlen_bwd" + VARLEN_BWD_ARGS)
-
-
-def _triton_fwd_impl(*args):
-    from .triton import launch_varlen
-
-    return launch_varlen.forward(*args)
-
-
-def _triton_bwd_impl(*args):
-    from .triton import launch_varlen
-
-    return launch_varlen.backward(*args)
-
-
-for _key in ("CPU", "CUDA"):
-    _triton_lib.impl("triton_varlen_fwd", _triton_fwd_impl, _key)
-    _triton_lib.impl("triton_varlen_bwd", _triton_bwd_impl, _key)
+define_triton_pair("triton_varlen_fwd", VARLEN_FWD_ARGS, "triton_varlen_bwd", VARLEN_BWD_ARGS, "launch_varlen")
 triton_varlen_fwd, triton_varlen_bwd = _register_pair("triton_varlen_fwd", "triton_varlen_bwd")
 
 

@@ -52,11 +52,7 @@ def _check_device(q: torch.Tensor, op: str) -> None:
     )
 
 
-def _check_inputs(op, q, k, v, mask, rng_seed, scale, window_left, window_right, dropout_p) -> Optional[str]:
-    """Validate the forward arguments; return the mask kind (None, "bool" or "float")."""
-    for t, name, want in ((q, "q", "(B, Hq, L, E)"), (k, "k", "(B, Hkv, S, E)"), (v, "v", "(B, Hkv, S, Ev)")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor {want}, got {getattr(t, 'shape', type(t).__name__)}")
+def _check_dtypes_devices(op, q, k, v) -> None:
     if q.dtype not in _DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton backend, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -64,6 +60,14 @@ def _check_inputs(op, q, k, v, mask, rng_seed, scale, window_left, window_right,
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     _check_device(q, op)
+
+
+def _check_inputs(op, q, k, v, mask, rng_seed, scale, window_left, window_right, dropout_p) -> Optional[str]:
+    """Validate the forward arguments; return the mask kind (None, "bool" or "float")."""
+    for t, name, want in ((q, "q", "(B, Hq, L, E)"), (k, "k", "(B, Hkv, S, E)"), (v, "v", "(B, Hkv, S, Ev)")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor {want}, got {getattr(t, 'shape', type(t).__name__)}")
+    _check_dtypes_devices(op, q, k, v)
     B, Hq, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if k.shape[0] != B or v.shape[0] != B:

@@ -21,11 +21,11 @@ import math
 import torch
 import triton
 
-from .._varlen_semantics import _int32_vector, check_block_table, packed_lengths
+from .._varlen_semantics import check_block_table, check_packed_shapes, packed_lengths
 from ..dispatch import CAPABILITIES, TRITON_MAX_GRID_DIM
 from ..dispatch import _triton_interpreting as _interpreting
 from . import configs
-from .launch import (LOG2E, _DTYPES, _band_args, _check_device, _head_blocks, _launch, _modifier_args,
+from .launch import (LOG2E, _band_args, _check_dtypes_devices, _head_blocks, _launch, _modifier_args,
                      _unit_last_stride)
 
 MAX_SPLITS = 64
@@ -45,26 +45,12 @@ def _check_packed(op, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_tabl
                   window_right):
     """Tensor and value checks; returns ``(cq, ck, len_q, len_k)`` (see packed_lengths)."""
     paged = block_table is not None
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"q must be a 3-D tensor (total_q, heads, head_dim), got {getattr(q, 'shape', type(q).__name__)}")
-    kdim, kshape = (4, "(num_blocks, page_size, heads_k, head_dim)") if paged else (3, "(total_k, heads_k, head_dim)")
-    for t, name in ((k, "k"), (v, "v")):
-        if not isinstance(t, torch.Tensor) or t.dim() != kdim:
-            raise ValueError(f"{name} must be a {kdim}-D tensor {kshape}, got {getattr(t, 'shape', type(t).__name__)}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton backend, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    _check_device(q, op)
-    if tuple(v.shape[:-1]) != tuple(k.shape[:-1]):
-        raise ValueError(f"v shape {tuple(v.shape)} does not match k shape {tuple(k.shape)} before the head dim")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k head dim {k.shape[-1]} does not match q head dim {q.shape[-1]}")
-    heads_q, heads_kv = q.shape[1], k.shape[-2]
-    if heads_kv == 0 or heads_q % heads_kv != 0:
-        raise ValueError(f"q heads {heads_q} must be a multiple of k/v heads {heads_kv}")
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_dtypes_devices(op, q, k, v)
+    batch = check_packed_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, paged)
+    heads_q = q.shape[1]
     max_dim = CAPABILITIES["triton"].max_head_dim
     if max(q.shape[-1], v.shape[-1]) > max_dim or min(q.shape[-1], v.shape[-1]) < 1:
         raise ValueError(f"head dims ({q.shape[-1]}, {v.shape[-1]}) must be in [1, {max_dim}] for the Triton backend")
@@ -74,14 +60,6 @@ def _check_packed(op, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_tabl
         raise ValueError(f"window_left/window_right must be >= -1, got ({window_left}, {window_right})")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    _int32_vector(cu_seqlens_q, "cu_seqlens_q", q.device)
-    _int32_vector(cu_seqlens_k, "cu_seqlens_k", q.device)
-    batch = cu_seqlens_q.shape[0] - 1
-    if cu_seqlens_k.shape[0] != batch + 1:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must give the same number of sequences, got {batch} and "
-                         f"{cu_seqlens_k.shape[0] - 1}")
-    if seqused_k is not None:
-        _int32_vector(seqused_k, "seqused_k", q.device, batch)
     lengths = packed_lengths(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, paged)
     if paged:
         check_block_table(block_table, batch, q.device, k.shape[0], k.shape[1], lengths[3])

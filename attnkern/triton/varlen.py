@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .backward import _dkdv_blocks, _dq_blocks, _load_row_stats
+from .backward import _dkdv_blocks, _dq_blocks, _load_row_stats, load_key_tile, store_key_grads
 from .band import key_block_range, query_block_range, segment_bounds
 from .forward import LOG2E, MASK_NONE, _fwd_blocks, finish_rows, load_tile
 
@@ -169,17 +169,14 @@ def varlen_dkdv_kernel(
     len_q = tl.load(CuQ + b + 1) - q_start
     offset = len_k - len_q
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     cols = n0 + offs_n
     col_ok = cols < len_k
 
     k_row = (k_start + n0).to(tl.int64)
     k_base = K + k_row * stride_kn + h_kv.to(tl.int64) * stride_kh
     v_base = V + k_row * stride_vn + h_kv.to(tl.int64) * stride_vh
-    k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], col_ok, offs_d < head_dim, True, PAD_D)
-    v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], col_ok, offs_dv < head_dim_v,
-                  True, PAD_DV)
+    k, v = load_key_tile(k_base, v_base, stride_kn, stride_vn, col_ok, head_dim, head_dim_v, BLOCK_N, BLOCK_D,
+                         BLOCK_DV, PAD_D, PAD_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     start, full_lo, full_hi, end = query_block_range(n0, len_q, len_k, offset, left, right, BLOCK_M, BLOCK_N)
@@ -200,10 +197,8 @@ def varlen_dkdv_kernel(
 
     dk_base = dK + k_row * stride_dkn + h_kv.to(tl.int64) * stride_dkh
     dv_base = dV + k_row * stride_dvn + h_kv.to(tl.int64) * stride_dvh
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(dK.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_d[None, :] < head_dim))
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(dV.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    store_key_grads(dk_base, dv_base, dk * scale, dv, stride_dkn, stride_dvn, col_ok, head_dim, head_dim_v, BLOCK_N,
+                    BLOCK_D, BLOCK_DV)
 
 
 @triton.jit(do_not_specialize=BWD_UNSPECIALIZED)
