@@ -248,6 +248,27 @@ class TestTritonVarlen:
         assert_close(kc, ref_k, torch.float32, "k_cache after the append")
         assert_close(vc, ref_v, torch.float32, "v_cache after the append")
 
+    def test_compile_fullgraph(self, seed):
+        """torch.compile traces the Triton packed op whole (shared fake kernels), forward and backward."""
+        torch._dynamo.reset()
+        lq = [9, 20]
+        q, k, v = packed(lq, lq, 2, 1, 16, 16, torch.float32, 0)
+        cq = cu(lq)
+
+        def f(q, k, v, m):
+            return attnkern.flash_attn_varlen_func(q, k, v, cq, cq, m, m, causal=True, softcap=0.5,
+                                                   return_lse=True, backend=BACKEND)
+
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        eager_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        compiled_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out_c, lse_c = compiled(*compiled_in, torch.tensor(20))
+        out_e, lse_e = f(*eager_in, torch.tensor(20))
+        assert torch.equal(out_c, out_e) and torch.equal(lse_c, lse_e)
+        g = torch.randn_like(out_c)
+        for a, b in zip(torch.autograd.grad(out_c, compiled_in, g), torch.autograd.grad(out_e, eager_in, g)):
+            assert torch.equal(a, b)
+
     def test_num_splits_heuristic(self):
         from attnkern.triton.launch_varlen import MAX_SPLITS, num_splits
 
