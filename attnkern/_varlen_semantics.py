@@ -127,16 +127,20 @@ def check_block_table(block_table, batch: int, device, num_blocks: int, page_siz
     if len_k is None:
         return
     coverage = block_table.shape[1] * page_size
-    rows = block_table.tolist()
     for b, lk in enumerate(len_k):
         if lk > coverage:
             raise ValueError(
                 f"sequence {b} needs {lk} keys, beyond the block_table's coverage of {block_table.shape[1]} pages "
                 f"x page size {page_size} = {coverage} keys"
             )
-        for j in range(-(-lk // page_size)):
-            if not 0 <= rows[b][j] < num_blocks:
-                raise ValueError(f"block_table[{b}, {j}] = {rows[b][j]} is outside the cache's {num_blocks} blocks")
+    # the entries the sequences use, checked as one tensor (a decode step's table can hold many pages)
+    table = block_table.cpu()
+    pages = torch.tensor([-(-lk // page_size) for lk in len_k], dtype=torch.int64)
+    used = torch.arange(table.shape[1]) < pages[:, None]
+    bad = (used & ((table < 0) | (table >= num_blocks))).nonzero()
+    if len(bad):
+        b, j = bad[0].tolist()  # the first in row-major order
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is outside the cache's {num_blocks} blocks")
 
 
 def packed_lengths(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, paged: bool):
