@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .ops import _C, define_triton_pair, sink_grad
+from .ops import _C, define_triton_pair, register_pair, sink_grad
 
 NO_PAGED_BACKWARD = (
     "attnkern: paged K/V (block_table) and flash_attn_with_kvcache calls have no backward; "
@@ -69,12 +69,7 @@ def _make_backward(bwd_op):
 
 
 def _register_pair(fwd_name: str, bwd_name: str):
-    fwd = getattr(torch.ops.attnkern, fwd_name).default
-    bwd = getattr(torch.ops.attnkern, bwd_name).default
-    torch.library.register_fake(f"attnkern::{fwd_name}")(_fake_fwd)
-    torch.library.register_fake(f"attnkern::{bwd_name}")(_fake_bwd)
-    torch.library.register_autograd(f"attnkern::{fwd_name}", _make_backward(bwd), setup_context=_setup_context)
-    return fwd, bwd
+    return register_pair(fwd_name, bwd_name, _fake_fwd, _fake_bwd, _make_backward, _setup_context)
 
 
 varlen_fwd: Optional[object] = None
