@@ -127,27 +127,40 @@ def check_block_table(block_table, batch: int, device, num_blocks: int, page_siz
     if len_k is None:
         return
     coverage = block_table.shape[1] * page_size
-    rows = block_table.tolist()
     for b, lk in enumerate(len_k):
         if lk > coverage:
             raise ValueError(
                 f"sequence {b} needs {lk} keys, beyond the block_table's coverage of {block_table.shape[1]} pages "
                 f"x page size {page_size} = {coverage} keys"
             )
-        for j in range(-(-lk // page_size)):
-            if not 0 <= rows[b][j] < num_blocks:
-                raise ValueError(f"block_table[{b}, {j}] = {rows[b][j]} is outside the cache's {num_blocks} blocks")
+    # the entries the sequences use, checked as one tensor (a decode step's table can hold many pages)
+    table = block_table.cpu()
+    pages = torch.tensor([-(-lk // page_size) for lk in len_k], dtype=torch.int64)
+    used = torch.arange(table.shape[1]) < pages[:, None]
+    bad = (used & ((table < 0) | (table >= num_blocks))).nonzero()
+    if len(bad):
+        b, j = bad[0].tolist()  # the first in row-major order
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is outside the cache's {num_blocks} blocks")
 
 
-def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     window_size, block_table=None, seqused_k=None) -> VarlenProblem:
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        _check_tensor(t, name)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    paged = block_table is not None
+def packed_lengths(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, paged: bool):
+    """The values of cu_seqlens_q/k (checked against q's and, unpaged, k's rows) and each
+    sequence's query and key counts (key counts cut to seqused_k): ``(cq, ck, len_q, len_k)``."""
+    cq = cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q")
+    ck = cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", None if paged else k.shape[0], "k")
+    batch = len(cq) - 1
+    len_q = [cq[b + 1] - cq[b] for b in range(batch)]
+    len_k = [ck[b + 1] - ck[b] for b in range(batch)]
+    if seqused_k is not None:
+        for b, (used, lk) in enumerate(zip(seqused_k.tolist(), len_k)):
+            if not 0 <= used <= lk:
+                raise ValueError(f"seqused_k[{b}] = {used} must be in [0, cu_seqlens_k[{b + 1}] - cu_seqlens_k[{b}]] = [0, {lk}]")
+            len_k[b] = used
+    return cq, ck, len_q, len_k
+
+
+def check_packed_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, paged: bool) -> int:
+    """Shapes of packed q/k/v (k/v paged with a block table) and of the index vectors; returns B."""
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D (total_q, heads, head_dim), got shape {tuple(q.shape)}")
     kdim, kshape = (4, "(num_blocks, page_size, heads_k, head_dim)") if paged else (3, "(total_k, heads_k, head_dim)")
@@ -172,6 +185,20 @@ def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         )
     if seqused_k is not None:
         _int32_vector(seqused_k, "seqused_k", q.device, batch)
+    return batch
+
+
+def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                     window_size, block_table=None, seqused_k=None) -> VarlenProblem:
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        _check_tensor(t, name)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    paged = block_table is not None
+    batch = check_packed_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, paged)
+    heads_q, heads_kv = q.shape[1], k.shape[-2]
     mq = check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     mk = check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     left, right = normalize_window(window_size, causal, "window_size")
@@ -180,15 +207,7 @@ def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
     len_k = None
     if not _compiling():
-        cq = cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q")
-        ck = cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", None if paged else k.shape[0], "k")
-        len_q = [cq[b + 1] - cq[b] for b in range(batch)]
-        len_k = [ck[b + 1] - ck[b] for b in range(batch)]
-        if seqused_k is not None:
-            for b, (used, lk) in enumerate(zip(seqused_k.tolist(), len_k)):
-                if not 0 <= used <= lk:
-                    raise ValueError(f"seqused_k[{b}] = {used} must be in [0, cu_seqlens_k[{b + 1}] - cu_seqlens_k[{b}]] = [0, {lk}]")
-                len_k[b] = used
+        _, _, len_q, len_k = packed_lengths(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, paged)
         for name, given, lens in (("max_seqlen_q", mq, len_q), ("max_seqlen_k", mk, len_k)):
             if given is not None and lens and given < max(lens):
                 raise ValueError(f"{name} = {given} is less than the longest sequence's {max(lens)}")

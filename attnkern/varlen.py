@@ -127,7 +127,7 @@ def flash_attn_with_kvcache(
     ``rotary_cos/sin`` (seqlen_ro, rotary_dim / 2), the new k is rotated at positions
     ``cache_seqlens + t``, and q too: at ``cache_seqlens + t`` under a causal/local band, else at
     ``cache_seqlens`` for every query (as flash-attn). ``num_splits`` 0 (automatic) or a hint the
-    CPU kernels ignore (they choose their own split). ``softcap``, ``alibi_slopes`` (``(H,)`` or
+    CPU and Triton kernels ignore (they choose their own split). ``softcap``, ``alibi_slopes`` (``(H,)`` or
     ``(B, H)`` fp32) and ``s_aux`` (sinks, ``(H,)``) as in ``flash_attn_func``. Returns out ``(B, Lq, H, D)``, and
     lse ``(B, H, Lq)`` with ``return_softmax_lse``.
     """
