@@ -88,8 +88,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: tor
 def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                       cache_batch_idx=None, block_table=None, scale: float = 1.0, window_left: int = -1,
                       window_right: int = -1, rotary_interleaved: bool = True, softcap: float = 0.0, sinks=None,
-                      alibi_slopes=None):
+                      alibi_slopes=None, cache_leftpad=None):
     """What flash_attn_with_kvcache computes, without touching its inputs.
+
+    With ``cache_leftpad``, sequence b's keys are cache positions ``cache_leftpad[b]`` to
+    ``cache_seqlens[b] + L_new`` (the ones before are padding, never seen), and the bottom-right
+    alignment counts only those; appends and rotary positions stay absolute cache positions.
 
     Returns (out (B, Lq, H, Ev), lse (B, H, Lq), k_cache', v_cache'): the caches after the append.
     """
@@ -118,12 +122,14 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rota
     outs, lses = [], []
     for b in range(B):
         lk = int(seqlens[b]) + len_new
+        pad = 0 if cache_leftpad is None else int(cache_leftpad[b])
         if block_table is None:
             row = b if cache_batch_idx is None else int(cache_batch_idx[b])
             kb, vb = k_cache[row, :lk], v_cache[row, :lk]
         else:
             kb = sequence_keys(k_cache, b, 0, lk, block_table)
             vb = sequence_keys(v_cache, b, 0, lk, block_table)
+        kb, vb, lk = kb[pad:], vb[pad:], lk - pad
         cu_q = torch.tensor([0, Lq], dtype=torch.int32)
         cu_k = torch.tensor([0, lk], dtype=torch.int32)
         slopes = None if alibi_slopes is None else alibi_slopes.expand(B, H)[b:b + 1]

@@ -6,6 +6,7 @@ Positional order follows flash-attn 2 exactly; attnkern's extras (``seqused_k``,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple, Union
 
 import torch
@@ -109,6 +110,56 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interle
     return torch.cat((rot, x[..., rd:]), dim=-1)
 
 
+def _cache_rows(cache: Tensor) -> Tuple[Tensor, int]:
+    """Every row of a 4-D cache (pages or batch rows, rows, heads, dim) as one (N, heads, dim) view
+    whose row i lies at ``i * cache.stride(1)``, and the row index step between pages (rows of a
+    page, or of a batch row, stay consecutive). Overlapping views are fine: the kernels only read
+    them. A layout that has no such view is copied (after the append, so reads see the new keys)."""
+    row, page = cache.stride(1), cache.stride(0)
+    if row <= 0 or page % row != 0:
+        cache = cache.contiguous()
+        row, page = cache.stride(1), cache.stride(0)
+    step = page // row
+    count = (cache.shape[0] - 1) * step + cache.shape[1]
+    view = cache.as_strided((count, cache.shape[2], cache.shape[3]), (row, cache.stride(2), cache.stride(3)))
+    return view, step
+
+
+def _leftpad_keys(k_cache: Tensor, v_cache: Tensor, call, block_table: Optional[Tensor]):
+    """K/V operands for a call with ``cache_leftpad``: sequence b's keys are cache positions
+    ``leftpad[b] .. cache_seqlens[b] + L_new``. Returns ``(k, v, cu_seqlens_k, seqused_k, table)``.
+
+    A contiguous cache whose sequences lie in ascending rows runs as a plain packed call over the
+    rows view (cu_seqlens_k = each sequence's first row, seqused_k its key count): the kernels
+    read the keys in place. Anything else (cache_batch_idx in another order, paged caches) reads
+    through a table of single-row pages, one entry per key."""
+    B, device = call.batch, call.cache_seqlens.device
+    lens = call.cache_seqlens + call.len_new - call.leftpad  # (B,) keys per sequence
+    k_rows, step = _cache_rows(k_cache)
+    v_rows, v_step = _cache_rows(v_cache)
+    if v_step != step:  # one table must serve both: give them one layout
+        (k_rows, step), (v_rows, _) = _cache_rows(k_cache.contiguous()), _cache_rows(v_cache.contiguous())
+    if block_table is None:
+        cache_row = call.cache_rows if call.cache_rows is not None else torch.arange(B, dtype=torch.int32, device=device)
+        first = cache_row * step + call.leftpad
+        # (reading the order is a sync: under torch.compile the table below serves every call)
+        if not torch.compiler.is_compiling() and B and bool(((first + lens)[:-1] <= first[1:]).all()):
+            start = int(first[0])  # cu_seqlens_k starts at 0: the view starts at the first sequence's row
+            cu_k = torch.cat((first, torch.tensor([k_rows.shape[0]], dtype=torch.int32, device=device))) - start
+            return k_rows[start:], v_rows[start:], cu_k.to(torch.int32), lens.to(torch.int32), None
+    # one entry per key a sequence can have (the table's width is static: no sync)
+    longest = max(k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1], 1)
+    pos = call.leftpad[:, None].long() + torch.arange(longest, device=device)  # (B, longest) cache positions
+    pos = torch.minimum(pos, (call.leftpad + lens - 1).clamp_min(call.leftpad)[:, None].long())
+    if block_table is None:
+        table = cache_row[:, None].long() * step + pos
+    else:
+        page = k_cache.shape[1]
+        table = block_table.long().gather(1, (pos // page).clamp_max(block_table.shape[1] - 1)) * step + pos % page
+    cu_k = torch.cat((torch.zeros(1, dtype=torch.int32, device=device), torch.cumsum(lens, 0, dtype=torch.int32)))
+    return k_rows[:, None], v_rows[:, None], cu_k, None, table.to(torch.int32)
+
+
 def flash_attn_with_kvcache(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None, v: Optional[Tensor] = None,
     rotary_cos: Optional[Tensor] = None, rotary_sin: Optional[Tensor] = None,
@@ -123,7 +174,10 @@ def flash_attn_with_kvcache(
     q ``(B, Lq, H, D)``. The cache is ``(B_cache, S, Hk, D)`` (rows chosen by ``cache_batch_idx``)
     or, with ``block_table`` (B, max_blocks) int32, pages ``(num_blocks, page_size, Hk, D)`` of any
     page size. ``k``/``v`` ``(B, L_new, Hk, D)`` are written in place at ``cache_seqlens[b]``, then
-    sequence b attends its ``cache_seqlens[b] + L_new`` keys, bottom-right aligned. With
+    sequence b attends its ``cache_seqlens[b] + L_new`` keys, bottom-right aligned.
+    ``cache_leftpad`` (B,) int32 (as flash-attn): sequence b's keys start at cache position
+    ``cache_leftpad[b]`` (<= ``cache_seqlens[b]``); the keys before it are never read and the
+    alignment counts only the rest, while appends and rotary positions stay absolute. With
     ``rotary_cos/sin`` (seqlen_ro, rotary_dim / 2), the new k is rotated at positions
     ``cache_seqlens + t``, and q too: at ``cache_seqlens + t`` under a causal/local band, else at
     ``cache_seqlens`` for every query (as flash-attn). ``num_splits`` 0 (automatic) or a hint the
@@ -162,17 +216,22 @@ def flash_attn_with_kvcache(
                 index = (block_table.long().gather(1, pos // page), pos % page)
             k_cache.index_put_(index, k)
             v_cache.index_put_(index, v)
-    # one packed call: every sequence's Lq queries, its keys read from the cache as pages (a
-    # contiguous cache is one page of S rows per cache row)
-    if block_table is None:
-        rows = call.cache_rows if call.cache_rows is not None else torch.arange(B, dtype=torch.int32, device=q.device)
-        table = rows.to(torch.int32).view(B, 1)
-    else:
-        table = block_table
-    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
     cu_q = torch.arange(B + 1, dtype=torch.int32, device=q.device) * Lq
-    cu_k = torch.cat((zero, torch.cumsum(call.cache_seqlens + call.len_new, 0, dtype=torch.int32)))
-    out, lse = dispatch.run_packed(problem, q.reshape(B * Lq, H, q.shape[3]), k_cache, v_cache, cu_q, cu_k, None,
+    if call.leftpad is None:
+        # one packed call: every sequence's Lq queries, its keys read from the cache as pages (a
+        # contiguous cache is one page of S rows per cache row)
+        if block_table is None:
+            rows = call.cache_rows if call.cache_rows is not None else torch.arange(B, dtype=torch.int32, device=q.device)
+            table = rows.to(torch.int32).view(B, 1)
+        else:
+            table = block_table
+        zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+        cu_k = torch.cat((zero, torch.cumsum(call.cache_seqlens + call.len_new, 0, dtype=torch.int32)))
+        keys, values, used = k_cache, v_cache, None
+    else:
+        keys, values, cu_k, used, table = _leftpad_keys(k_cache, v_cache, call, block_table)
+        problem = dataclasses.replace(problem, page_size=0 if table is None else 1)
+    out, lse = dispatch.run_packed(problem, q.reshape(B * Lq, H, q.shape[3]), keys, values, cu_q, cu_k, used,
                                    table, backend, sinks, alibi)
     out = out.view(B, Lq, H, -1)
     if return_softmax_lse:
