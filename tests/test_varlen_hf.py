@@ -249,3 +249,42 @@ def test_continuous_batching_matches_eager(hf, varlen_calls, seed):
     assert got == expected
     # requests ran packed together (several sequences in one call), and never through a dense mask
     assert any(len(cu) > 2 for cu in varlen_calls) and not dense_calls, (varlen_calls, dense_calls)
+
+
+def test_padded_route_rule_and_gaps(seed):
+    """The route a padding mask takes (hf._padded_route), and an unpadded causal batch whose rows
+    have gaps (only the order of the tokens counts) against the float64 reference on real rows."""
+    import attnkern
+    from attnkern.integrations import hf as hf_module
+
+    def rows(*runs, length=16):  # (B, S) bool with True on [start, stop) of each row
+        mask = torch.zeros(len(runs), length, dtype=torch.bool)
+        for b, spans in enumerate(runs):
+            for start, stop in spans:
+                mask[b, start:stop] = True
+        return mask
+
+    route = hf_module._padded_route
+    left = rows([(0, 16)], [(10, 16)], [(12, 16)])  # work (256 + 36 + 16) / 768 = 0.40
+    assert route(left, 16, 16, (-1, 0), 0.0, {}) == "unpad"
+    assert route(left, 16, 16, (-1, 0), 0.1, {}) == "mask"  # the varlen op has no dropout
+    assert route(rows([(0, 16)], [(0, 16)], [(0, 15)]), 16, 16, (-1, 0), 0.0, {}) == "mask"  # work 0.98
+    gaps = rows([(0, 3), (9, 12)], [(2, 5)], [(0, 1), (15, 16)])
+    assert route(gaps, 16, 16, (-1, 0), 0.0, {}) == "unpad"
+    assert route(gaps, 16, 16, (3, 0), 0.0, {}) == "mask"  # a window's edge counts distances
+    assert route(gaps, 16, 16, (-1, 0), 0.0, {"alibi_slopes": torch.ones(2)}) == "mask"
+    assert route(left, 1, 16, (-1, 0), 0.0, {}) == "mask"  # decoding: the dense op (DECODE_VIA_KVCACHE off)
+    hf_module.DECODE_VIA_KVCACHE = True
+    try:
+        assert route(left, 1, 16, (-1, 0), 0.0, {}) == "leftpad"
+        assert route(left.flip(1), 1, 16, (-1, 0), 0.0, {}) == "mask"  # right padding: no cache_leftpad
+    finally:
+        hf_module.DECODE_VIA_KVCACHE = False
+
+    q, k, v = torch.randn(3, 4, 16, 8), torch.randn(3, 2, 16, 8), torch.randn(3, 2, 16, 8)
+    out = hf_module._unpadded_attention(q, k, v, gaps, (-1, 0), None, "auto", {})  # (B, S, H, D)
+    allowed = gaps[:, None, None, :] & torch.ones(16, 16, dtype=torch.bool).tril()
+    ref = attnkern.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=allowed,
+                                                enable_gqa=True, backend="math").transpose(1, 2)
+    assert_close(out[gaps], ref[gaps], torch.float32, "unpadded rows with gaps")
+    assert torch.all(out[~gaps] == 0), "pad rows output 0"

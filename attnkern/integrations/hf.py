@@ -388,20 +388,17 @@ def _token_runs(padding: torch.Tensor):
 def _padded_route(padding, len_q, len_k, window, dropout, kwargs) -> str:
     from transformers import masking_utils as mu
 
-    if mu.is_tracing(padding):
-        return "mask"
+    if mu.is_tracing(padding) or dropout != 0.0 or (len_q != len_k and not DECODE_VIA_KVCACHE):
+        return "mask"  # (varlen has no dropout yet)
     lengths, first, contiguous = _token_runs(padding)
-    # gaps inside a row change distances: fine for a plain causal or full band, not for a
-    # window's left edge or ALiBi
-    order_only = window[0] < 0 and kwargs.get("alibi_slopes") is None
+    # gaps inside a row change distances: fine for a plain causal or full band (only the order
+    # of the tokens counts), not for a window's edge or ALiBi
+    order_only = window[0] < 0 and window[1] <= 0 and kwargs.get("alibi_slopes") is None
     if len_q == len_k:
         work = float((lengths.double() ** 2).sum()) / (padding.shape[0] * len_k * len_k)
-        # (varlen has no dropout yet)
-        if dropout == 0.0 and work <= UNPAD_MAX_WORK and (contiguous or order_only):
-            return "unpad"
-        return "mask"
+        return "unpad" if work <= UNPAD_MAX_WORK and (contiguous or order_only) else "mask"
     left_padded = contiguous and bool(((first + lengths == len_k) | (lengths == 0)).all())
-    return "leftpad" if DECODE_VIA_KVCACHE and len_q < len_k and left_padded and dropout == 0.0 else "mask"
+    return "leftpad" if len_q < len_k and left_padded else "mask"
 
 
 def _modifier_kwargs(kwargs):
