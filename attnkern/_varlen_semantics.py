@@ -13,7 +13,8 @@ right side at 0) are the dense ones (:mod:`attnkern._semantics`). Rows past
 no key outputs 0 with LSE -inf (flash-attn 2 writes +inf there), or LSE = the sink with sinks.
 The score modifiers (softcap, sinks ``s_aux`` (Hq,), ``alibi_slopes`` (Hq,) or (B, Hq) with B
 the number of sequences) are the dense ones applied per sequence: sequence b uses slope row b,
-and ALiBi distances use the bottom-right aligned positions of its own problem.
+and ALiBi distances use the bottom-right aligned positions of its own problem. Dropout: sequence
+b uses the dense pattern (reference.dropout_keep_mask) of a batch of one keyed by ``seed + b``.
 
 Values (cu_seqlens, seqused_k, block_table) are checked here on every eager call, and again by
 the C++ op before a kernel reads through them (the op is also what runs under torch.compile,
@@ -27,7 +28,7 @@ from typing import List, Optional
 
 import torch
 
-from ._semantics import _check_scale, _check_tensor, _is_int, check_dropout, normalize_window
+from ._semantics import _check_scale, _check_tensor, _is_int, normalize_window
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,6 @@ class VarlenProblem:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def check_not_implemented(dropout_p=0.0) -> None:
-    """Arguments flash-attn accepts that attnkern's packed ops do not serve yet."""
-    if check_dropout(dropout_p) > 0.0:
-        raise NotImplementedError("dropout_p > 0 is not implemented for packed (varlen) calls yet")
 
 
 def check_bool(x, name: str) -> bool:

@@ -329,19 +329,26 @@ def choose_packed(problem, backend: str) -> str:
 
 
 def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend: str, sinks=None,
-               alibi=None):
+               alibi=None, dropout_p: float = 0.0):
     """Forward of a packed call through the chosen backend; returns ``(out, lse (Hq, total_q))``.
     ``sinks`` fp32 (Hq,) and ``alibi`` fp32 (B, Hq) as ``_semantics.with_modifiers`` gives them."""
-    if choose_packed(problem, backend) == "cpu":
+    if dropout_p == 1.0:  # every weight dropped: out 0, the LSE of the undropped scores (as run())
+        out, lse = run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend, sinks,
+                              alibi)
+        return out * 0.0, lse
+    chosen = choose_packed(problem, backend)
+    dropout = () if dropout_p == 0.0 else (dropout_p, new_rng_seed())  # the seed drawn alike for both
+    if chosen == "cpu":
         return ops_varlen.varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, problem.scale, problem.window_left,
-            problem.window_right, problem.softcap, sinks, alibi,
+            problem.window_right, problem.softcap, sinks, alibi, *dropout,
         )
     compute = torch.float32 if q.dtype in HALF_DTYPES else q.dtype
     from . import reference_varlen
 
     out, lse = reference_varlen.varlen_attention(
         q.to(compute), k.to(compute), v.to(compute), cu_seqlens_q, cu_seqlens_k, problem.scale, problem.window_left,
-        problem.window_right, seqused_k, block_table, problem.softcap, sinks, alibi,
+        problem.window_right, seqused_k, block_table, problem.softcap, sinks, alibi, dropout_p,
+        int(dropout[1].item()) & 0xFFFFFFFFFFFFFFFF if dropout else None,
     )
     return out.to(q.dtype), lse.to(torch.float32)

@@ -27,11 +27,13 @@ def sequence_keys(k: torch.Tensor, b: int, start: int, length: int, block_table:
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, window_left: int = -1, window_right: int = -1,
                      seqused_k: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
                      softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
-                     alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                     seed: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q (total_q, Hq, E); k, v packed (total_k, Hkv, *) or paged (num_blocks, page, Hkv, *).
 
     Modifiers as in :func:`reference.attention`, per sequence: sinks (Hq,), alibi_slopes (Hq,)
-    or (B, Hq) (row b for sequence b). Returns out (total_q, Hq, Ev) and lse (Hq, total_q)
+    or (B, Hq) (row b for sequence b). Dropout: sequence b drops as the dense reference does for
+    a batch of one with the 64-bit seed ``seed + b``. Returns out (total_q, Hq, Ev) and lse (Hq, total_q)
     (float64 for float64 inputs, else fp32).
     """
     if alibi_slopes is not None and alibi_slopes.dim() == 1:
@@ -53,7 +55,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, window_l
         vb = sequence_keys(v, b, ck[b], lk, block_table)
         o, lse = reference.attention(
             qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], None, scale,
-            window_left, window_right, bottom_right=True, softcap=softcap, sinks=sinks,
+            window_left, window_right, bottom_right=True, dropout_p=dropout_p,
+            seed=None if seed is None else (seed + b) & 0xFFFFFFFFFFFFFFFF, softcap=softcap, sinks=sinks,
             alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1],
         )
         outs.append(o[0].transpose(0, 1))

@@ -10,7 +10,7 @@ import torch
 
 import attnkern
 from attnkern import ops_varlen, reference_varlen
-from conftest import TOLERANCE, assert_close, forced_isa_env
+from conftest import TOLERANCE, assert_close, forced_isa_env, rel_err
 
 pytestmark = pytest.mark.skipif(ops_varlen.varlen_fwd is None, reason="C++ extension without attnkern::varlen_fwd")
 
@@ -362,6 +362,32 @@ def test_kvcache_modifiers_match_reference(paged, seed):
     assert_close(lse, ref_lse, torch.float32, "lse")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_varlen_dropout_matches_reference(dtype, seed):
+    """dropout_p: the same torch seed gives the reference's Philox pattern (sequence b: the dense
+    pattern of a batch of one keyed by seed + b), forward and backward; zero-length sequences and
+    a split-key decode row included."""
+    lq, lk = [37, 0, 70, 1], [40, 9, 70, 300]
+    q, k, v = packed(lq, lk, 4, 2, 32, 32, dtype, extra_q=3)
+    cq, ck = cu(lq), cu(lk)
+    g = torch.randn(q.shape[0], 4, 32, dtype=torch.float64).to(dtype)
+
+    def run(tensors, backend, p):
+        tensors = [t.detach().requires_grad_(True) for t in tensors]
+        torch.manual_seed(seed)
+        out = attnkern.flash_attn_varlen_func(*tensors, cq, ck, 70, 300, p, causal=True, backend=backend)
+        return out, torch.autograd.grad(out, tensors, g.to(out.dtype))
+
+    out, grads = run((q, k, v), "cpu", 0.3)
+    ref, ref_grads = run((q.double(), k.double(), v.double()), "math", 0.3)
+    assert_close(out, ref, dtype, "out")
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert_close(a, b, dtype, f"d{name}")
+    assert torch.equal(out, run((q, k, v), "cpu", 0.3)[0]), "the same seed must give the same pattern"
+    undropped = run((q.double(), k.double(), v.double()), "math", 0.0)[0]
+    assert rel_err(undropped, ref) > 0.1, "the dropout must matter, or this test could not tell"
+
+
 LEFTPAD_LAYOUTS = ["contiguous", "hf-layout", "batch-idx", "page5"]
 
 
@@ -457,7 +483,7 @@ VARLEN_ERRORS = [
     ("alibi-dtype", lambda a: a.update(alibi_slopes=torch.ones(2, dtype=torch.float64)), TypeError,
      "alibi_slopes must be float32"),
     ("s_aux", lambda a: a.update(s_aux=torch.ones(3)), ValueError, r"s_aux must have shape \(num_query_heads,\)"),
-    ("dropout", lambda a: a.update(dropout_p=0.1), NotImplementedError, "dropout_p"),
+    ("dropout", lambda a: a.update(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
     ("k-dims", lambda a: a.update(k=a["k"][None]), ValueError, "k must be 3-D"),
 ]
 
@@ -556,6 +582,13 @@ def test_opcheck_varlen(seed):
     torch.library.opcheck(torch.ops.attnkern.varlen_bwd.default,
                           (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, *args[3:6],
                            0.3, 4, 0, 0.7, slopes))
+    # dropout: the seed tensor travels to the backward
+    rng = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+    torch.library.opcheck(torch.ops.attnkern.varlen_fwd.default, args + (0.0, None, None, 0.25, rng))
+    out, lse = torch.ops.attnkern.varlen_fwd(q.detach(), k.detach(), v.detach(), *args[3:], 0.0, None, None, 0.25, rng)
+    torch.library.opcheck(torch.ops.attnkern.varlen_bwd.default,
+                          (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, *args[3:6],
+                           0.3, 4, 0, 0.0, None, 0.25, rng))
 
 
 def test_compile_fullgraph(seed):

@@ -268,7 +268,7 @@ def test_padded_route_rule_and_gaps(seed):
     route = hf_module._padded_route
     left = rows([(0, 16)], [(10, 16)], [(12, 16)])  # work (256 + 36 + 16) / 768 = 0.40
     assert route(left, 16, 16, (-1, 0), 0.0, {}) == "unpad"
-    assert route(left, 16, 16, (-1, 0), 0.1, {}) == "mask"  # the varlen op has no dropout
+    assert route(left, 16, 16, (-1, 0), 0.1, {}) == "unpad"  # the varlen op drops out too
     assert route(rows([(0, 16)], [(0, 16)], [(0, 15)]), 16, 16, (-1, 0), 0.0, {}) == "mask"  # work 0.98
     gaps = rows([(0, 3), (9, 12)], [(2, 5)], [(0, 1), (15, 16)])
     assert route(gaps, 16, 16, (-1, 0), 0.0, {}) == "unpad"

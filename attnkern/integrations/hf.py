@@ -334,7 +334,8 @@ def _make_attention_function(backend: str):
             if padding is not None:
                 route = _padded_route(padding, len_q, key.shape[-2], window, dropout, kwargs)
                 if route == "unpad":
-                    return _unpadded_attention(query, key, value, padding, window, scaling, backend, kwargs), None
+                    out = _unpadded_attention(query, key, value, padding, window, scaling, backend, kwargs, dropout)
+                    return out, None
                 if route == "leftpad":
                     return _leftpad_attention(query, key, value, padding, window, scaling, backend, kwargs), None
                 mask = padding[:, None, None, :]
@@ -388,8 +389,8 @@ def _token_runs(padding: torch.Tensor):
 def _padded_route(padding, len_q, len_k, window, dropout, kwargs) -> str:
     from transformers import masking_utils as mu
 
-    if mu.is_tracing(padding) or dropout != 0.0 or (len_q != len_k and not DECODE_VIA_KVCACHE):
-        return "mask"  # (varlen has no dropout yet)
+    if mu.is_tracing(padding) or (len_q != len_k and not (DECODE_VIA_KVCACHE and dropout == 0.0)):
+        return "mask"  # (the kvcache op has no dropout)
     lengths, first, contiguous = _token_runs(padding)
     # gaps inside a row change distances: fine for a plain causal or full band (only the order
     # of the tokens counts), not for a window's edge or ALiBi
@@ -405,7 +406,7 @@ def _modifier_kwargs(kwargs):
     return dict(softcap=kwargs.get("softcap") or 0.0, alibi_slopes=kwargs.get("alibi_slopes"), s_aux=kwargs.get("s_aux"))
 
 
-def _unpadded_attention(query, key, value, padding, window, scaling, backend, kwargs):
+def _unpadded_attention(query, key, value, padding, window, scaling, backend, kwargs, dropout=0.0):
     """(B, H, L, D) self-attention whose (B, L) padding mask marks the real tokens: they run as a
     packed batch (sequence b = row b's tokens, in order), pad rows output 0. -> (B, L, Hq, Dv)."""
     from ..varlen import flash_attn_varlen_func
@@ -419,8 +420,8 @@ def _unpadded_attention(query, key, value, padding, window, scaling, backend, kw
     def tokens(t):  # (B, H, L, D) -> (real tokens, H, D)
         return t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[3]).index_select(0, index)
 
-    out = flash_attn_varlen_func(tokens(query), tokens(key), tokens(value), cu, cu, longest, longest, 0.0, scaling,
-                                 False, window, backend=backend, **_modifier_kwargs(kwargs))
+    out = flash_attn_varlen_func(tokens(query), tokens(key), tokens(value), cu, cu, longest, longest, dropout,
+                                 scaling, False, window, backend=backend, **_modifier_kwargs(kwargs))
     full = out.new_zeros(B * L, H, out.shape[-1]).index_copy(0, index, out)
     return full.view(B, L, H, -1)
 
