@@ -172,7 +172,7 @@ def test_generate_padded_batch_matches_eager(hf, varlen_calls, monkeypatch, case
     transformers, hf_module, dense_calls = hf
     monkeypatch.setattr(hf_module, "DECODE_VIA_KVCACHE", via_kvcache)
     model = _llama(transformers) if kind == "llama" else _tiny(transformers, "mistral")
-    ids, mask = _left_padded(3, 14, (0, 7, 10))  # work (14^2 + 7^2 + 4^2) / (3 * 14^2) = 0.44: unpadded
+    ids, mask = _left_padded(4, 14, (0, 10, 11, 12))  # work (14^2 + 4^2 + 3^2 + 2^2) / (4 * 14^2) = 0.29: unpadded
     new_tokens = 10
     kwargs = dict(attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     if cache == "static":
@@ -186,7 +186,7 @@ def test_generate_padded_batch_matches_eager(hf, varlen_calls, monkeypatch, case
     assert torch.equal(got, expected)
     assert _no_fallback_warning(record)
     layers, steps = model.config.num_hidden_layers, new_tokens - 1
-    assert varlen_calls[:layers] == [[0, 14, 21, 25]] * layers, varlen_calls[:3]  # the prompt, unpadded
+    assert varlen_calls[:layers] == [[0, 14, 18, 21, 23]] * layers, varlen_calls[:3]  # the prompt, unpadded
     decode = dense_calls
     if via_kvcache:
         assert len(varlen_calls) == layers * (1 + steps) and not dense_calls
@@ -205,7 +205,7 @@ def test_padded_training_step_unpads(hf, varlen_calls, seed):
 
     transformers, hf_module, dense_calls = hf
     model = _tiny(transformers, "mistral").train()
-    ids, mask = _left_padded(3, 24, (0, 12, 18))  # work (24^2 + 12^2 + 6^2) / (3 * 24^2) = 0.44
+    ids, mask = _left_padded(4, 24, (0, 17, 19, 21))  # work (24^2 + 7^2 + 5^2 + 3^2) / (4 * 24^2) = 0.29
     ids, mask = ids.flip(1), mask.flip(1)  # right padding this time
     labels = ids.masked_fill(mask == 0, -100)
     grads = {}
@@ -215,7 +215,7 @@ def test_padded_training_step_unpads(hf, varlen_calls, seed):
         loss = model(ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         grads[impl] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
-    assert varlen_calls == [[0, 24, 36, 42]] * 2 and not dense_calls
+    assert varlen_calls == [[0, 24, 31, 36, 39]] * 2 and not dense_calls
     assert abs(grads["eager"][0] - grads["attnkern"][0]) <= 1e-5 * abs(grads["eager"][0])
     for a, b in zip(grads["attnkern"][1], grads["eager"][1]):
         assert_close(a, b, F32, "parameter gradient")
@@ -224,7 +224,7 @@ def test_padded_training_step_unpads(hf, varlen_calls, seed):
     full[0, -1] = 0  # work 0.97 > UNPAD_MAX_WORK
     with torch.no_grad():
         model(ids, attention_mask=full)
-    assert not varlen_calls and [c["mask"] for c in dense_calls] == [(3, 1, 1, 24)] * 2
+    assert not varlen_calls and [c["mask"] for c in dense_calls] == [(4, 1, 1, 24)] * 2
 
 
 def test_continuous_batching_matches_eager(hf, varlen_calls, seed):
@@ -238,7 +238,10 @@ def test_continuous_batching_matches_eager(hf, varlen_calls, seed):
     model.set_attn_implementation("eager")
     expected = [model.generate(torch.tensor([p]), generation_config=config)[0, len(p):].tolist() for p in prompts]
     model.set_attn_implementation("attnkern")
+    with pytest.raises(ValueError, match="'unregistered_flash_varlen' is not registered"):
+        hf_module.use_for_continuous_batching(model, name="unregistered")
     previous = hf_module.use_for_continuous_batching(model)
+    assert previous == "attnkern" and model.config._attn_implementation == "attnkern_flash_varlen"
     try:
         # a small cache (the default sizes it from free memory: slow to allocate), no block table
         cb = transformers.ContinuousBatchingConfig(max_blocks_per_request=0, page_size=16, num_blocks=16,
@@ -266,10 +269,10 @@ def test_padded_route_rule_and_gaps(seed):
         return mask
 
     route = hf_module._padded_route
-    left = rows([(0, 16)], [(10, 16)], [(12, 16)])  # work (256 + 36 + 16) / 768 = 0.40
+    left = rows([(0, 16)], [(12, 16)], [(13, 16)], [(14, 16)])  # work (256 + 16 + 9 + 4) / 1024 = 0.28
     assert route(left, 16, 16, (-1, 0), 0.0, {}) == "unpad"
     assert route(left, 16, 16, (-1, 0), 0.1, {}) == "unpad"  # the varlen op drops out too
-    assert route(rows([(0, 16)], [(0, 16)], [(0, 15)]), 16, 16, (-1, 0), 0.0, {}) == "mask"  # work 0.98
+    assert route(rows([(0, 16)], [(8, 16)]), 16, 16, (-1, 0), 0.0, {}) == "mask"  # work 0.625
     gaps = rows([(0, 3), (9, 12)], [(2, 5)], [(0, 1), (15, 16)])
     assert route(gaps, 16, 16, (-1, 0), 0.0, {}) == "unpad"
     assert route(gaps, 16, 16, (3, 0), 0.0, {}) == "mask"  # a window's edge counts distances

@@ -366,12 +366,14 @@ def _make_attention_function(backend: str):
 #   padding, sum(L_b^2) / (B * S^2), is at most UNPAD_MAX_WORK;
 # * "leftpad" (decoding, L < S, left padding): the kvcache op reads Hugging Face's cache in place
 #   with cache_leftpad = the padding count of each row -- only with DECODE_VIA_KVCACHE.
-# Both switches come from benchmarks/bench_hf_paths.py (benchmarks/packed/hf-paths-loaded.json,
-# 2 threads, loaded machine): unpadding won from a work ratio of about 0.46 (0.91x forward,
-# 0.76x forward+backward of the mask route) and lost at 0.87-1.0 (1.3-1.56x: the gathers and
-# the scatter); decoding through the kvcache op was 0.98x the dense op at S = 4096 and 3.2x at
-# S = 512 (its per-call Python work), so decoding stays on the dense op on CPU.
-UNPAD_MAX_WORK = 0.5
+# Both switches come from benchmarks/bench_hf_paths.py (benchmarks/packed/hf-paths-loaded-*.json:
+# three runs, 2 threads, loaded machine, load avg 10-13, so noisy): unpadding took 0.44-0.64x
+# the mask route's time at work ratios 0.07-0.10, was mixed at 0.37-0.46 (0.69-1.5x forward
+# + backward, 0.91-1.09x forward) and lost from 0.5 up (1.3-1.56x at 0.74-1.0: the gathers,
+# the scatter and the varlen kernels cost more than the padding saves); decoding through
+# the kvcache op took 0.98-1.31x the dense op at S = 4096 and 1.08-3.2x at S = 512, so
+# decoding stays on the dense op on CPU.
+UNPAD_MAX_WORK = 0.3
 DECODE_VIA_KVCACHE = False
 
 
