@@ -388,6 +388,24 @@ def test_varlen_dropout_matches_reference(dtype, seed):
     assert rel_err(undropped, ref) > 0.1, "the dropout must matter, or this test could not tell"
 
 
+def test_varlen_dropout_compiles_as_eager(seed):
+    """torch.compile(fullgraph=True) draws the dropout seed as eager does (the seed is an op)."""
+    lq = [10, 20]
+    q, k, v = (t.requires_grad_(True) for t in packed(lq, lq, 2, 2, 16, 16, torch.float32))
+
+    def f(q, k, v):
+        return attnkern.flash_attn_varlen_func(q, k, v, cu(lq), cu(lq), 20, 20, 0.2, causal=True)
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(seed)
+        out = fn(q, k, v)
+        results.append((out, torch.autograd.grad(out.sum(), (q, k, v))))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)
+
+
 LEFTPAD_LAYOUTS = ["contiguous", "hf-layout", "batch-idx", "page5"]
 
 
