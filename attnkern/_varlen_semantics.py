@@ -13,7 +13,8 @@ right side at 0) are the dense ones (:mod:`attnkern._semantics`). Rows past
 no key outputs 0 with LSE -inf (flash-attn 2 writes +inf there), or LSE = the sink with sinks.
 The score modifiers (softcap, sinks ``s_aux`` (Hq,), ``alibi_slopes`` (Hq,) or (B, Hq) with B
 the number of sequences) are the dense ones applied per sequence: sequence b uses slope row b,
-and ALiBi distances use the bottom-right aligned positions of its own problem.
+and ALiBi distances use the bottom-right aligned positions of its own problem. Dropout: sequence
+b uses the dense pattern (reference.dropout_keep_mask) of a batch of one keyed by ``seed + b``.
 
 Values (cu_seqlens, seqused_k, block_table) are checked here on every eager call, and again by
 the C++ op before a kernel reads through them (the op is also what runs under torch.compile,
@@ -27,7 +28,7 @@ from typing import List, Optional
 
 import torch
 
-from ._semantics import _check_scale, _check_tensor, _is_int, check_dropout, normalize_window
+from ._semantics import _check_scale, _check_tensor, _is_int, normalize_window
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,6 @@ class VarlenProblem:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def check_not_implemented(dropout_p=0.0) -> None:
-    """Arguments flash-attn accepts that attnkern's packed ops do not serve yet."""
-    if check_dropout(dropout_p) > 0.0:
-        raise NotImplementedError("dropout_p > 0 is not implemented for packed (varlen) calls yet")
 
 
 def check_bool(x, name: str) -> bool:
@@ -229,6 +224,7 @@ class KVCacheCall:
     len_new: int  # rows of k/v to append (0: none)
     cache_seqlens: torch.Tensor  # (B,) int32, before the append
     cache_rows: Optional[torch.Tensor]  # (B,) int32 cache_batch_idx, contiguous caches only
+    leftpad: Optional[torch.Tensor]  # (B,) int32 cache_leftpad: sequence b's keys start at cache row leftpad[b]
     rotary_dim: int  # 0: no rotary
     window_left: int
     window_right: int
@@ -256,8 +252,6 @@ def normalize_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
         raise ValueError(f"k_cache head dim {k_cache.shape[3]} does not match q head dim {E}")
     if Hk == 0 or Hq % Hk != 0:
         raise ValueError(f"q heads {Hq} must be a multiple of k_cache/v_cache heads {Hk}")
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not implemented yet; pass None")
     if not (_is_int(num_splits) and num_splits >= 0):
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
     check_bool(rotary_interleaved, "rotary_interleaved")
@@ -317,16 +311,20 @@ def normalize_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
         if not 0 < rotary_dim <= E:
             raise ValueError(f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be in [2, head_dim = {E}]")
 
+    leftpad = None if cache_leftpad is None else _int32_vector(cache_leftpad, "cache_leftpad", q.device, B)
     if not _compiling():
         lens = seqlens.tolist()
+        pads = [0] * B if leftpad is None else leftpad.tolist()
         for b, n in enumerate(lens):
             if n < 0:
                 raise ValueError(f"cache_seqlens[{b}] = {n} must be >= 0")
+            if not 0 <= pads[b] <= n:
+                raise ValueError(f"cache_leftpad[{b}] = {pads[b]} must be in [0, cache_seqlens[{b}]] = [0, {n}]")
             if capacity is not None and n + len_new > capacity:
                 raise ValueError(f"cache_seqlens[{b}] + L_new = {n} + {len_new} = {n + len_new} is beyond the cache's {capacity} rows")
             if rotary_dim and n + max(len_new, Lq) > rotary_cos.shape[0]:
                 raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions; sequence {b} needs {n + max(len_new, Lq)}")
         if block_table is not None:
             check_block_table(block_table, B, q.device, k_cache.shape[0], k_cache.shape[1], [n + len_new for n in lens])
-    return KVCacheCall(batch=B, len_q=Lq, len_new=len_new, cache_seqlens=seqlens, cache_rows=rows,
+    return KVCacheCall(batch=B, len_q=Lq, len_new=len_new, cache_seqlens=seqlens, cache_rows=rows, leftpad=leftpad,
                        rotary_dim=rotary_dim, window_left=left, window_right=right, scale=scale)

@@ -335,39 +335,52 @@ def _packed_triton_why_not(problem) -> Optional[str]:
 PACKED_WHY_NOT = {"cpu": _packed_cpu_why_not, "triton": _packed_triton_why_not}
 
 
-def choose_packed(problem, backend: str) -> str:
+PACKED_NO_DROPOUT = {"triton": "the Triton packed kernels have no dropout yet (the CPU packed op has it)"}
+
+
+def choose_packed(problem, backend: str, dropout: bool = False) -> str:
     """Backend for a packed/paged call (problem: attnkern._varlen_semantics.VarlenProblem)."""
     if backend in PACKED_NOT_SERVED:
         raise RuntimeError(f"backend={backend!r} cannot run this call: {PACKED_NOT_SERVED[backend]}")
     if backend == "math":
         return "math"
+
+    def why_not(name):
+        return (PACKED_NO_DROPOUT.get(name) if dropout else None) or PACKED_WHY_NOT[name](problem)
+
     if backend != "auto":
-        reason = PACKED_WHY_NOT[backend](problem)
+        reason = why_not(backend)
         if reason:
             raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
         return backend
     for name in PACKED_AUTO_ORDER.get(problem.device_type, ()):
-        if PACKED_WHY_NOT[name](problem) is None:
+        if why_not(name) is None:
             return name
     return "math"
 
 
 def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend: str, sinks=None,
-               alibi=None):
+               alibi=None, dropout_p: float = 0.0):
     """Forward of a packed call through the chosen backend; returns ``(out, lse (Hq, total_q))``.
     ``sinks`` fp32 (Hq,) and ``alibi`` fp32 (B, Hq) as ``_semantics.with_modifiers`` gives them."""
-    name = choose_packed(problem, backend)
+    if dropout_p == 1.0:  # every weight dropped: out 0, the LSE of the undropped scores (as run())
+        out, lse = run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend, sinks,
+                              alibi)
+        return out * 0.0, lse
+    name = choose_packed(problem, backend, dropout=dropout_p > 0.0)
+    dropout = () if dropout_p == 0.0 else (dropout_p, new_rng_seed())  # the seed drawn alike for both
     if name != "math":
         fwd = ops_varlen.varlen_fwd if name == "cpu" else ops_varlen.triton_varlen_fwd
         return fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, problem.scale, problem.window_left,
-            problem.window_right, problem.softcap, sinks, alibi,
+            problem.window_right, problem.softcap, sinks, alibi, *dropout,
         )
     compute = torch.float32 if q.dtype in HALF_DTYPES else q.dtype
     from . import reference_varlen
 
     out, lse = reference_varlen.varlen_attention(
         q.to(compute), k.to(compute), v.to(compute), cu_seqlens_q, cu_seqlens_k, problem.scale, problem.window_left,
-        problem.window_right, seqused_k, block_table, problem.softcap, sinks, alibi,
+        problem.window_right, seqused_k, block_table, problem.softcap, sinks, alibi, dropout_p,
+        int(dropout[1].item()) & 0xFFFFFFFFFFFFFFFF if dropout else None,
     )
     return out.to(q.dtype), lse.to(torch.float32)

@@ -108,12 +108,19 @@ def _shared_args(q, k, v, window_left, window_right, batch, len_q, len_k, paged)
     return shape_args, key_args, meta
 
 
+def _refuse_dropout(op, dropout_p):
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"attnkern::{op}: the Triton packed kernels have no dropout yet "
+                                  f"(dropout_p={dropout_p}); the CPU packed op has it")
+
+
 def _strides2(t):
     return t.stride(0), t.stride(1)
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, window_left, window_right,
-            softcap=0.0, sinks=None, alibi_slopes=None):
+            softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0, rng_seed=None):
+    _refuse_dropout("triton_varlen_fwd", dropout_p)
     paged = block_table is not None
     cq, _, len_q, len_k = _check_packed("triton_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
                                         block_table, scale, window_left, window_right)
@@ -168,7 +175,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, 
 
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, window_left,
-             window_right, softcap=0.0, alibi_slopes=None):
+             window_right, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_seed=None):
+    _refuse_dropout("triton_varlen_bwd", dropout_p)
     cq, ck, len_q, len_k = _check_packed("triton_varlen_bwd", q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, None,
                                          scale, window_left, window_right)
     batch = len(len_q)
