@@ -13,7 +13,8 @@ right side at 0) are the dense ones (:mod:`attnkern._semantics`). Rows past
 no key outputs 0 with LSE -inf (flash-attn 2 writes +inf there), or LSE = the sink with sinks.
 The score modifiers (softcap, sinks ``s_aux`` (Hq,), ``alibi_slopes`` (Hq,) or (B, Hq) with B
 the number of sequences) are the dense ones applied per sequence: sequence b uses slope row b,
-and ALiBi distances use the bottom-right aligned positions of its own problem.
+and ALiBi distances use the bottom-right aligned positions of its own problem. Dropout: sequence
+b uses the dense pattern (reference.dropout_keep_mask) of a batch of one keyed by ``seed + b``.
 
 Values (cu_seqlens, seqused_k, block_table) are checked here on every eager call, and again by
 the C++ op before a kernel reads through them (the op is also what runs under torch.compile,
@@ -27,7 +28,7 @@ from typing import List, Optional
 
 import torch
 
-from ._semantics import _check_scale, _check_tensor, _is_int, check_dropout, normalize_window
+from ._semantics import _check_scale, _check_tensor, _is_int, normalize_window
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,6 @@ class VarlenProblem:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def check_not_implemented(dropout_p=0.0) -> None:
-    """Arguments flash-attn accepts that attnkern's packed ops do not serve yet."""
-    if check_dropout(dropout_p) > 0.0:
-        raise NotImplementedError("dropout_p > 0 is not implemented for packed (varlen) calls yet")
 
 
 def check_bool(x, name: str) -> bool:
@@ -127,27 +122,40 @@ def check_block_table(block_table, batch: int, device, num_blocks: int, page_siz
     if len_k is None:
         return
     coverage = block_table.shape[1] * page_size
-    rows = block_table.tolist()
     for b, lk in enumerate(len_k):
         if lk > coverage:
             raise ValueError(
                 f"sequence {b} needs {lk} keys, beyond the block_table's coverage of {block_table.shape[1]} pages "
                 f"x page size {page_size} = {coverage} keys"
             )
-        for j in range(-(-lk // page_size)):
-            if not 0 <= rows[b][j] < num_blocks:
-                raise ValueError(f"block_table[{b}, {j}] = {rows[b][j]} is outside the cache's {num_blocks} blocks")
+    # the entries the sequences use, checked as one tensor (a decode step's table can hold many pages)
+    table = block_table.cpu()
+    pages = torch.tensor([-(-lk // page_size) for lk in len_k], dtype=torch.int64)
+    used = torch.arange(table.shape[1]) < pages[:, None]
+    bad = (used & ((table < 0) | (table >= num_blocks))).nonzero()
+    if len(bad):
+        b, j = bad[0].tolist()  # the first in row-major order
+        raise ValueError(f"block_table[{b}, {j}] = {int(table[b, j])} is outside the cache's {num_blocks} blocks")
 
 
-def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     window_size, block_table=None, seqused_k=None) -> VarlenProblem:
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        _check_tensor(t, name)
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
-    paged = block_table is not None
+def packed_lengths(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, paged: bool):
+    """The values of cu_seqlens_q/k (checked against q's and, unpaged, k's rows) and each
+    sequence's query and key counts (key counts cut to seqused_k): ``(cq, ck, len_q, len_k)``."""
+    cq = cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q")
+    ck = cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", None if paged else k.shape[0], "k")
+    batch = len(cq) - 1
+    len_q = [cq[b + 1] - cq[b] for b in range(batch)]
+    len_k = [ck[b + 1] - ck[b] for b in range(batch)]
+    if seqused_k is not None:
+        for b, (used, lk) in enumerate(zip(seqused_k.tolist(), len_k)):
+            if not 0 <= used <= lk:
+                raise ValueError(f"seqused_k[{b}] = {used} must be in [0, cu_seqlens_k[{b + 1}] - cu_seqlens_k[{b}]] = [0, {lk}]")
+            len_k[b] = used
+    return cq, ck, len_q, len_k
+
+
+def check_packed_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, paged: bool) -> int:
+    """Shapes of packed q/k/v (k/v paged with a block table) and of the index vectors; returns B."""
     if q.dim() != 3:
         raise ValueError(f"q must be 3-D (total_q, heads, head_dim), got shape {tuple(q.shape)}")
     kdim, kshape = (4, "(num_blocks, page_size, heads_k, head_dim)") if paged else (3, "(total_k, heads_k, head_dim)")
@@ -172,6 +180,20 @@ def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         )
     if seqused_k is not None:
         _int32_vector(seqused_k, "seqused_k", q.device, batch)
+    return batch
+
+
+def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                     window_size, block_table=None, seqused_k=None) -> VarlenProblem:
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        _check_tensor(t, name)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share a dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    paged = block_table is not None
+    batch = check_packed_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, paged)
+    heads_q, heads_kv = q.shape[1], k.shape[-2]
     mq = check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     mk = check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     left, right = normalize_window(window_size, causal, "window_size")
@@ -180,15 +202,7 @@ def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
     len_k = None
     if not _compiling():
-        cq = cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q")
-        ck = cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", None if paged else k.shape[0], "k")
-        len_q = [cq[b + 1] - cq[b] for b in range(batch)]
-        len_k = [ck[b + 1] - ck[b] for b in range(batch)]
-        if seqused_k is not None:
-            for b, (used, lk) in enumerate(zip(seqused_k.tolist(), len_k)):
-                if not 0 <= used <= lk:
-                    raise ValueError(f"seqused_k[{b}] = {used} must be in [0, cu_seqlens_k[{b + 1}] - cu_seqlens_k[{b}]] = [0, {lk}]")
-                len_k[b] = used
+        _, _, len_q, len_k = packed_lengths(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, paged)
         for name, given, lens in (("max_seqlen_q", mq, len_q), ("max_seqlen_k", mk, len_k)):
             if given is not None and lens and given < max(lens):
                 raise ValueError(f"{name} = {given} is less than the longest sequence's {max(lens)}")
@@ -210,6 +224,7 @@ class KVCacheCall:
     len_new: int  # rows of k/v to append (0: none)
     cache_seqlens: torch.Tensor  # (B,) int32, before the append
     cache_rows: Optional[torch.Tensor]  # (B,) int32 cache_batch_idx, contiguous caches only
+    leftpad: Optional[torch.Tensor]  # (B,) int32 cache_leftpad: sequence b's keys start at cache row leftpad[b]
     rotary_dim: int  # 0: no rotary
     window_left: int
     window_right: int
@@ -237,8 +252,6 @@ def normalize_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
         raise ValueError(f"k_cache head dim {k_cache.shape[3]} does not match q head dim {E}")
     if Hk == 0 or Hq % Hk != 0:
         raise ValueError(f"q heads {Hq} must be a multiple of k_cache/v_cache heads {Hk}")
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not implemented yet; pass None")
     if not (_is_int(num_splits) and num_splits >= 0):
         raise ValueError(f"num_splits must be an int >= 0 (0: automatic), got {num_splits!r}")
     check_bool(rotary_interleaved, "rotary_interleaved")
@@ -298,16 +311,20 @@ def normalize_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
         if not 0 < rotary_dim <= E:
             raise ValueError(f"rotary_dim = 2 * rotary_cos.shape[1] = {rotary_dim} must be in [2, head_dim = {E}]")
 
+    leftpad = None if cache_leftpad is None else _int32_vector(cache_leftpad, "cache_leftpad", q.device, B)
     if not _compiling():
         lens = seqlens.tolist()
+        pads = [0] * B if leftpad is None else leftpad.tolist()
         for b, n in enumerate(lens):
             if n < 0:
                 raise ValueError(f"cache_seqlens[{b}] = {n} must be >= 0")
+            if not 0 <= pads[b] <= n:
+                raise ValueError(f"cache_leftpad[{b}] = {pads[b]} must be in [0, cache_seqlens[{b}]] = [0, {n}]")
             if capacity is not None and n + len_new > capacity:
                 raise ValueError(f"cache_seqlens[{b}] + L_new = {n} + {len_new} = {n + len_new} is beyond the cache's {capacity} rows")
             if rotary_dim and n + max(len_new, Lq) > rotary_cos.shape[0]:
                 raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} positions; sequence {b} needs {n + max(len_new, Lq)}")
         if block_table is not None:
             check_block_table(block_table, B, q.device, k_cache.shape[0], k_cache.shape[1], [n + len_new for n in lens])
-    return KVCacheCall(batch=B, len_q=Lq, len_new=len_new, cache_seqlens=seqlens, cache_rows=rows,
+    return KVCacheCall(batch=B, len_q=Lq, len_new=len_new, cache_seqlens=seqlens, cache_rows=rows, leftpad=leftpad,
                        rotary_dim=rotary_dim, window_left=left, window_right=right, scale=scale)

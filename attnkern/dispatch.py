@@ -297,13 +297,14 @@ def choose_topk(problem: Problem, backend: str, slots: int, return_indices: bool
     return "math"
 
 
-# Packed (varlen) and paged (kvcache) calls: attnkern::varlen_fwd, a schema of its own. The CPU
-# kernels and the math reference serve them; the Triton and CUDA kernels do not take
-# cu_seqlens / block_table yet, so "auto" sends CUDA tensors to math.
+# Packed (varlen) and paged (kvcache) calls: attnkern::varlen_fwd (CPU) and
+# attnkern::triton_varlen_fwd, a schema of their own. The CPU kernels, the Triton kernels and the
+# math reference serve them; the CUDA kernels do not take cu_seqlens / block_table yet, so
+# "auto" sends CUDA tensors to Triton (else math).
 PACKED_NOT_SERVED = {
-    "triton": "backend 'triton' does not serve packed (varlen) or paged (kvcache) calls yet",
     "cuda": "backend 'cuda' does not serve packed (varlen) or paged (kvcache) calls yet",
 }
+PACKED_AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpu",)}
 
 
 def _packed_cpu_why_not(problem) -> Optional[str]:
@@ -316,32 +317,70 @@ def _packed_cpu_why_not(problem) -> Optional[str]:
     return None
 
 
-def choose_packed(problem, backend: str) -> str:
+def _packed_triton_why_not(problem) -> Optional[str]:
+    """The dense Triton row (device, dtype, head dims, interpreter limits); heads only on a grid dim."""
+    cap = CAPABILITIES["triton"]
+    reason = cap.available()
+    if reason:
+        return reason
+    if problem.device_type not in cap.devices:
+        return f"backend 'triton' does not run on {problem.device_type} tensors"
+    if problem.dtype not in cap.dtypes:
+        return f"backend 'triton' does not support dtype {problem.dtype}"
+    if max(problem.head_dim, problem.head_dim_v) > cap.max_head_dim:
+        return f"backend 'triton' supports head dims up to {cap.max_head_dim}"
+    return _triton_limits(dataclasses.replace(problem, batch=1))  # sequences run on grid dim 0: no limit
+
+
+PACKED_WHY_NOT = {"cpu": _packed_cpu_why_not, "triton": _packed_triton_why_not}
+
+
+PACKED_NO_DROPOUT = {"triton": "the Triton packed kernels have no dropout yet (the CPU packed op has it)"}
+
+
+def choose_packed(problem, backend: str, dropout: bool = False) -> str:
     """Backend for a packed/paged call (problem: attnkern._varlen_semantics.VarlenProblem)."""
     if backend in PACKED_NOT_SERVED:
         raise RuntimeError(f"backend={backend!r} cannot run this call: {PACKED_NOT_SERVED[backend]}")
     if backend == "math":
         return "math"
-    reason = _packed_cpu_why_not(problem)
-    if backend == "cpu" and reason:
-        raise RuntimeError(f"backend='cpu' cannot run this call: {reason}")
-    return "cpu" if reason is None else "math"
+
+    def why_not(name):
+        return (PACKED_NO_DROPOUT.get(name) if dropout else None) or PACKED_WHY_NOT[name](problem)
+
+    if backend != "auto":
+        reason = why_not(backend)
+        if reason:
+            raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
+        return backend
+    for name in PACKED_AUTO_ORDER.get(problem.device_type, ()):
+        if why_not(name) is None:
+            return name
+    return "math"
 
 
 def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend: str, sinks=None,
-               alibi=None):
+               alibi=None, dropout_p: float = 0.0):
     """Forward of a packed call through the chosen backend; returns ``(out, lse (Hq, total_q))``.
     ``sinks`` fp32 (Hq,) and ``alibi`` fp32 (B, Hq) as ``_semantics.with_modifiers`` gives them."""
-    if choose_packed(problem, backend) == "cpu":
-        return ops_varlen.varlen_fwd(
+    if dropout_p == 1.0:  # every weight dropped: out 0, the LSE of the undropped scores (as run())
+        out, lse = run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend, sinks,
+                              alibi)
+        return out * 0.0, lse
+    name = choose_packed(problem, backend, dropout=dropout_p > 0.0)
+    dropout = () if dropout_p == 0.0 else (dropout_p, new_rng_seed())  # the seed drawn alike for both
+    if name != "math":
+        fwd = ops_varlen.varlen_fwd if name == "cpu" else ops_varlen.triton_varlen_fwd
+        return fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, problem.scale, problem.window_left,
-            problem.window_right, problem.softcap, sinks, alibi,
+            problem.window_right, problem.softcap, sinks, alibi, *dropout,
         )
     compute = torch.float32 if q.dtype in HALF_DTYPES else q.dtype
     from . import reference_varlen
 
     out, lse = reference_varlen.varlen_attention(
         q.to(compute), k.to(compute), v.to(compute), cu_seqlens_q, cu_seqlens_k, problem.scale, problem.window_left,
-        problem.window_right, seqused_k, block_table, problem.softcap, sinks, alibi,
+        problem.window_right, seqused_k, block_table, problem.softcap, sinks, alibi, dropout_p,
+        int(dropout[1].item()) & 0xFFFFFFFFFFFFFFFF if dropout else None,
     )
     return out.to(q.dtype), lse.to(torch.float32)

@@ -138,12 +138,15 @@ def _no_double_backward(ctx, *grads):
     )
 
 
-def _register_pair(fwd_name: str, bwd_name: str):
+def register_pair(fwd_name: str, bwd_name: str, fake_fwd=_fake_fwd, fake_bwd=_fake_bwd,
+                  make_backward=_make_backward, setup_context=_setup_context):
+    """Fake kernels and autograd of a forward/backward op pair (the dense ones by default; the
+    packed ops pass theirs, attnkern/ops_varlen.py)."""
     fwd = getattr(torch.ops.attnkern, fwd_name).default
     bwd = getattr(torch.ops.attnkern, bwd_name).default
-    torch.library.register_fake(f"attnkern::{fwd_name}")(_fake_fwd)
-    torch.library.register_fake(f"attnkern::{bwd_name}")(_fake_bwd)
-    torch.library.register_autograd(f"attnkern::{fwd_name}", _make_backward(bwd), setup_context=_setup_context)
+    torch.library.register_fake(f"attnkern::{fwd_name}")(fake_fwd)
+    torch.library.register_fake(f"attnkern::{bwd_name}")(fake_bwd)
+    torch.library.register_autograd(f"attnkern::{fwd_name}", make_backward(bwd), setup_context=setup_context)
     # the backward op's own autograd: without it torch would only warn and return zeros
     torch.library.register_autograd(
         f"attnkern::{bwd_name}", _no_double_backward, setup_context=lambda ctx, inputs, output: None
@@ -172,31 +175,33 @@ def _fake_rng_seed() -> torch.Tensor:
 # the Triton pair: same schema, Python implementation
 
 _triton_lib = torch.library.Library("attnkern", "FRAGMENT")
-_triton_lib.define("triton_fwd" + FWD_ARGS)
-_triton_lib.define("triton_bwd" + BWD_ARGS)
 
 
-def _triton_fwd_impl(*args):
-    from .triton import launch
+def define_triton_pair(fwd_name: str, fwd_args: str, bwd_name: str, bwd_args: str, launcher: str) -> None:
+    """Define ``attnkern::<fwd_name>`` / ``<bwd_name>`` implemented by ``attnkern.triton.<launcher>``'s
+    ``forward`` / ``backward``, imported on the first call (importing it fixes whether Triton
+    compiles or interprets). CPU tensors run under TRITON_INTERPRET=1."""
+    _triton_lib.define(fwd_name + fwd_args)
+    _triton_lib.define(bwd_name + bwd_args)
 
-    return launch.forward(*args)
+    def implementation(function: str):
+        def run(*args):
+            return getattr(importlib.import_module(f"attnkern.triton.{launcher}"), function)(*args)
+
+        return run
+
+    for key in ("CPU", "CUDA"):
+        _triton_lib.impl(fwd_name, implementation("forward"), key)
+        _triton_lib.impl(bwd_name, implementation("backward"), key)
 
 
-def _triton_bwd_impl(*args):
-    from .triton import launch
-
-    return launch.backward(*args)
-
-
-for _key in ("CPU", "CUDA"):  # CPU tensors run under TRITON_INTERPRET=1
-    _triton_lib.impl("triton_fwd", _triton_fwd_impl, _key)
-    _triton_lib.impl("triton_bwd", _triton_bwd_impl, _key)
+define_triton_pair("triton_fwd", FWD_ARGS, "triton_bwd", BWD_ARGS, "launch")
 
 native_fwd: Optional[object] = None
 native_bwd: Optional[object] = None
 if _C is not None:
-    native_fwd, native_bwd = _register_pair("fwd", "bwd")
-triton_fwd, triton_bwd = _register_pair("triton_fwd", "triton_bwd")
+    native_fwd, native_bwd = register_pair("fwd", "bwd")
+triton_fwd, triton_bwd = register_pair("triton_fwd", "triton_bwd")
 
 
 def native_schema_matches_triton() -> bool:

@@ -27,11 +27,13 @@ def sequence_keys(k: torch.Tensor, b: int, start: int, length: int, block_table:
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, window_left: int = -1, window_right: int = -1,
                      seqused_k: Optional[torch.Tensor] = None, block_table: Optional[torch.Tensor] = None,
                      softcap: float = 0.0, sinks: Optional[torch.Tensor] = None,
-                     alibi_slopes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                     alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                     seed: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """q (total_q, Hq, E); k, v packed (total_k, Hkv, *) or paged (num_blocks, page, Hkv, *).
 
     Modifiers as in :func:`reference.attention`, per sequence: sinks (Hq,), alibi_slopes (Hq,)
-    or (B, Hq) (row b for sequence b). Returns out (total_q, Hq, Ev) and lse (Hq, total_q)
+    or (B, Hq) (row b for sequence b). Dropout: sequence b drops as the dense reference does for
+    a batch of one with the 64-bit seed ``seed + b``. Returns out (total_q, Hq, Ev) and lse (Hq, total_q)
     (float64 for float64 inputs, else fp32).
     """
     if alibi_slopes is not None and alibi_slopes.dim() == 1:
@@ -53,7 +55,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, window_l
         vb = sequence_keys(v, b, ck[b], lk, block_table)
         o, lse = reference.attention(
             qb.transpose(0, 1)[None], kb.transpose(0, 1)[None], vb.transpose(0, 1)[None], None, scale,
-            window_left, window_right, bottom_right=True, softcap=softcap, sinks=sinks,
+            window_left, window_right, bottom_right=True, dropout_p=dropout_p,
+            seed=None if seed is None else (seed + b) & 0xFFFFFFFFFFFFFFFF, softcap=softcap, sinks=sinks,
             alibi_slopes=None if alibi_slopes is None else alibi_slopes[b:b + 1],
         )
         outs.append(o[0].transpose(0, 1))
@@ -88,8 +91,12 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: tor
 def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
                       cache_batch_idx=None, block_table=None, scale: float = 1.0, window_left: int = -1,
                       window_right: int = -1, rotary_interleaved: bool = True, softcap: float = 0.0, sinks=None,
-                      alibi_slopes=None):
+                      alibi_slopes=None, cache_leftpad=None):
     """What flash_attn_with_kvcache computes, without touching its inputs.
+
+    With ``cache_leftpad``, sequence b's keys are cache positions ``cache_leftpad[b]`` to
+    ``cache_seqlens[b] + L_new`` (the ones before are padding, never seen), and the bottom-right
+    alignment counts only those; appends and rotary positions stay absolute cache positions.
 
     Returns (out (B, Lq, H, Ev), lse (B, H, Lq), k_cache', v_cache'): the caches after the append.
     """
@@ -118,12 +125,14 @@ def kvcache_attention(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rota
     outs, lses = [], []
     for b in range(B):
         lk = int(seqlens[b]) + len_new
+        pad = 0 if cache_leftpad is None else int(cache_leftpad[b])
         if block_table is None:
             row = b if cache_batch_idx is None else int(cache_batch_idx[b])
             kb, vb = k_cache[row, :lk], v_cache[row, :lk]
         else:
             kb = sequence_keys(k_cache, b, 0, lk, block_table)
             vb = sequence_keys(v_cache, b, 0, lk, block_table)
+        kb, vb, lk = kb[pad:], vb[pad:], lk - pad
         cu_q = torch.tensor([0, Lq], dtype=torch.int32)
         cu_k = torch.tensor([0, lk], dtype=torch.int32)
         slopes = None if alibi_slopes is None else alibi_slopes.expand(B, H)[b:b + 1]

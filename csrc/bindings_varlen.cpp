@@ -174,6 +174,27 @@ void fill_sequence_modifiers(std::vector<AttnParams>& seqs, const at::Tensor& q,
   }
 }
 
+// Dropout of every sequence (flash-attn's varlen dropout_p): sequence b draws the dense op's
+// Philox pattern (attnkern/reference.py: dropout_keep_mask) as a batch of one, keyed by
+// seed + b, so the backward regenerates it from the same rng_seed.
+void fill_sequence_dropout(std::vector<AttnParams>& seqs, double dropout_p,
+                           const std::optional<at::Tensor>& rng_seed) {
+  // (dropout_p = 1 drops everything: attnkern.dispatch.run_packed answers it without the kernels)
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return;
+  TORCH_CHECK_VALUE(rng_seed.has_value() && rng_seed->defined() && rng_seed->numel() >= 1 &&
+                        rng_seed->scalar_type() == at::kLong && rng_seed->device().is_cpu(),
+                    "rng_seed must be a CPU int64 tensor with at least one element when dropout_p > 0");
+  const uint64_t seed = static_cast<uint64_t>(rng_seed->data_ptr<int64_t>()[0]);
+  const double t = dropout_p * 4294967296.0;
+  const uint32_t threshold = t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    seqs[b].dropout_p = static_cast<float>(dropout_p);
+    seqs[b].dropout_threshold = threshold;
+    seqs[b].dropout_seed = seed + b;
+  }
+}
+
 void check_scalars(double scale, int64_t window_left, int64_t window_right) {
   TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_left/window_right must be >= -1, got (",
                     window_left, ", ", window_right, ")");
@@ -206,7 +227,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q_in, const 
                                                   const std::optional<at::Tensor>& block_table, double scale,
                                                   int64_t window_left, int64_t window_right, double softcap,
                                                   const std::optional<at::Tensor>& sinks,
-                                                  const std::optional<at::Tensor>& alibi_slopes) {
+                                                  const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                                  const std::optional<at::Tensor>& rng_seed) {
   const bool paged = block_table.has_value() && block_table->defined();
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   check_packed_tensors(q, k, v, paged);
@@ -229,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cpu(const at::Tensor& q_in, const 
     seqs.push_back(p);
   }
   fill_sequence_modifiers(seqs, q, softcap, sinks, alibi_slopes);
+  fill_sequence_dropout(seqs, dropout_p, rng_seed);
   cpu::varlen_forward(seqs);
   blocks_to_heads(lay, heads, lse_blocks.data_ptr<float>(), lse.data_ptr<float>(), total_q);
   return {out, lse};
@@ -239,7 +262,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
     double scale, int64_t window_left, int64_t window_right, double softcap,
-    const std::optional<at::Tensor>& alibi_slopes) {
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, const std::optional<at::Tensor>& rng_seed) {
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor out = unit_last_stride(out_in), dout = unit_last_stride(grad_out);
   check_packed_tensors(q, k, v, false);
@@ -290,6 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cpu(
   }
   // no sinks: the saved lse includes them (as in the dense backward)
   fill_sequence_modifiers(seqs, q, softcap, std::nullopt, alibi_slopes);
+  fill_sequence_dropout(seqs, dropout_p, rng_seed);
   const cpu::VarlenBackwardPlan plan = cpu::varlen_backward_plan(seqs);
   at::Tensor dq_acc = at::zeros({plan.acc_floats}, f32);
   cpu::varlen_backward(seqs, plan, dq_acc.data_ptr<float>());
@@ -303,12 +327,12 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def(
       "varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, "
       "Tensor? block_table, float scale, int window_left, int window_right, float softcap=0., Tensor? sinks=None, "
-      "Tensor? alibi_slopes=None) -> (Tensor out, Tensor lse)");
+      "Tensor? alibi_slopes=None, float dropout_p=0., Tensor? rng_seed=None) -> (Tensor out, Tensor lse)");
   m.def(
       "varlen_bwd(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, Tensor? seqused_k, float scale, int window_left, "
-      "int window_right, float softcap=0., Tensor? alibi_slopes=None) -> (Tensor grad_q, Tensor grad_k, "
-      "Tensor grad_v)");
+      "int window_right, float softcap=0., Tensor? alibi_slopes=None, float dropout_p=0., Tensor? rng_seed=None) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {

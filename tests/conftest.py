@@ -56,6 +56,13 @@ def assert_close(out, ref, dtype, what=""):
     assert err <= tol, f"{what}: relative error {err:.3e} > tolerance {tol:.1e} for {dtype}"
 
 
+def assert_lse_close(lse, ref, dtype, what="lse"):
+    """LSE against the reference: rows that see no key are -inf in both, the rest are close."""
+    empty = torch.isneginf(ref.detach().cpu())
+    assert torch.equal(torch.isneginf(lse.detach().cpu()), empty), f"{what}: -inf rows differ from the reference"
+    assert_close(lse.detach().cpu()[~empty], ref.detach().cpu()[~empty], dtype, what)
+
+
 _BASE_SEED = int(os.environ.get("ATTNKERN_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
 
@@ -205,3 +212,25 @@ def forced_isa_env(isa: str) -> dict:
         assert "is not available on this CPU" in probe.stderr, probe.stderr
         pytest.skip(f"{isa} not available on this CPU")
     return env
+
+
+def run_interpreted(path: str) -> None:
+    """Run the test file ``path`` in a child process that has TRITON_INTERPRET=1 from its start
+    (triton decides between compiling and interpreting at import), with this run's seed."""
+    import time
+
+    env = dict(os.environ, TRITON_INTERPRET="1", ATTNKERN_TEST_SEED=str(_BASE_SEED))
+    # ATTNKERN_INTERP_SELECT narrows the child's run with -k (CI's oldest-versions block runs
+    # the float32 half only: the float16 half repeats the same kernels and code paths)
+    select = os.environ.get("ATTNKERN_INTERP_SELECT")
+    started = time.monotonic()
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", path, "-q", "-p", "no:cacheprovider", "-rfE"]
+        + (["-k", select] if select else []),
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(path))), env=env, capture_output=True, text=True,
+    )
+    output = child.stdout + child.stderr
+    summary = output.strip().splitlines()[-1] if output.strip() else "(no output)"
+    print(f"interpreter suite {os.path.basename(path)} ({time.monotonic() - started:.0f} s): {summary}")
+    assert child.returncode == 0, f"interpreter suite failed (exit {child.returncode}):\n{output[-8000:]}"
+    assert " passed" in summary and "skipped" not in summary, output[-4000:]

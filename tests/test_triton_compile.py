@@ -26,7 +26,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from attnkern.triton import backward, configs, forward  # noqa: E402
+from attnkern.triton import backward, configs, forward, varlen  # noqa: E402
 
 ARCHS = {"sm90": (90, 227 * 1024), "sm80": (80, 163 * 1024)}
 MAX_SPILL_BYTES = 256
@@ -35,12 +35,17 @@ KERNELS = {"fwd": forward.fwd_kernel, "dkdv": backward.dkdv_kernel, "dq": backwa
 TABLES = {"fwd": configs._FWD, "dkdv": configs._BWD_DKDV, "dq": configs._BWD_DQ}
 
 
-def compile_kernel(kind, arch, dtype, head_dim, config, mask=None, dropout=False, mask_grad=False, modifiers=False):
+VARLEN_KERNELS = {"fwd": varlen.varlen_fwd_kernel, "dkdv": varlen.varlen_dkdv_kernel, "dq": varlen.varlen_dq_kernel}
+
+
+def compile_kernel(kind, arch, dtype, head_dim, config, mask=None, dropout=False, mask_grad=False, modifiers=False,
+                   packed=None):
     """Compile one kernel as a launch on aligned tensors with unit-stride masks would specialise it.
 
-    ``config`` is an autotune entry (BLOCK_M, BLOCK_N, num_warps, num_stages).
+    ``config`` is an autotune entry (BLOCK_M, BLOCK_N, num_warps, num_stages). ``packed``: compile
+    the varlen kernel of ``kind`` with these constexprs (HAS_SEQUSED, PAGED, SPLIT) instead.
     """
-    kernel = KERNELS[kind]
+    kernel = KERNELS[kind] if packed is None else VARLEN_KERNELS[kind]
     block_m, block_n, warps, stages = config
     block_d = max(16, triton.next_power_of_2(head_dim))
     mask_type = {None: "u8", "bool": "u8", "float": "fp32"}[mask]
@@ -52,12 +57,16 @@ def compile_kernel(kind, arch, dtype, head_dim, config, mask=None, dropout=False
         constexprs["HAS_SINKS"] = modifiers
     if kind == "dq":
         constexprs["MASK_GRAD"] = mask_grad
+    constexprs.update(packed or {})
+    constexprs = {name: value for name, value in constexprs.items() if name in kernel.arg_names}
     signature, aligned = {}, []
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in ("Lse", "Delta", "dMask", "GradLse", "Sinks", "Alibi"):
             signature[name] = "*fp32"
+        elif name in ("CuQ", "CuK", "SeqUsedK", "BlockTable"):
+            signature[name] = "*i32"
         elif name == "Mask":
             signature[name] = "*" + mask_type
         elif name[0].isupper() or name[:2] in ("dQ", "dK", "dV", "dO"):
@@ -113,6 +122,26 @@ def test_kernels_compile(kind, dtype, head_dim, mask, dropout, arch):
     compiled = compile_kernel(kind, arch, dtype, head_dim, config, mask=mask, dropout=dropout,
                               mask_grad=mask == "float")
     _check(compiled, kind, arch, dtype, head_dim, config, mask)
+
+
+@pytest.mark.parametrize(
+    "kind,packed,modifiers,arch",
+    [("fwd", dict(HAS_SEQUSED=True, PAGED=False, SPLIT=False), False, "sm80"),
+     ("fwd", dict(HAS_SEQUSED=True, PAGED=False, SPLIT=False), False, "sm90"),
+     ("fwd", dict(HAS_SEQUSED=False, PAGED=True, SPLIT=True), True, "sm90"),
+     ("dkdv", dict(HAS_SEQUSED=True), True, "sm90"), ("dq", dict(HAS_SEQUSED=False), False, "sm80")],
+    ids=["fwd-sm80", "fwd-sm90", "fwd-paged-split-modifiers-sm90", "dkdv-sm90", "dq-sm80"],
+)
+def test_varlen_kernels_compile(kind, packed, modifiers, arch):
+    """The packed/paged kernels (attnkern/triton/varlen.py) with the dense tables' smallest tiles compile
+    for sm80/sm90 within the pruner's shared-memory estimate; the unpaged ones pipeline their loads
+    (paged keys are gathered through the block table, one row per key)."""
+    config = TABLES[kind][arch][128][-1]
+    compiled = compile_kernel(kind, arch, torch.float16, 128, config, modifiers=modifiers, packed=packed)
+    if packed.get("PAGED"):
+        assert compiled.metadata.shared <= ARCHS[arch][1]
+    else:
+        _check(compiled, kind, arch, torch.float16, 128, config)
 
 
 def test_preprocess_compiles():

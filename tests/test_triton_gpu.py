@@ -129,3 +129,60 @@ def test_autotuned_launch(head_dim, seed, monkeypatch):
     monkeypatch.setenv("ATTNKERN_TRITON_AUTOTUNE", "1")
     case = Case(batch=2, heads_q=4, heads_kv=2, len_q=1024, len_k=1024, head_dim=head_dim, causal=True)
     run_case(case, torch.bfloat16, BACKEND, seed, device=DEVICE)
+
+
+# ---------------------------------------------------------------------------------------
+# packed (varlen) and KV-cache calls (attnkern/triton/varlen.py), unverified until a GPU runs them
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_varlen_long_documents(dtype, seed):
+    """Mixed-length documents through the autotuned tiles: out, LSE and gradients against float64,
+    and run-to-run identical gradients."""
+    import test_triton_varlen as tv
+
+    lq, lk = [1000, 3, 517, 0, 2048], [1000, 40, 517, 9, 2048]
+    q, k, v = (t.to(DEVICE) for t in tv.packed(lq, lk, 8, 2, 128, 128, dtype, 5))
+    cq, ck = tv.cu(lq).to(DEVICE), tv.cu(lk).to(DEVICE)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    runs = []
+    for _ in range(2):
+        out, lse = attnkern.flash_attn_varlen_func(q, k, v, cq, ck, 2048, 2048, causal=True, window_size=(700, -1),
+                                                   return_lse=True, backend=BACKEND)
+        torch.manual_seed(seed)
+        grad_out = torch.randn_like(out)
+        grad_lse = torch.where(torch.isfinite(lse), torch.randn_like(lse), 0)
+        runs.append((out, lse, *torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse))))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *runs):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+    out, lse, dq, dk, dv = runs[0]
+    ref_out, ref_lse, ref_grads = tv.reference((q, k, v), cq, ck, 128 ** -0.5, (700, 0), grad_out, grad_lse)
+    assert_close(out, ref_out, dtype, "out")
+    tv.check_lse(lse, ref_lse, dtype)
+    for g, r, name in zip((dq, dk, dv), ref_grads, ("dq", "dk", "dv")):
+        assert_close(g, torch.nan_to_num(r, nan=0.0), dtype, name)
+
+
+@pytest.mark.parametrize("page", [16, 256, 100])
+def test_kvcache_paged_split_decode(page, seed):
+    """bf16 decoding from a paged cache (split-KV: 4 x 8 programs leave the SMs idle), sinks, in-place append."""
+    from attnkern import reference_varlen
+
+    B, H, Hk, E, S = 4, 8, 2, 128, 3000
+    pages = -(-S // page)
+    kc = torch.randn(B * pages, page, Hk, E, device=DEVICE).bfloat16()
+    vc = torch.randn(B * pages, page, Hk, E, device=DEVICE).bfloat16()
+    table = torch.randperm(B * pages, device=DEVICE).to(torch.int32).view(B, pages)
+    q = torch.randn(B, 1, H, E, device=DEVICE).bfloat16()
+    k_new, v_new = (torch.randn(B, 1, Hk, E, device=DEVICE).bfloat16() for _ in range(2))
+    seqlens = torch.tensor([2999, 1, 1500, 640], dtype=torch.int32, device=DEVICE)
+    s_aux = torch.randn(H, device=DEVICE)
+    ref_out, ref_lse, ref_k, _ = reference_varlen.kvcache_attention(
+        q.double(), kc.double(), vc.double(), k_new.double(), v_new.double(), cache_seqlens=seqlens,
+        block_table=table, scale=E ** -0.5, window_right=0, sinks=s_aux.double())
+    out, lse = attnkern.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=seqlens, block_table=table,
+                                                causal=True, return_softmax_lse=True, s_aux=s_aux, backend=BACKEND)
+    assert_close(out, ref_out, torch.bfloat16, "out")
+    assert_close(lse, ref_lse, torch.float32, "lse")
+    assert torch.equal(kc.double(), ref_k), "the append wrote k_new in place"

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 import torch
 
 import attnkern
 from attnkern import ops_varlen, reference_varlen
-from conftest import TOLERANCE, assert_close, forced_isa_env
+from conftest import TOLERANCE, assert_close, assert_lse_close, forced_isa_env, rel_err
 
 pytestmark = pytest.mark.skipif(ops_varlen.varlen_fwd is None, reason="C++ extension without attnkern::varlen_fwd")
 
@@ -121,9 +122,11 @@ def test_math_backend_and_unserved_backends(seed):
     a = attnkern.flash_attn_varlen_func(q, k, v, cu(lq), cu(lq), 21, 21, causal=True, backend="math")
     b = attnkern.flash_attn_varlen_func(q, k, v, cu(lq), cu(lq), 21, 21, causal=True, backend="cpu")
     assert_close(b, a, torch.float32, "cpu vs math")
-    for name in ("triton", "cuda"):
-        with pytest.raises(RuntimeError, match="does not serve packed"):
-            attnkern.flash_attn_varlen_func(q, k, v, cu(lq), cu(lq), 21, 21, backend=name)
+    with pytest.raises(RuntimeError, match="does not serve packed"):
+        attnkern.flash_attn_varlen_func(q, k, v, cu(lq), cu(lq), 21, 21, backend="cuda")
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":  # tests/test_triton_varlen.py runs the Triton kernels
+        with pytest.raises(RuntimeError, match="backend='triton' cannot run this call"):
+            attnkern.flash_attn_varlen_func(q, k, v, cu(lq), cu(lq), 21, 21, backend="triton")
 
 
 def test_signatures_follow_flash_attn():
@@ -319,7 +322,7 @@ def test_kvcache_matches_reference(name, paged, seed):
     )
     assert out.shape == (B, Lq, H, E) and lse.shape == (B, H, Lq)
     assert_close(out, ref_out, dtype, "out")
-    assert_close(lse, ref_lse, dtype, "lse")
+    assert_lse_close(lse, ref_lse, dtype)  # a cache row of 0 keys and no append: -inf
     assert_close(kc, ref_k, dtype, "k_cache after the append")
     assert_close(vc, ref_v, dtype, "v_cache after the append")
 
@@ -362,6 +365,105 @@ def test_kvcache_modifiers_match_reference(paged, seed):
     assert_close(lse, ref_lse, torch.float32, "lse")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_varlen_dropout_matches_reference(dtype, seed):
+    """dropout_p: the same torch seed gives the reference's Philox pattern (sequence b: the dense
+    pattern of a batch of one keyed by seed + b), forward and backward; zero-length sequences and
+    a split-key decode row included."""
+    lq, lk = [37, 0, 70, 1], [40, 9, 70, 300]
+    q, k, v = packed(lq, lk, 4, 2, 32, 32, dtype, extra_q=3)
+    cq, ck = cu(lq), cu(lk)
+    g = torch.randn(q.shape[0], 4, 32, dtype=torch.float64).to(dtype)
+
+    def run(tensors, backend, p):
+        tensors = [t.detach().requires_grad_(True) for t in tensors]
+        torch.manual_seed(seed)
+        out = attnkern.flash_attn_varlen_func(*tensors, cq, ck, 70, 300, p, causal=True, backend=backend)
+        return out, torch.autograd.grad(out, tensors, g.to(out.dtype))
+
+    out, grads = run((q, k, v), "cpu", 0.3)
+    ref, ref_grads = run((q.double(), k.double(), v.double()), "math", 0.3)
+    assert_close(out, ref, dtype, "out")
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert_close(a, b, dtype, f"d{name}")
+    assert torch.equal(out, run((q, k, v), "cpu", 0.3)[0]), "the same seed must give the same pattern"
+    undropped = run((q.double(), k.double(), v.double()), "math", 0.0)[0]
+    assert rel_err(undropped, ref) > 0.1, "the dropout must matter, or this test could not tell"
+
+
+def test_varlen_dropout_compiles_as_eager(seed):
+    """torch.compile(fullgraph=True) draws the dropout seed as eager does (the seed is an op)."""
+    lq = [10, 20]
+    q, k, v = (t.requires_grad_(True) for t in packed(lq, lq, 2, 2, 16, 16, torch.float32))
+
+    def f(q, k, v):
+        return attnkern.flash_attn_varlen_func(q, k, v, cu(lq), cu(lq), 20, 20, 0.2, causal=True)
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        torch.manual_seed(seed)
+        out = fn(q, k, v)
+        results.append((out, torch.autograd.grad(out.sum(), (q, k, v))))
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert torch.equal(a, b)
+
+
+LEFTPAD_LAYOUTS = ["contiguous", "hf-layout", "batch-idx", "page5"]
+
+
+@pytest.mark.parametrize("layout", LEFTPAD_LAYOUTS)
+def test_kvcache_leftpad_matches_reference(layout, seed):
+    """cache_leftpad: keys before leftpad[b] are never seen (poisoned with NaN here), the bottom-right
+    alignment counts the rest, appends and rotary stay at absolute positions. Layouts: a contiguous
+    cache (read in place as one packed call), Hugging Face's (B, Hk, S, D) cache seen transposed,
+    cache_batch_idx out of order and a paged cache (both through single-row pages)."""
+    B, Lq, Lnew, H, Hk, E, S = 3, 2, 2, 4, 2, 16, 37
+    q, k_new, v_new = torch.randn(B, Lq, H, E), torch.randn(B, Lnew, Hk, E), torch.randn(B, Lnew, Hk, E)
+    seqlens = torch.tensor([S - Lnew, 9, 20], dtype=torch.int32)
+    leftpad = torch.tensor([5, 9, 0], dtype=torch.int32)  # sequence 1: only the appended keys
+    cos, sin = rotary_tables(S, 8)
+    rows, table = torch.arange(B), None
+    kc, vc = make_cache(B, S, Hk, E, E, torch.float32)
+    if layout == "batch-idx":
+        rows = torch.tensor([2, 0, 1])
+        kc, vc = kc[torch.argsort(rows)], vc[torch.argsort(rows)]  # cache row rows[b] holds sequence b
+    for b in range(B):  # padding is never read: NaN there would show
+        kc[rows[b], : leftpad[b]] = float("nan")
+        vc[rows[b], : leftpad[b]] = float("nan")
+    ref_k, ref_v = kc.clone(), vc.clone()
+    k0, v0 = kc.nan_to_num(), vc.nan_to_num()
+    if layout == "hf-layout":
+        kc, vc = kc.transpose(1, 2).contiguous().transpose(1, 2), vc.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "page5":
+        pages = -(-S // 5)
+        perm = torch.randperm(B * pages + 1)[: B * pages].view(B, pages)
+        kp, vp = torch.randn(B * pages + 1, 5, Hk, E), torch.randn(B * pages + 1, 5, Hk, E)
+        for b in range(B):
+            for j in range(S):
+                kp[perm[b, j // 5], j % 5], vp[perm[b, j // 5], j % 5] = kc[b, j], vc[b, j]
+        kc, vc, table = kp, vp, perm.to(torch.int32)
+    batch_idx = rows.to(torch.int32) if layout == "batch-idx" else None
+    ref_out, ref_lse, ref_k, ref_v = reference_varlen.kvcache_attention(
+        q.double(), ref_k.double(), ref_v.double(), k_new.double(), v_new.double(), cos, sin, seqlens, batch_idx,
+        None, E ** -0.5, 5, 0, False, cache_leftpad=leftpad,
+    )
+    out, lse = attnkern.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cos, sin, seqlens, batch_idx, leftpad, table,
+                                                causal=True, window_size=(5, -1), rotary_interleaved=False,
+                                                return_softmax_lse=True)
+    assert_close(out, ref_out, torch.float32, "out")
+    assert_close(lse, ref_lse, torch.float32, "lse")
+    if table is None:
+        written = [(rows[b], slice(leftpad[b], seqlens[b] + Lnew)) for b in range(B)]
+        for b, (r, cols) in enumerate(written):
+            assert_close(kc[r, cols], ref_k[r, cols], torch.float32, f"k_cache row {b} after the append")
+    # the padding must matter, or this test could not tell
+    unpadded, _, _, _ = reference_varlen.kvcache_attention(
+        q.double(), k0.double(), v0.double(), k_new.double(), v_new.double(), cos, sin, seqlens, batch_idx, None,
+        E ** -0.5, 5, 0, False)
+    assert (unpadded - ref_out).abs().max() > 1e-3
+
+
 def test_kvcache_has_no_backward(seed):
     kc, vc = make_cache(1, 8, 1, 16, 16, torch.float32)
     q = torch.randn(1, 1, 1, 16, requires_grad=True)
@@ -402,7 +504,7 @@ VARLEN_ERRORS = [
     ("alibi-dtype", lambda a: a.update(alibi_slopes=torch.ones(2, dtype=torch.float64)), TypeError,
      "alibi_slopes must be float32"),
     ("s_aux", lambda a: a.update(s_aux=torch.ones(3)), ValueError, r"s_aux must have shape \(num_query_heads,\)"),
-    ("dropout", lambda a: a.update(dropout_p=0.1), NotImplementedError, "dropout_p"),
+    ("dropout", lambda a: a.update(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]"),
     ("k-dims", lambda a: a.update(k=a["k"][None]), ValueError, "k must be 3-D"),
 ]
 
@@ -453,8 +555,10 @@ KV_ERRORS = [
      "beyond the block_table's coverage of 3 pages x page size 4 = 12 keys"),
     ("page-size", lambda a: (_paged(a), a.update(v_cache=torch.randn(8, 5, 2, 16))), ValueError,
      "v_cache shape .* does not match k_cache shape"),
-    ("leftpad", lambda a: a.update(cache_leftpad=torch.zeros(2, dtype=torch.int32)), NotImplementedError,
-     "cache_leftpad"),
+    ("leftpad", lambda a: a.update(cache_leftpad=torch.tensor([4, 0], dtype=torch.int32)), ValueError,
+     r"cache_leftpad\[0\] = 4 must be in \[0, cache_seqlens\[0\]\] = \[0, 3\]"),
+    ("leftpad-dtype", lambda a: a.update(cache_leftpad=torch.zeros(2, dtype=torch.int64)), TypeError,
+     "cache_leftpad must be int32"),
     ("num_splits", lambda a: a.update(num_splits=-1), ValueError, "num_splits"),
     ("alibi", lambda a: a.update(alibi_slopes=torch.ones(3, 2)), ValueError, "alibi_slopes must have shape"),
     ("s_aux", lambda a: a.update(s_aux=torch.ones(2, dtype=torch.int32)), TypeError, "s_aux must be float32"),
@@ -499,6 +603,13 @@ def test_opcheck_varlen(seed):
     torch.library.opcheck(torch.ops.attnkern.varlen_bwd.default,
                           (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, *args[3:6],
                            0.3, 4, 0, 0.7, slopes))
+    # dropout: the seed tensor travels to the backward
+    rng = torch.randint(-(2**63), 2**63 - 1, (1,), dtype=torch.int64)
+    torch.library.opcheck(torch.ops.attnkern.varlen_fwd.default, args + (0.0, None, None, 0.25, rng))
+    out, lse = torch.ops.attnkern.varlen_fwd(q.detach(), k.detach(), v.detach(), *args[3:], 0.0, None, None, 0.25, rng)
+    torch.library.opcheck(torch.ops.attnkern.varlen_bwd.default,
+                          (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out, lse, *args[3:6],
+                           0.3, 4, 0, 0.0, None, 0.25, rng))
 
 
 def test_compile_fullgraph(seed):

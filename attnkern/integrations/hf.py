@@ -11,11 +11,19 @@ of its own layer type, so per-layer sliding windows (``config.layer_types``) com
 Alignment. HF places query row i at absolute position ``q_offset + i`` and key j at
 ``kv_offset + j``; the band is exact when ``q_offset - kv_offset`` is ``S - L`` (a dynamic
 cache, including the sliding-window cache that keeps only the last W-1 keys, and prefill)
-or 0. Anything else -- a static cache (whose offsets are tensors), packed sequences,
-custom ``or``/``and`` mask functions, chunked attention, an older transformers -- gets
-HF's own dense boolean mask, which attnkern also runs, exactly.
+or 0. A static cache passes its length as a tensor (read here, except while tracing) and
+``S`` slots of which only the first ``q_offset - kv_offset + L`` hold tokens: under a causal
+band the rest are cut off (``BandMask.kv_used``) and the band is bottom-right on the filled
+slots. Anything else -- a static cache under tracing, custom ``or``/``and`` mask functions,
+chunked attention, an older transformers -- gets HF's own dense boolean mask, which attnkern
+also runs, exactly.
 
-GQA runs without repeating K/V. Padding masks become a stride-0 bool mask. Logit
+GQA runs without repeating K/V. A padding mask runs one of three ways (``_padded_route``):
+as a stride-0 bool mask on the dense op; unpadded into a packed batch on the varlen op
+(prefill and training, when that saves enough work: ``UNPAD_MAX_WORK``); or, decoding from a
+left-padded cache, on the kvcache op reading HF's cache in place with ``cache_leftpad``.
+transformers' continuous batching (``generate_batch``, paged cache) runs on the varlen op
+under :func:`continuous_batching_name` (see :func:`use_for_continuous_batching`). Logit
 softcapping (``softcap``, Gemma 2), attention sinks (``s_aux``, gpt-oss: the module's
 ``sinks`` Parameter gets its gradient) and ALiBi slopes (an ``alibi_slopes`` keyword, where a
 model passes one) run on attnkern's kernels. Features they lack -- ``output_attentions``,
@@ -53,10 +61,10 @@ class BandMask:
     ``kv_length`` the key count S it was built for.
     """
 
-    __slots__ = ("window_left", "window_right", "bottom_right", "padding", "kv_length", "sequence_index")
+    __slots__ = ("window_left", "window_right", "bottom_right", "padding", "kv_length", "sequence_index", "kv_used")
 
     def __init__(self, window_left: int, window_right: int, bottom_right: bool, padding: Optional[torch.Tensor],
-                 kv_length: int, sequence_index: Optional[torch.Tensor] = None) -> None:
+                 kv_length: int, sequence_index: Optional[torch.Tensor] = None, kv_used: Optional[int] = None) -> None:
         self.window_left = window_left
         self.window_right = window_right
         self.bottom_right = bottom_right
@@ -65,6 +73,10 @@ class BandMask:
         # packed documents: (batch, S) index of the document each token belongs to (HF's
         # packed_sequence_mask); the band then applies within each document
         self.sequence_index = sequence_index
+        # a static cache: only the first kv_used of the kv_length key slots hold tokens yet (the
+        # rest lie after every query: a causal band never reaches them), and the band is
+        # bottom-right aligned on those
+        self.kv_used = kv_used
 
     # generate() prepares masks ahead of the forward for static caches: it calls
     # .contiguous() on them, and the model's mask creation reads .ndim (2 would mean a
@@ -76,10 +88,11 @@ class BandMask:
 
     def dense(self, len_q: int) -> torch.Tensor:
         """The same mask as a ``(batch or 1, 1, L, S)`` bool tensor (True: attend)."""
-        offset = self.kv_length - len_q if self.bottom_right else 0
+        used = self.kv_length if self.kv_used is None else self.kv_used
+        offset = used - len_q if self.bottom_right else 0
         device = None if self.padding is None else self.padding.device
-        allowed = band_mask(len_q, self.kv_length, self.window_left, self.window_right, offset, device=device)
-        allowed = allowed.view(1, 1, len_q, self.kv_length)
+        allowed = band_mask(len_q, used, self.window_left, self.window_right, offset, device=device)
+        allowed = allowed.view(1, 1, len_q, used)
         if self.sequence_index is not None:  # (L == S): position_ids restart inside each document
             idx = self.sequence_index
             starts = torch.cummax(torch.where(_document_starts(idx), torch.arange(idx.shape[1], device=idx.device), 0), 1)[0]
@@ -92,7 +105,9 @@ class BandMask:
             if self.window_right >= 0:
                 inside &= kp <= qp + self.window_right
             allowed = (same & inside)[:, None]
-        return allowed if self.padding is None else allowed & self.padding[:, None, None, :]
+        if self.padding is not None:
+            allowed = allowed & self.padding[:, None, None, :]
+        return torch.nn.functional.pad(allowed, (0, self.kv_length - used))  # unused static-cache slots
 
     def __repr__(self) -> str:
         padded = None if self.padding is None else tuple(self.padding.shape)
@@ -190,16 +205,29 @@ def packed_cu_seqlens(sequence_index: torch.Tensor):
     return cu, int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
 
 
-def _alignment(q_length, kv_length, q_offset, kv_offset):
-    """True (bottom-right), False (top-left), or None when attnkern's two alignments cannot express it."""
+def _alignment(q_length, kv_length, q_offset, kv_offset, band):
+    """``(bottom_right, kv_used)``: True (bottom-right) or False (top-left), and the number of
+    leading key slots that hold tokens when fewer than kv_length do (a static cache); ``(None,
+    None)`` when attnkern's alignments cannot express it."""
+    from transformers import masking_utils as mu
+
+    if isinstance(q_offset, torch.Tensor):
+        # a static cache passes its length as a tensor: read it (a sync on an accelerator),
+        # except while tracing, where reading it would break the graph
+        if q_offset.numel() != 1 or mu.is_tracing(q_offset):
+            return None, None
+        q_offset = int(q_offset)
     if not all(isinstance(x, int) for x in (q_offset, kv_offset)):
-        return None  # a static cache passes tensors: reading them would sync or break a graph
+        return None, None
     offset = q_offset - kv_offset
     if offset == kv_length - q_length:
-        return True
+        return True, None
+    if band[1] == 0 and 0 <= offset and offset + q_length < kv_length:
+        # causal: the slots after the last query's position are empty (a static cache) and unseen
+        return True, offset + q_length
     if offset == 0:
-        return False
-    return None
+        return False, None
+    return None, None
 
 
 def band_mask_function(batch_size, q_length, kv_length, q_offset=None, kv_offset=0, mask_function=None,
@@ -217,9 +245,10 @@ def band_mask_function(batch_size, q_length, kv_length, q_offset=None, kv_offset
     if packed is not None:  # no dense mask: the attention function runs the documents as a packed batch
         return BandMask(packed[0][0], packed[0][1], True, None, kv_length, sequence_index=packed[1].to(device))
     band = None if use_vmap or mask_function is None else _known_band(mask_function)
-    bottom_right = None if band is None else _alignment(q_length, kv_length, q_offset, kv_offset)
+    bottom_right, kv_used = (None, None) if band is None else _alignment(q_length, kv_length, q_offset, kv_offset,
+                                                                         band)
     if band == (-1, -1):
-        bottom_right = False  # no band: alignment is moot
+        bottom_right, kv_used = False, None  # no band: alignment is moot
     if bottom_right is None:
         return mu.sdpa_mask(
             batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset or 0,
@@ -230,12 +259,12 @@ def band_mask_function(batch_size, q_length, kv_length, q_offset=None, kv_offset
     padding = None
     if attention_mask is not None:
         padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
-        padding = padding.to(device=device, dtype=torch.bool)
+        padding = padding.to(device=device, dtype=torch.bool)[:, :kv_used]
         # as HF does for sdpa: dropping an all-True mask lets the kernels skip it, but
         # reading it would break a traced graph
         if not mu.is_tracing(padding) and bool(padding.all()):
             padding = None
-    return BandMask(band[0], band[1], bottom_right, padding, kv_length)
+    return BandMask(band[0], band[1], bottom_right, padding, kv_length, kv_used=kv_used)
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,10 +313,9 @@ def _make_attention_function(backend: str):
         if feature is not None:
             return _eager_fallback(feature, module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                    kwargs)
-        if kwargs.get("cache") is not None:
-            raise NotImplementedError(
-                "attn_implementation='attnkern' does not support paged (continuous-batching) caches"
-            )
+        cache = kwargs.pop("cache", None)
+        if cache is not None:  # continuous batching: packed requests, K/V read from the paged cache
+            key, value = _continuous_batching_keys(module, cache, key, value, kwargs)
         len_q, len_k = query.shape[-2], key.shape[-2]
         packed = _packed_call(module, attention_mask, kwargs, query, key)
         if packed is not None:
@@ -298,10 +326,19 @@ def _make_attention_function(backend: str):
                 raise ValueError(
                     f"attnkern mask was built for {attention_mask.kv_length} keys but the layer has {len_k}"
                 )
+            if attention_mask.kv_used is not None:  # a static cache's filled slots
+                key, value = key[:, :, :attention_mask.kv_used], value[:, :, :attention_mask.kv_used]
             window = (attention_mask.window_left, attention_mask.window_right)
             bottom_right = attention_mask.bottom_right
-            if attention_mask.padding is not None:
-                mask = attention_mask.padding[:, None, None, :]
+            padding = attention_mask.padding
+            if padding is not None:
+                route = _padded_route(padding, len_q, key.shape[-2], window, dropout, kwargs)
+                if route == "unpad":
+                    out = _unpadded_attention(query, key, value, padding, window, scaling, backend, kwargs, dropout)
+                    return out, None
+                if route == "leftpad":
+                    return _leftpad_attention(query, key, value, padding, window, scaling, backend, kwargs), None
+                mask = padding[:, None, None, :]
         elif attention_mask is None:
             # as HF's sdpa path: no mask means causal (top-left) for a causal module, unless decoding one token
             causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -319,6 +356,89 @@ def _make_attention_function(backend: str):
         return out.transpose(1, 2).contiguous(), None
 
     return attnkern_attention
+
+
+# Padded batches. A (batch, S) padding mask runs three ways, chosen per call (the mask's
+# values are read: under tracing, the stride-0 mask always):
+# * "mask": the dense op with the mask as a stride-0 (B, 1, 1, S) bool operand;
+# * "unpad" (no cache, L == S): the real tokens gathered into a packed batch, the varlen op,
+#   the output scattered back (pad rows 0) -- when the attention work left after dropping the
+#   padding, sum(L_b^2) / (B * S^2), is at most UNPAD_MAX_WORK;
+# * "leftpad" (decoding, L < S, left padding): the kvcache op reads Hugging Face's cache in place
+#   with cache_leftpad = the padding count of each row -- only with DECODE_VIA_KVCACHE.
+# Both switches come from benchmarks/bench_hf_paths.py (benchmarks/packed/hf-paths-loaded-*.json:
+# three runs, 2 threads, loaded machine, load avg 10-13, so noisy): unpadding took 0.44-0.64x
+# the mask route's time at work ratios 0.07-0.10, was mixed at 0.37-0.46 (0.69-1.5x forward
+# + backward, 0.91-1.09x forward) and lost from 0.5 up (1.3-1.56x at 0.74-1.0: the gathers,
+# the scatter and the varlen kernels cost more than the padding saves); decoding through
+# the kvcache op took 0.98-1.31x the dense op at S = 4096 and 1.08-3.2x at S = 512, so
+# decoding stays on the dense op on CPU.
+UNPAD_MAX_WORK = 0.3
+DECODE_VIA_KVCACHE = False
+
+
+def _token_runs(padding: torch.Tensor):
+    """Per row of a (B, S) padding mask: the real-token count, and whether those tokens form one
+    contiguous run (left or right padding)."""
+    lengths = padding.sum(1)
+    positions = torch.arange(padding.shape[1], device=padding.device)
+    first = torch.where(padding, positions, padding.shape[1]).amin(1)
+    last = torch.where(padding, positions, -1).amax(1)
+    contiguous = bool(((last - first + 1 == lengths) | (lengths == 0)).all())
+    return lengths, first, contiguous
+
+
+def _padded_route(padding, len_q, len_k, window, dropout, kwargs) -> str:
+    from transformers import masking_utils as mu
+
+    if mu.is_tracing(padding) or (len_q != len_k and not (DECODE_VIA_KVCACHE and dropout == 0.0)):
+        return "mask"  # (the kvcache op has no dropout)
+    lengths, first, contiguous = _token_runs(padding)
+    # gaps inside a row change distances: fine for a plain causal or full band (only the order
+    # of the tokens counts), not for a window's edge or ALiBi
+    order_only = window[0] < 0 and window[1] <= 0 and kwargs.get("alibi_slopes") is None
+    if len_q == len_k:
+        work = float((lengths.double() ** 2).sum()) / (padding.shape[0] * len_k * len_k)
+        return "unpad" if work <= UNPAD_MAX_WORK and (contiguous or order_only) else "mask"
+    left_padded = contiguous and bool(((first + lengths == len_k) | (lengths == 0)).all())
+    return "leftpad" if len_q < len_k and left_padded else "mask"
+
+
+def _modifier_kwargs(kwargs):
+    return dict(softcap=kwargs.get("softcap") or 0.0, alibi_slopes=kwargs.get("alibi_slopes"), s_aux=kwargs.get("s_aux"))
+
+
+def _unpadded_attention(query, key, value, padding, window, scaling, backend, kwargs, dropout=0.0):
+    """(B, H, L, D) self-attention whose (B, L) padding mask marks the real tokens: they run as a
+    packed batch (sequence b = row b's tokens, in order), pad rows output 0. -> (B, L, Hq, Dv)."""
+    from ..varlen import flash_attn_varlen_func
+
+    B, H, L, _ = query.shape
+    index = padding.reshape(-1).nonzero().squeeze(1)
+    lengths = padding.sum(1, dtype=torch.int32)
+    cu = torch.cat((lengths.new_zeros(1), torch.cumsum(lengths, 0, dtype=torch.int32)))
+    longest = int(lengths.max()) if B else 0
+
+    def tokens(t):  # (B, H, L, D) -> (real tokens, H, D)
+        return t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[3]).index_select(0, index)
+
+    out = flash_attn_varlen_func(tokens(query), tokens(key), tokens(value), cu, cu, longest, longest, dropout,
+                                 scaling, False, window, backend=backend, **_modifier_kwargs(kwargs))
+    full = out.new_zeros(B * L, H, out.shape[-1]).index_copy(0, index, out)
+    return full.view(B, L, H, -1)
+
+
+def _leftpad_attention(query, key, value, padding, window, scaling, backend, kwargs):
+    """Decoding against Hugging Face's (B, Hk, S, D) cache, left-padded per the (B, S) mask: the
+    kvcache op reads the cache in place from each row's first real key. -> (B, L, Hq, Dv)."""
+    from ..varlen import flash_attn_with_kvcache
+
+    B, S = padding.shape
+    leftpad = (S - padding.sum(1)).to(torch.int32)
+    seqlens = torch.full((B,), S, dtype=torch.int32, device=padding.device)
+    return flash_attn_with_kvcache(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                   cache_seqlens=seqlens, cache_leftpad=leftpad, softmax_scale=scaling,
+                                   window_size=window, backend=backend, **_modifier_kwargs(kwargs))
 
 
 def _packed_call(module, attention_mask, kwargs, query, key):
@@ -371,6 +491,48 @@ def _packed_attention(query, key, value, cu_q, cu_k, max_q, max_k, window, dropo
     return out.view(query.shape[0], query.shape[2], query.shape[1], -1), None
 
 
+def _continuous_batching_keys(module, cache, key, value, kwargs):
+    """transformers' continuous batching (``generate_batch``): the paged cache writes the new K/V
+    and gathers each request's keys into one packed (1, Hk, total_k, D) batch, updating the
+    ``cu_seq_lens_k``/``max_length_k`` kwargs in place for this layer; the varlen op then runs
+    the requests (``cu_seq_lens_q/k``) with no mask. Its decode fast path (``block_table``,
+    flash_attn_with_kvcache on the pages) is only enabled by transformers for flash-attn 2/3 on
+    CUDA/XPU and is not served here."""
+    if kwargs.get("block_table") is not None:
+        raise NotImplementedError(
+            "attn_implementation='attnkern' does not serve continuous batching's block-table decode path; "
+            "use ContinuousBatchingConfig(max_blocks_per_request=0)"
+        )
+    key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
+    if kwargs.get("cu_seq_lens_q") is None or kwargs.get("cu_seq_lens_k") is None:
+        raise ValueError("a paged cache was passed without cu_seq_lens_q/cu_seq_lens_k (continuous batching's kwargs)")
+    return key, value
+
+
+def continuous_batching_name(name: str = NAME) -> str:
+    """The name under which :func:`register` also files attnkern for transformers' continuous
+    batching. transformers 5.23 lets ``generate_batch`` / ``init_continuous_batching`` run only
+    'paged|eager', 'sdpa' or an implementation whose name contains "flash"; only the last get
+    packed requests with no dense mask. A "flash" name cannot go through
+    ``set_attn_implementation`` (that would look for a flash-attn package or a Hub kernel of that
+    name), so :func:`use_for_continuous_batching` sets it on the config."""
+    return f"{name}_flash_varlen"
+
+
+def use_for_continuous_batching(model, name: str = NAME) -> str:
+    """Make ``model`` run attnkern under transformers' continuous batching; returns the previous
+    implementation (``model.set_attn_implementation(previous)`` restores it). Call
+    :func:`register` first."""
+    from transformers import AttentionInterface
+
+    alias = continuous_batching_name(name)
+    if alias not in AttentionInterface._global_mapping:
+        raise ValueError(f"{alias!r} is not registered: call attnkern.integrations.hf.register({name!r}) first")
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = alias
+    return previous
+
+
 def register(name: str = NAME, *, backend: str = "auto") -> str:
     """Register attnkern with transformers under ``name``; returns the name.
 
@@ -390,6 +552,8 @@ def register(name: str = NAME, *, backend: str = "auto") -> str:
             "attnkern.integrations.hf needs Hugging Face transformers with AttentionInterface and "
             "AttentionMaskInterface (tested with 5.23.0): pip install 'transformers>=5.0'"
         ) from exc
-    AttentionInterface.register(name, _make_attention_function(backend))
-    AttentionMaskInterface.register(name, band_mask_function)
+    attention = _make_attention_function(backend)
+    for registered in (name, continuous_batching_name(name)):
+        AttentionInterface.register(registered, attention)
+        AttentionMaskInterface.register(registered, band_mask_function)
     return name

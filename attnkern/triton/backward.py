@@ -103,6 +103,32 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, row_base, 
     return dk, dv
 
 
+@triton.jit
+def load_key_tile(k_base, v_base, stride_kn, stride_vn, col_ok, head_dim, head_dim_v, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr):
+    """The K and V rows of one key tile (resident in the dK/dV pass); base pointers at its first key."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], col_ok, offs_d < head_dim, True, PAD_D)
+    v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], col_ok, offs_dv < head_dim_v,
+                  True, PAD_DV)
+    return k, v
+
+
+@triton.jit
+def store_key_grads(dk_base, dv_base, dk, dv, stride_dkn, stride_dvn, col_ok, head_dim, head_dim_v,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dK and dV of one key tile, in the tensors' dtype; rows past the keys and padded dims are not written."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], dk.to(dk_base.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_d[None, :] < head_dim))
+    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(dv_base.dtype.element_ty),
+             mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+
+
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def dkdv_kernel(
     Q, K, V, dOut, Mask, Lse, Delta, dK, dV,
@@ -126,17 +152,13 @@ def dkdv_kernel(
     h_kv = tl.program_id(1)
     b = tl.program_id(2)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     cols = n0 + offs_n
     col_ok = cols < len_k
 
     k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + n0.to(tl.int64) * stride_kn
     v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + n0.to(tl.int64) * stride_vn
-    k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], col_ok, offs_d < head_dim,
-                  True, PAD_D)
-    v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], col_ok, offs_dv < head_dim_v,
-                  True, PAD_DV)
+    k, v = load_key_tile(k_base, v_base, stride_kn, stride_vn, col_ok, head_dim, head_dim_v, BLOCK_N, BLOCK_D,
+                         BLOCK_DV, PAD_D, PAD_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     start, full_lo, full_hi, end = query_block_range(n0, len_q, len_k, offset, left, right, BLOCK_M, BLOCK_N)
@@ -160,10 +182,8 @@ def dkdv_kernel(
 
     dk_base = dK + b.to(tl.int64) * stride_dkb + h_kv.to(tl.int64) * stride_dkh + n0.to(tl.int64) * stride_dkn
     dv_base = dV + b.to(tl.int64) * stride_dvb + h_kv.to(tl.int64) * stride_dvh + n0.to(tl.int64) * stride_dvn
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(dK.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_d[None, :] < head_dim))
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(dV.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_dv[None, :] < head_dim_v))
+    store_key_grads(dk_base, dv_base, dk * scale, dv, stride_dkn, stride_dvn, col_ok, head_dim, head_dim_v, BLOCK_N,
+                    BLOCK_D, BLOCK_DV)
 
 
 @triton.jit

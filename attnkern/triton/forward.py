@@ -120,9 +120,13 @@ def load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, le
 def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, rows, m0, n_start, n_end,
                 stride_kn, stride_vn, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale,
                 head_index, seed_lo, seed_hi, drop_threshold, head_dim, head_dim_v, softcap2, slope2,
+                page_row, page_size, stride_kp, stride_vp,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                 BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, PAGED: tl.constexpr):
+    """Key blocks ``[n_start, n_end)`` into the running (acc, l, m). With PAGED, key j is row
+    ``j % page_size`` of page ``page_row[j // page_size]`` (k_base/v_base point at the head;
+    stride_kp/stride_vp step pages): any page size, one gathered row per key."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
@@ -134,8 +138,14 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, rows, m0, n_start, n
         cols = n0 + offs_n
         # interior blocks end inside the sequence: only the padded head dim needs a bound
         col_ok = cols < len_k
-        kT = load_tile(k_blk + offs_d[:, None] + offs_n[None, :] * stride_kn, offs_d < head_dim, col_ok,
-                       PAD_D, EDGE)
+        if PAGED:
+            page = tl.load(page_row + cols // page_size, mask=col_ok, other=0).to(tl.int64)
+            slot = cols % page_size
+            kT = load_tile(k_base + offs_d[:, None] + (page * stride_kp + slot * stride_kn)[None, :],
+                           offs_d < head_dim, col_ok, PAD_D, EDGE)
+        else:
+            kT = load_tile(k_blk + offs_d[:, None] + offs_n[None, :] * stride_kn, offs_d < head_dim, col_ok,
+                           PAD_D, EDGE)
         mask_tile = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND,
                                    False)
         s, _ = score_tile(q, kT, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, softcap2, slope2,
@@ -149,14 +159,38 @@ def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, rows, m0, n_start, n
         if HAS_DROPOUT:
             # dropped weights still count in l (dropout acts after the softmax)
             p = tl.where(dropout_keep(rows, n0, head_index, seed_lo, seed_hi, drop_threshold, BLOCK_N), p, 0.0)
-        v = load_tile(v_blk + offs_n[:, None] * stride_vn + offs_dv[None, :], col_ok, offs_dv < head_dim_v,
-                      EDGE, PAD_DV)
+        if PAGED:
+            v = load_tile(v_base + (page * stride_vp + slot * stride_vn)[:, None] + offs_dv[None, :], col_ok,
+                          offs_dv < head_dim_v, EDGE, PAD_DV)
+        else:
+            v = load_tile(v_blk + offs_n[:, None] * stride_vn + offs_dv[None, :], col_ok, offs_dv < head_dim_v,
+                          EDGE, PAD_DV)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
         k_blk += BLOCK_N * stride_kn
         v_blk += BLOCK_N * stride_vn
         mask_blk += BLOCK_N * stride_mn
     return acc, l_i, m_i
+
+
+@triton.jit
+def finish_rows(acc, l_i, m_i, Sinks, h, drop_scale, HAS_SINKS: tl.constexpr):
+    """Normalised output rows and their natural-log LSE from the running (acc, l, m)."""
+    if HAS_SINKS:
+        # the head's sink joins the denominator once and adds no value (a row with no key keeps
+        # acc = 0 and gets l = 1 at m = sink: output 0, LSE = sink)
+        sink2 = tl.load(Sinks + h).to(tl.float32) * LOG2E
+        top = tl.maximum(m_i, sink2)
+        top_sub = tl.where(top == float("-inf"), 0.0, top)
+        keys = tl.exp2(m_i - top_sub)
+        l_i = l_i * keys + tl.exp2(sink2 - top_sub)
+        acc = acc * keys[:, None]
+        m_i = top
+    empty = l_i == 0.0  # no key in the band (or every key masked): output 0, LSE -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc * (drop_scale / l_safe)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    return out, lse
 
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
@@ -207,23 +241,10 @@ def fwd_kernel(
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, k_base, v_base, mask_row, rows, m0, n_lo, n_hi, stride_kn, stride_vn, stride_mm,
             stride_mn, len_q, len_k, offset, left, right, qk_scale, head_index, seed_lo, seed_hi, drop_threshold,
-            head_dim, head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N, segment != 1,
-            MASK_KIND, HAS_DROPOUT, DOT_PRECISION, SOFTCAP, HAS_ALIBI)
+            head_dim, head_dim_v, softcap2, slope2, q_base, 1, 0, 0, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N,
+            segment != 1, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, SOFTCAP, HAS_ALIBI, False)
 
-    if HAS_SINKS:
-        # the head's sink joins the denominator once and adds no value (a row with no key keeps
-        # acc = 0 and gets l = 1 at m = sink: output 0, LSE = sink)
-        sink2 = tl.load(Sinks + h).to(tl.float32) * LOG2E
-        top = tl.maximum(m_i, sink2)
-        top_sub = tl.where(top == float("-inf"), 0.0, top)
-        keys = tl.exp2(m_i - top_sub)
-        l_i = l_i * keys + tl.exp2(sink2 - top_sub)
-        acc = acc * keys[:, None]
-        m_i = top
-    empty = l_i == 0.0  # no key in the band (or every key masked): output 0, LSE -inf
-    l_safe = tl.where(empty, 1.0, l_i)
-    out = acc * (drop_scale / l_safe)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
+    out, lse = finish_rows(acc, l_i, m_i, Sinks, h, drop_scale, HAS_SINKS)
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_om
     tl.store(o_base + (rows - m0)[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))

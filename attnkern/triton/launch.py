@@ -52,11 +52,7 @@ def _check_device(q: torch.Tensor, op: str) -> None:
     )
 
 
-def _check_inputs(op, q, k, v, mask, rng_seed, scale, window_left, window_right, dropout_p) -> Optional[str]:
-    """Validate the forward arguments; return the mask kind (None, "bool" or "float")."""
-    for t, name, want in ((q, "q", "(B, Hq, L, E)"), (k, "k", "(B, Hkv, S, E)"), (v, "v", "(B, Hkv, S, Ev)")):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor {want}, got {getattr(t, 'shape', type(t).__name__)}")
+def _check_dtypes_devices(op, q, k, v) -> None:
     if q.dtype not in _DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32 for the Triton backend, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -64,6 +60,14 @@ def _check_inputs(op, q, k, v, mask, rng_seed, scale, window_left, window_right,
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     _check_device(q, op)
+
+
+def _check_inputs(op, q, k, v, mask, rng_seed, scale, window_left, window_right, dropout_p) -> Optional[str]:
+    """Validate the forward arguments; return the mask kind (None, "bool" or "float")."""
+    for t, name, want in ((q, "q", "(B, Hq, L, E)"), (k, "k", "(B, Hkv, S, E)"), (v, "v", "(B, Hkv, S, Ev)")):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor {want}, got {getattr(t, 'shape', type(t).__name__)}")
+    _check_dtypes_devices(op, q, k, v)
     B, Hq, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if k.shape[0] != B or v.shape[0] != B:
@@ -163,7 +167,7 @@ def _launcher(kernel, kind: str, device: torch.device, meta):
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
     head = configs.head_class(meta["BLOCK_D"], meta["BLOCK_DV"])
     tune = configs.tuning_enabled()
-    key = (kind, arch, head, smem, tune)
+    key = (kernel, kind, arch, head, smem, tune)
     if key not in _tuned_cache:
         _tuned_cache[key] = configs.autotuned(kernel, kind, arch, head, smem, tune)
     return _tuned_cache[key]
@@ -201,9 +205,10 @@ def _strides3(t):
 # the ops
 
 
-def _modifier_args(q, softcap, sinks, alibi_slopes):
-    """Pointers, the log2-domain cap and the constexprs of the score modifiers (ops' checks done here)."""
-    B, Hq = q.shape[0], q.shape[1]
+def _modifier_args(q, softcap, sinks, alibi_slopes, batch=None):
+    """Pointers, the log2-domain cap and the constexprs of the score modifiers (ops' checks done here).
+    ``batch``: rows of alibi_slopes (q.shape[0] for the dense op; the sequence count when packed)."""
+    B, Hq = q.shape[0] if batch is None else batch, q.shape[1]
     if not (0.0 <= softcap < math.inf):
         raise ValueError(f"softcap must be finite and >= 0, got {softcap}")
     for t, name, shape in ((sinks, "sinks", (Hq,)), (alibi_slopes, "alibi_slopes", (B, Hq))):
