@@ -61,9 +61,9 @@ ALLOWED_SPILLS = {
         ("sm_90a", "bwd_kv_sm90_kernel<BwdSm90Config<128, 64, 2>, {t}, false>", 144),
         ("sm_90a", "bwd_kv_sm90_kernel<BwdSm90Config<128, 64, 2>, {t}, true>", 128),
         ("sm_90a", "fwd_sm90_kernel<FwdSm90Config<128, 128, 2>, {t}, true>", 128),
-        ("sm_80", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, {t}, false, true>", 16),
-        ("sm_90a", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, {t}, false, true>", 128),
-        ("sm_90a", "bwd_kv_kernel<BwdKVConfig<128, 8, 32, 2>, {t}, true, true, true>", 16),
+        ("sm_80", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, {t}, 0, true>", 16),
+        ("sm_90a", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, {t}, 0, true>", 128),
+        ("sm_90a", "bwd_kv_kernel<BwdKVConfig<128, 8, 32, 2>, {t}, 1, true, true>", 16),
     )
 }
 
