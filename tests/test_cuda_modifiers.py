@@ -13,102 +13,79 @@ on a GPU (README: emulator-verified, GPU-unverified).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import pytest
 import torch
 
-from attnkern import dispatch, ops, reference
+import test_modifiers
+from attnkern import _semantics, dispatch, ops, reference
 from conftest import assert_close
 from test_cuda import gpu, needs_gpu
-import test_modifiers
 
 
 @dataclass
-class EmuModCase:
-    id: str
-    batch: int = 2
-    heads_q: int = 4
-    heads_kv: int = 2
-    len_q: int = 45
-    len_k: int = 70
-    head_dim: int = 32
-    head_dim_v: Optional[int] = None
-    window: Tuple[int, int] = (-1, -1)  # (left, right); causal is (-1, 0)
-    bottom_right: bool = False
-    mask: Optional[str] = None  # None | "bool" | "float"
-    dropout_p: float = 0.0
-    softcap: float = 0.0
-    sinks: bool = False
-    alibi: Optional[str] = None  # None | "head" (one slope per head, as (H,) expands) | "batch" (B, H)
-    dtype: torch.dtype = torch.float16
-    sm_count: int = 4  # decode: 40 makes several CTAs split the keys and merge
+class EmuModCase(test_modifiers.ModCase):
+    """test_modifiers' case, plus the split-KV SM count (40: decoding splits the keys over CTAs
+    and merges them) and whether to run the backward."""
+
+    sm_count: int = 4
     backward: bool = True
 
 
+F16, BF16 = torch.float16, torch.bfloat16
 CASES = [
-    EmuModCase("softcap-causal-gqa", window=(-1, 0), softcap=3.0),
-    EmuModCase("sinks-window-bottomright", window=(9, 4), bottom_right=True, sinks=True, dtype=torch.bfloat16),
-    EmuModCase("alibi-window-floatmask", heads_kv=4, window=(20, 20), alibi="batch", mask="float"),
-    EmuModCase("all-boolmask-dropout", window=(-1, 0), mask="bool", dropout_p=0.25, softcap=4.0, sinks=True,
-               alibi="head", dtype=torch.bfloat16),
+    EmuModCase("softcap-causal-gqa", causal=True, softcap=3.0, dtype=F16),
+    EmuModCase("sinks-window-bottomright", window=(9, 4), bottom_right=True, sinks=True, dtype=BF16),
+    EmuModCase("alibi-window-floatmask", heads_kv=4, window=(20, 20), alibi="batch", mask="float", dtype=F16),
+    EmuModCase("all-boolmask-dropout", causal=True, mask="bool", dropout_p=0.25, softcap=4.0, sinks=True,
+               alibi="head", dtype=BF16),
     # L > S bottom-right causal: the first rows see no key (output 0, LSE = sink)
-    EmuModCase("all-emptyrows", len_q=40, len_k=24, window=(-1, 0), bottom_right=True, softcap=5.0, sinks=True,
-               alibi="head"),
+    EmuModCase("all-emptyrows", len_q=40, len_k=24, causal=True, bottom_right=True, softcap=5.0, sinks=True,
+               alibi="head", dtype=F16),
     EmuModCase("all-d128-ev96", batch=1, len_q=40, len_k=50, head_dim=128, head_dim_v=96, window=(30, 0),
-               softcap=6.0, sinks=True, alibi="batch", dtype=torch.bfloat16),
+               softcap=6.0, sinks=True, alibi="batch", dtype=BF16),
     # head dim 256: dK and dV in two passes
-    EmuModCase("all-d256", batch=1, heads_q=2, heads_kv=1, len_q=20, len_k=33, head_dim=256, window=(-1, 0),
-               bottom_right=True, softcap=8.0, sinks=True, alibi="head"),
-    # decoding (packed split-KV forward): keys split over CTAs and merged (the sink joins the merge)
-    EmuModCase("decode-split-all", batch=1, heads_q=8, heads_kv=2, len_q=3, len_k=600, head_dim=64,
-               window=(-1, 0), bottom_right=True, softcap=6.0, sinks=True, alibi="head", dtype=torch.bfloat16,
-               sm_count=40),
-    # one CTA per row tile (the sink joins the CTA's merge of its key slices)
+    EmuModCase("all-d256", batch=1, heads_q=2, heads_kv=1, len_q=20, len_k=33, head_dim=256, head_dim_v=256,
+               causal=True, bottom_right=True, softcap=8.0, sinks=True, alibi="head", dtype=F16),
+    # decoding (the packed split-KV forward): keys split over CTAs and merged, the sink joining the merge
+    EmuModCase("decode-split-all", batch=1, heads_q=8, heads_kv=2, len_q=3, len_k=470, head_dim=64, head_dim_v=64,
+               causal=True, bottom_right=True, softcap=6.0, sinks=True, alibi="head", dtype=BF16, sm_count=40),
+    # one CTA per row tile: the sink joins the CTA's merge of its key slices
     EmuModCase("decode-L16-sinks-alibi", batch=2, heads_q=4, heads_kv=1, len_q=16, len_k=100, head_dim=64,
-               window=(50, 0), bottom_right=True, sinks=True, alibi="batch", sm_count=0),
-    EmuModCase("decode-L1-softcap", batch=2, heads_q=4, heads_kv=4, len_q=1, len_k=520, head_dim=32, softcap=2.0,
-               sm_count=40, backward=False),
+               head_dim_v=64, window=(50, 0), bottom_right=True, sinks=True, alibi="batch", dtype=F16, sm_count=0),
+    EmuModCase("decode-L1-softcap", heads_kv=4, len_q=1, len_k=520, softcap=2.0, dtype=F16, sm_count=40,
+               backward=False),
 ]
 
 
-def _inputs(case: EmuModCase):
-    B, Hq, Hkv, L, S = case.batch, case.heads_q, case.heads_kv, case.len_q, case.len_k
-    ev = case.head_dim_v or case.head_dim
-    q = torch.randn(B, Hq, L, case.head_dim, dtype=torch.float64).to(case.dtype)
-    k = torch.randn(B, Hkv, S, case.head_dim, dtype=torch.float64).to(case.dtype)
-    v = torch.randn(B, Hkv, S, ev, dtype=torch.float64).to(case.dtype)
-    mask = None
-    if case.mask == "bool":
-        mask = torch.rand(B, 1, L, S) > 0.25
-        mask[..., 0, :] = False  # a fully masked row: output 0 or, with a sink, LSE = sink
-        mask = mask.expand(B, Hq, L, S)  # broadcast over heads (stride 0)
-    elif case.mask == "float":
-        mask = torch.randn(B, Hq, L, S, dtype=torch.float64).to(case.dtype)
-    sinks = torch.randn(Hq) * 2 if case.sinks else None
-    alibi = None
-    if case.alibi == "head":
-        alibi = (torch.rand(Hq) * 0.5).expand(B, Hq).contiguous()
-    elif case.alibi == "batch":
-        alibi = torch.rand(B, Hq) * 0.5
-    return q, k, v, mask, sinks, alibi
+def _kernel_inputs(case: EmuModCase):
+    """test_modifiers' random inputs in the kernels' form: q/k/v and a float mask in the case's
+    dtype, the bool mask broadcast over heads (stride 0), sinks fp32, slopes fp32 (B, Hq)."""
+    q, k, v, mask, sinks, alibi, grad_out, grad_lse = test_modifiers._inputs(case, "cpu")
+    q, k, v = (t.to(case.dtype) for t in (q, k, v))
+    if mask is not None:
+        shape = (case.batch, case.heads_q, case.len_q, case.len_k)
+        mask = mask.expand(shape) if mask.dtype == torch.bool else mask.to(case.dtype)
+    sinks = None if sinks is None else sinks.float()
+    alibi = None if alibi is None else alibi.expand(case.batch, case.heads_q).contiguous()
+    return q, k, v, mask, sinks, alibi, grad_out.to(case.dtype), grad_lse.float()
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_emulated_modifier_parity(emu, case, seed):
-    q, k, v, mask, sinks, alibi = _inputs(case)
-    scale = case.head_dim ** -0.5
-    sem = (scale, case.window[0], case.window[1], case.bottom_right, case.dropout_p)
+    q, k, v, mask, sinks, alibi, grad_out, grad_lse = _kernel_inputs(case)
+    problem = _semantics.normalize_torch_layout(q, k, v, mask, case.dropout_p, case.causal, None,
+                                                case.heads_q != case.heads_kv, case.window,
+                                                bottom_right=case.bottom_right)[4]
+    sem = (problem.scale, problem.window_left, problem.window_right, case.bottom_right, case.dropout_p)
     rng = dispatch.new_rng_seed() if case.dropout_p > 0 else None
     mask_grad = case.mask == "float"
-    emu.set_options(True, 0, seed)
-    out, lse = emu.fwd(q, k, v, mask, rng, *sem, case.sm_count, softcap=case.softcap, sinks=sinks,
-                       alibi_slopes=alibi)
     if case.sm_count == 40:  # the decode cases that must split the keys (and merge with the sink)
         assert emu.decode_num_splits(case.len_q, case.heads_q, case.heads_kv, case.len_k, case.head_dim, case.batch,
                                      case.sm_count) > 1
-    grad_out = torch.randn(out.shape, dtype=torch.float64).to(case.dtype)
-    grad_lse = torch.randn(lse.shape)
+    emu.set_options(True, 0, seed)
+    out, lse = emu.fwd(q, k, v, mask, rng, *sem, case.sm_count, softcap=case.softcap, sinks=sinks,
+                       alibi_slopes=alibi)
     grads = ()
     if case.backward:
         emu.set_options(True, 0, seed)
@@ -153,8 +130,8 @@ def test_emulated_modifiers_change_the_result(emu, seed):
     """The variant is not the plain kernel under another name: each modifier alone moves the
     output away from the plain call's (and the plain call still matches its own reference in
     test_cuda.py)."""
-    case = EmuModCase("plain", batch=1, heads_q=2, heads_kv=1, len_q=20, len_k=30)
-    q, k, v, _, _, _ = _inputs(case)
+    case = EmuModCase("plain", batch=1, heads_q=2, heads_kv=1, len_q=20, len_k=30, dtype=F16)
+    q, k, v = _kernel_inputs(case)[:3]
     sem = (case.head_dim ** -0.5, -1, 0, False, 0.0)
     plain, plain_lse = emu.fwd(q, k, v, None, None, *sem, 4)
     for kw in (dict(softcap=0.5), dict(sinks=torch.full((2,), 3.0)), dict(alibi_slopes=torch.full((1, 2), 0.5))):
@@ -170,8 +147,9 @@ def test_emulated_hopper_routes_modifiers_to_sm80(emu, monkeypatch, seed):
     monkeypatch.setenv("ATTNKERN_CUDA_WGMMA", "1")
     emu.set_device_arch(90)
     try:
-        case = EmuModCase("hopper", batch=1, heads_q=2, heads_kv=1, len_q=70, len_k=90, head_dim=64)
-        q, k, v, _, _, _ = _inputs(case)
+        case = EmuModCase("hopper", batch=1, heads_q=2, heads_kv=1, len_q=70, len_k=90, head_dim=64, head_dim_v=64,
+                          dtype=F16)
+        q, k, v = _kernel_inputs(case)[:3]
         sem = (0.125, -1, 0, False, 0.0)
         sinks = torch.randn(2)
         emu.set_options(True, 0, seed)
@@ -193,7 +171,7 @@ def test_emulated_hopper_routes_modifiers_to_sm80(emu, monkeypatch, seed):
 
 @gpu
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=str)
 @pytest.mark.parametrize("case", test_modifiers.CASES, ids=lambda c: c.id)
 def test_gpu_modifier_parity(case, dtype, seed):
     """The modifier matrix of test_modifiers.py through backend="cuda" on a device (not yet run)."""
