@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../params.h"
@@ -62,6 +63,18 @@ inline bool has_features(const AttnParams& p) { return p.mask_kind != MaskKind::
 // modifiers take kModified, which also serves masks and dropout. The Hopper kernels have no
 // kModified: dispatch.cu runs modifier calls on the sm80 kernels.
 inline int feature_variant(const AttnParams& p) { return has_modifiers(p) ? 2 : has_features(p) ? 1 : 0; }
+// launch(std::integral_constant<int, V>{}) for the call's variant V: the launchers' one switch
+template <class Launch>
+cudaError_t with_feature_variant(const AttnParams& p, Launch&& launch) {
+  switch (feature_variant(p)) {
+    case 2:
+      return launch(std::integral_constant<int, 2>{});
+    case 1:
+      return launch(std::integral_constant<int, 1>{});
+    default:
+      return launch(std::integral_constant<int, 0>{});
+  }
+}
 
 // The forward takes the split-KV decode path for at most this many query rows (and no mask or
 // dropout); it packs the query heads of a GQA group into one tile so K/V stream once.

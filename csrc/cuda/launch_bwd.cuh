@@ -41,14 +41,9 @@ template <int kD, typename T>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   const cudaError_t err = launch_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
-  switch (feature_variant(p)) {
-    case kModified:
-      return run_bwd_passes<kD, T, kModified>(p, stream);
-    case kMasked:
-      return run_bwd_passes<kD, T, kMasked>(p, stream);
-    default:
-      return run_bwd_passes<kD, T, kPlain>(p, stream);
-  }
+  return with_feature_variant(p, [&](auto variant) {
+    return run_bwd_passes<kD, T, decltype(variant)::value>(p, stream);
+  });
 }
 
 }  // namespace cuda

@@ -41,14 +41,9 @@ cudaError_t run_fwd(const AttnParams& p, const FwdSplit& split, cudaStream_t str
     if (has_modifiers(p)) return run_fwd_decode<kD, T, kModified>(p, split, stream);
     return run_fwd_decode<kD, T, kPlain>(p, split, stream);
   }
-  switch (feature_variant(p)) {
-    case kModified:
-      return run_fwd_prefill<kD, T, kModified>(p, stream);
-    case kMasked:
-      return run_fwd_prefill<kD, T, kMasked>(p, stream);
-    default:
-      return run_fwd_prefill<kD, T, kPlain>(p, stream);
-  }
+  return with_feature_variant(p, [&](auto variant) {
+    return run_fwd_prefill<kD, T, decltype(variant)::value>(p, stream);
+  });
 }
 
 }  // namespace cuda
