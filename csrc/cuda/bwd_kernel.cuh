@@ -169,50 +169,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
         Elem<T>::mma(st[2 * n2 + 1], a, bq[2], bq[3]);
       }
     }
-    uint32_t keep_bits = 0xffffffffu;
-    // kModified: the softcap's derivative 1 - tanh^2 per element, and the head's ALiBi slope
-    [[maybe_unused]] float cap_grad[Rules::kModifiers ? kNT : 1][4];
-    [[maybe_unused]] const float slope = rules.slope_log2(b, hq);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t j = j0 + (lane >> 2) + 8 * h;
-      int lo = 0, hi = kBlockM;
-      if (check) rules.key_window(j, m0, kBlockM, lo, hi);
-      const int64_t mask_row = rules.mask_offset(b, hq, m0, j);
-      // kModified: the ALiBi distance of query column c is |pos0 + c|
-      [[maybe_unused]] const float pos0 = Rules::kModifiers ? static_cast<float>(m0 + band.offset - j) : 0.f;
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = nt * 8 + 2 * (lane & 3) + c;
-          float& x = st[nt][2 * h + c];
-          if constexpr (Rules::kModifiers) {
-            float t;
-            x = exp2f(rules(x, col, lo, hi, check, mask_row, p.mask_stride[2], slope, fabsf(pos0 + col), t) -
-                      s_lse[col]);
-            cap_grad[nt][2 * h + c] = 1.f - t * t;
-          } else {
-            x = exp2f(rules(x, col, lo, hi, check, mask_row, p.mask_stride[2]) - s_lse[col]);
-          }
-          if (rules.dropout() && !rules.keep(bh, m0 + col, j)) keep_bits &= ~(1u << (nt * 4 + 2 * h + c));
-        }
-    }
-    auto kept = [&](int nt, int e) -> float { return (keep_bits >> (nt * 4 + e)) & 1u ? inv_keep : 0.f; };
-
-    // dV += (P^T with dropout) dO
-    if constexpr (kDoDV) {
-#pragma unroll
-      for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
-        uint32_t a[4];
-        acc_to_a_kept<T>(a, st, k2, kept);
-        mma_a_tile_kn<QTile, T>(acc_dv, a, q_kn, 16 * k2, do_off);
-      }
-    }
-
-    if constexpr (kDoDK) {
-      // dP^T = V dO^T; dS^T = P^T (dP^T * keep / (1 - p) - delta)
-      float dpt[kNT][4];
+    // dP^T = V dO^T into dpt
+    auto v_dout = [&](float(&dpt)[kNT][4]) {
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -229,21 +187,77 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
           Elem<T>::mma(dpt[2 * n2 + 1], a, bo[2], bo[3]);
         }
       }
+    };
+    // kModified: dP^T comes first, so that dS^T = P^T (dP^T * keep / (1 - p) - delta) (1 - tanh^2)
+    // is formed with P^T, element by element, and no tanh waits in registers for it
+    [[maybe_unused]] float ds_mod[Rules::kModifiers && kDoDK ? kNT : 1][4];
+    if constexpr (Rules::kModifiers && kDoDK) v_dout(ds_mod);
+    [[maybe_unused]] const float slope = rules.slope_log2(b, hq);  // ALiBi (kModified)
+    uint32_t keep_bits = 0xffffffffu;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = j0 + (lane >> 2) + 8 * h;
+      int lo = 0, hi = kBlockM;
+      if (check) rules.key_window(j, m0, kBlockM, lo, hi);
+      const int64_t mask_row = rules.mask_offset(b, hq, m0, j);
+      // kModified: the ALiBi distance of query column c is |pos0 + c|
+      [[maybe_unused]] const float pos0 = Rules::kModifiers ? static_cast<float>(m0 + band.offset - j) : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = nt * 8 + 2 * (lane & 3) + c;
+          float& x = st[nt][2 * h + c];
+          [[maybe_unused]] float t = 0.f;  // kModified: the softcap's tanh
+          if constexpr (Rules::kModifiers) {
+            x = exp2f(rules(x, col, lo, hi, check, mask_row, p.mask_stride[2], slope, fabsf(pos0 + col), t) -
+                      s_lse[col]);
+          } else {
+            x = exp2f(rules(x, col, lo, hi, check, mask_row, p.mask_stride[2]) - s_lse[col]);
+          }
+          if (rules.dropout() && !rules.keep(bh, m0 + col, j)) keep_bits &= ~(1u << (nt * 4 + 2 * h + c));
+          if constexpr (Rules::kModifiers && kDoDK) {  // dS^T through the softcap
+            const float keep = (keep_bits >> (nt * 4 + 2 * h + c)) & 1u ? inv_keep : 0.f;
+            float& ds = ds_mod[nt][2 * h + c];
+            ds = x * (ds * keep - s_delta[col]) * (1.f - t * t);
+          }
+        }
+    }
+    auto kept = [&](int nt, int e) -> float { return (keep_bits >> (nt * 4 + e)) & 1u ? inv_keep : 0.f; };
+
+    // dV += (P^T with dropout) dO
+    if constexpr (kDoDV) {
+#pragma unroll
+      for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
+        uint32_t a[4];
+        acc_to_a_kept<T>(a, st, k2, kept);
+        mma_a_tile_kn<QTile, T>(acc_dv, a, q_kn, 16 * k2, do_off);
+      }
+    }
+
+    // dK += dS^T Q (the softmax scale is applied once at the end)
+    auto add_dk = [&](const auto& ds) {  // generic: instantiated only where dK is computed
+#pragma unroll
+      for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
+        uint32_t a[4];
+        acc_to_a<T>(a, ds[2 * k2], ds[2 * k2 + 1]);
+        mma_a_tile_kn<QTile, T>(acc_dk, a, q_kn, 16 * k2, q_off);
+      }
+    };
+    if constexpr (kDoDK && Rules::kModifiers) {
+      add_dk(ds_mod);
+    } else if constexpr (kDoDK) {
+      // dP^T = V dO^T; dS^T = P^T (dP^T * keep / (1 - p) - delta)
+      float dpt[kNT][4];
+      v_dout(dpt);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int c = nt * 8 + 2 * (lane & 3) + (e & 1);
           dpt[nt][e] = st[nt][e] * (dpt[nt][e] * kept(nt, e) - s_delta[c]);
-          if constexpr (Rules::kModifiers) dpt[nt][e] *= cap_grad[nt][e];  // through the softcap
         }
-      // dK += dS^T Q (the softmax scale is applied once at the end)
-#pragma unroll
-      for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
-        uint32_t a[4];
-        acc_to_a<T>(a, dpt[2 * k2], dpt[2 * k2 + 1]);
-        mma_a_tile_kn<QTile, T>(acc_dk, a, q_kn, 16 * k2, q_off);
-      }
+      add_dk(dpt);
     }
   }
   cp_async_wait<0>();

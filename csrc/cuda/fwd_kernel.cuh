@@ -419,9 +419,7 @@ __global__ void __launch_bounds__(128)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
-  const int64_t i = row % p.len_q, bh = row / p.len_q;
-  const int64_t b = bh / p.heads_q, hq = bh % p.heads_q;
-  const float sink = kSinks ? p.sinks[hq] : -INFINITY;
+  const float sink = kSinks ? p.sinks[row / p.len_q % p.heads_q] : -INFINITY;
   float m = -INFINITY;
   for (int s = lane; s < split.num_splits; s += 32) m = nan_max(m, split.lse_partial[s * rows + row]);
 #pragma unroll
@@ -432,6 +430,8 @@ __global__ void __launch_bounds__(128)
     if (kSinks) total = __expf(sink - m);
     for (int s = 0; s < split.num_splits; ++s) total += __expf(split.lse_partial[s * rows + row] - m);
   }
+  const int64_t i = row % p.len_q, bh = row / p.len_q;
+  const int64_t b = bh / p.heads_q, hq = bh % p.heads_q;
   T* const o_row = static_cast<T*>(p.o) + b * p.o_stride[0] + hq * p.o_stride[1] + i * p.o_stride[2];
   for (int col = lane; col < p.head_dim_v; col += 32) {
     float acc = 0.f;
