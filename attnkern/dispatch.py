@@ -124,11 +124,12 @@ def _cuda_extra(problem: Problem) -> Optional[str]:
 CAPABILITIES: Dict[str, Capability] = {
     # csrc/cuda: sm80+ (mma.sync kernels: Ampere, Ada, Hopper), fp16/bf16, any head dims <= 256 with
     # E != Ev (served by the next compiled bucket of 32/64/96/128/256, zero-padded), GQA, windows in
-    # both alignments, bool/float masks with broadcast, dropout; split-KV forward for L <= 16.
-    # No score modifiers yet (softcap, sinks, ALiBi): "auto" takes triton or math for those.
+    # both alignments, bool/float masks with broadcast, dropout; split-KV forward for L <= 16; softcap,
+    # sinks and ALiBi with all of these (the sm80 kernels' kModified variant, also on Hopper: the opt-in
+    # wgmma kernels have no modifier variant; emulator-verified, not yet run on a GPU).
     "cuda": Capability(
         name="cuda", devices=("cuda",), dtypes=HALF_DTYPES, max_head_dim=256, dropout=True, float_mask=True,
-        bool_mask=True, available=_cuda_available, modifiers=False, extra=_cuda_extra,
+        bool_mask=True, available=_cuda_available, extra=_cuda_extra,
     ),
     # Triton (attnkern/triton): CUDA tensors on sm80+, fp16/bf16/fp32 (fp32 with exact fp32 dots, not TF32),
     # any head dims up to 256 (E != Ev allowed), GQA, windows/causal in both alignments, bool and float masks

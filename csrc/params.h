@@ -80,4 +80,7 @@ struct AttnParams {
   uint64_t dropout_seed = 0;
 };
 
+// whether a call uses a score modifier (softcap, sinks or ALiBi)
+inline bool has_modifiers(const AttnParams& p) { return p.softcap > 0.f || p.sinks || p.alibi_slopes; }
+
 }  // namespace attnkern

@@ -163,8 +163,6 @@ inline void check_and_fill_modifiers(AttnParams& p, const at::Tensor& q, double 
   }
 }
 
-inline bool has_modifiers(const AttnParams& p) { return p.softcap > 0.f || p.sinks || p.alibi_slopes; }
-
 // Checks of the backward-only tensors against the forward's shapes in `p`.
 inline void check_backward_tensors(const AttnParams& p, const at::Tensor& q, const at::Tensor& dout,
                                    const at::Tensor& out, const at::Tensor& lse,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import pytest
@@ -188,15 +188,17 @@ def test_bad_modifier_arguments_name_the_argument(kw, exc, name):
             attnkern.flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), s_aux=kw["sinks"])
 
 
-def test_backends_without_modifiers_say_so():
-    """cuda does not serve the modifiers yet: its row refuses them, so auto falls back."""
-    cap = dispatch.CAPABILITIES["cuda"]
-    q = torch.randn(1, 2, 8, 16)
+def test_every_backend_row_serves_the_modifiers():
+    """Every row (cuda included: its kModified kernels) accepts softcap/sinks/ALiBi; a refusal on
+    this machine names something else (no device, no extension), never the modifiers."""
+    q = torch.randn(1, 2, 8, 16, dtype=torch.float16)
     problem = normalize_torch_layout(q, q, q, None, 0.0, False, None, False, None)[4]
-    problem, _, _ = with_modifiers(problem, q, 30.0)
-    assert not cap.modifiers
-    reason = cap.why_not(problem)
-    assert reason is not None
+    problem, _, _ = with_modifiers(problem, q, 30.0, torch.zeros(2), torch.zeros(2))
+    assert problem.has_modifiers
+    for name, cap in dispatch.CAPABILITIES.items():
+        assert cap.modifiers, name
+        reason = cap.why_not(replace(problem, device_type=cap.devices[0]))
+        assert reason is None or "softcap" not in reason, (name, reason)
 
 
 @pytest.mark.skipif(ops.native_fwd is None, reason="C++ extension not built")

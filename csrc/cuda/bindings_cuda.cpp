@@ -92,8 +92,6 @@ std::tuple<at::Tensor, at::Tensor> fwd_cuda(const at::Tensor& q, const at::Tenso
   AttnParams p;
   check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
   check_and_fill_modifiers(p, q, softcap, sinks, alibi_slopes);
-  // attnkern/dispatch.py's capability row routes modifier calls elsewhere
-  TORCH_CHECK_NOT_IMPLEMENTED(!has_modifiers(p), "the CUDA kernels do not serve softcap, sinks or alibi_slopes yet");
   check_device(p, q, "attnkern::fwd");
   const c10::cuda::CUDAGuard guard(q.device());
   return cuda_ops::forward_op(p, q, k, v, current_device(q));
@@ -108,7 +106,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   AttnParams p;
   check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
   check_and_fill_modifiers(p, q, softcap, std::nullopt, alibi_slopes);
-  TORCH_CHECK_NOT_IMPLEMENTED(!has_modifiers(p), "the CUDA kernels do not serve softcap or alibi_slopes yet");
   check_backward_tensors(p, q, grad_out, out, lse, grad_lse);
   check_device(p, q, "attnkern::bwd");
   const c10::cuda::CUDAGuard guard(q.device());

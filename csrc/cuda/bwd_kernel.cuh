@@ -7,7 +7,10 @@
 //   bwd_q_kernel  a CTA owns a query block and walks its key blocks: dQ += dS K (a second
 //                 recompute of S and dP instead of atomics; it also writes the mask gradient).
 // Scores with keys as rows (S^T = K Q^T) let the kv pass keep P^T and dS^T in accumulator
-// registers and feed them straight back as A operands.
+// registers and feed them straight back as A operands. In the kModified variant (score.cuh) the
+// scores are recomputed with the softcap and ALiBi and dS is taken through the cap (times
+// 1 - tanh^2); the sinks need nothing here: the saved LSE holds them (their gradient is
+// attnkern/ops.py sink_grad).
 #pragma once
 
 #include <cmath>
@@ -45,7 +48,7 @@ __global__ void __launch_bounds__(128) delta_kernel(const __grid_constant__ Attn
   if (lane == 0) p.delta[row] = acc - (p.dlse != nullptr ? p.dlse[row] : 0.f);
 }
 
-template <class Cfg, typename T, bool kFeatures, bool kDoDK, bool kDoDV>
+template <class Cfg, typename T, int kFeatures, bool kDoDK, bool kDoDV>
 __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_constant__ AttnParams p) {
   using KTile = typename Cfg::KTile;
   using QTile = typename Cfg::QTile;
@@ -72,7 +75,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
   const int hkv = blockIdx.y;
   const int group = static_cast<int>(p.heads_q / p.heads_kv);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
-  const ScoreRules<kFeatures> rules(p);
+  using Rules = ScoreRules<kFeatures>;
+  const Rules rules(p);
   const Band& band = rules.band;
 
   // the query blocks meeting the band of this CTA's keys, walked for each query head of the group
@@ -165,38 +169,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
         Elem<T>::mma(st[2 * n2 + 1], a, bq[2], bq[3]);
       }
     }
-    uint32_t keep_bits = 0xffffffffu;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t j = j0 + (lane >> 2) + 8 * h;
-      int lo = 0, hi = kBlockM;
-      if (check) rules.key_window(j, m0, kBlockM, lo, hi);
-      const int64_t mask_row = rules.mask_offset(b, hq, m0, j);
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int col = nt * 8 + 2 * (lane & 3) + c;
-          float& x = st[nt][2 * h + c];
-          x = exp2f(rules(x, col, lo, hi, check, mask_row, p.mask_stride[2]) - s_lse[col]);
-          if (rules.dropout() && !rules.keep(bh, m0 + col, j)) keep_bits &= ~(1u << (nt * 4 + 2 * h + c));
-        }
-    }
-    auto kept = [&](int nt, int e) -> float { return (keep_bits >> (nt * 4 + e)) & 1u ? inv_keep : 0.f; };
-
-    // dV += (P^T with dropout) dO
-    if constexpr (kDoDV) {
-#pragma unroll
-      for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
-        uint32_t a[4];
-        acc_to_a_kept<T>(a, st, k2, kept);
-        mma_a_tile_kn<QTile, T>(acc_dv, a, q_kn, 16 * k2, do_off);
-      }
-    }
-
-    if constexpr (kDoDK) {
-      // dP^T = V dO^T; dS^T = P^T (dP^T * keep / (1 - p) - delta)
-      float dpt[kNT][4];
+    // dP^T = V dO^T into dpt
+    auto v_dout = [&](float(&dpt)[kNT][4]) {
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -213,6 +187,69 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
           Elem<T>::mma(dpt[2 * n2 + 1], a, bo[2], bo[3]);
         }
       }
+    };
+    // kModified: dP^T comes first, so that dS^T = P^T (dP^T * keep / (1 - p) - delta) (1 - tanh^2)
+    // is formed with P^T, element by element, and no tanh waits in registers for it
+    [[maybe_unused]] float ds_mod[Rules::kModifiers && kDoDK ? kNT : 1][4];
+    if constexpr (Rules::kModifiers && kDoDK) v_dout(ds_mod);
+    [[maybe_unused]] const float slope = rules.slope_log2(b, hq);  // ALiBi (kModified)
+    uint32_t keep_bits = 0xffffffffu;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = j0 + (lane >> 2) + 8 * h;
+      int lo = 0, hi = kBlockM;
+      if (check) rules.key_window(j, m0, kBlockM, lo, hi);
+      const int64_t mask_row = rules.mask_offset(b, hq, m0, j);
+      // kModified: the ALiBi distance of query column c is |pos0 + c|
+      [[maybe_unused]] const float pos0 = Rules::kModifiers ? static_cast<float>(m0 + band.offset - j) : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = nt * 8 + 2 * (lane & 3) + c;
+          float& x = st[nt][2 * h + c];
+          [[maybe_unused]] float t = 0.f;  // kModified: the softcap's tanh
+          if constexpr (Rules::kModifiers) {
+            x = exp2f(rules(x, col, lo, hi, check, mask_row, p.mask_stride[2], slope, fabsf(pos0 + col), t) -
+                      s_lse[col]);
+          } else {
+            x = exp2f(rules(x, col, lo, hi, check, mask_row, p.mask_stride[2]) - s_lse[col]);
+          }
+          if (rules.dropout() && !rules.keep(bh, m0 + col, j)) keep_bits &= ~(1u << (nt * 4 + 2 * h + c));
+          if constexpr (Rules::kModifiers && kDoDK) {  // dS^T through the softcap
+            const float keep = (keep_bits >> (nt * 4 + 2 * h + c)) & 1u ? inv_keep : 0.f;
+            float& ds = ds_mod[nt][2 * h + c];
+            ds = x * (ds * keep - s_delta[col]) * (1.f - t * t);
+          }
+        }
+    }
+    auto kept = [&](int nt, int e) -> float { return (keep_bits >> (nt * 4 + e)) & 1u ? inv_keep : 0.f; };
+
+    // dV += (P^T with dropout) dO
+    if constexpr (kDoDV) {
+#pragma unroll
+      for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
+        uint32_t a[4];
+        acc_to_a_kept<T>(a, st, k2, kept);
+        mma_a_tile_kn<QTile, T>(acc_dv, a, q_kn, 16 * k2, do_off);
+      }
+    }
+
+    // dK += dS^T Q (the softmax scale is applied once at the end)
+    auto add_dk = [&](const auto& ds) {  // generic: instantiated only where dK is computed
+#pragma unroll
+      for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
+        uint32_t a[4];
+        acc_to_a<T>(a, ds[2 * k2], ds[2 * k2 + 1]);
+        mma_a_tile_kn<QTile, T>(acc_dk, a, q_kn, 16 * k2, q_off);
+      }
+    };
+    if constexpr (kDoDK && Rules::kModifiers) {
+      add_dk(ds_mod);
+    } else if constexpr (kDoDK) {
+      // dP^T = V dO^T; dS^T = P^T (dP^T * keep / (1 - p) - delta)
+      float dpt[kNT][4];
+      v_dout(dpt);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -220,13 +257,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
           const int c = nt * 8 + 2 * (lane & 3) + (e & 1);
           dpt[nt][e] = st[nt][e] * (dpt[nt][e] * kept(nt, e) - s_delta[c]);
         }
-      // dK += dS^T Q (the softmax scale is applied once at the end)
-#pragma unroll
-      for (int k2 = 0; k2 < kBlockM / 16; ++k2) {
-        uint32_t a[4];
-        acc_to_a<T>(a, dpt[2 * k2], dpt[2 * k2 + 1]);
-        mma_a_tile_kn<QTile, T>(acc_dk, a, q_kn, 16 * k2, q_off);
-      }
+      add_dk(dpt);
     }
   }
   cp_async_wait<0>();
@@ -243,7 +274,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
   }
 }
 
-template <class Cfg, typename T, bool kFeatures>
+template <class Cfg, typename T, int kFeatures>
 __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_constant__ AttnParams p) {
   using QTile = typename Cfg::QTile;
   using KTile = typename Cfg::KTile;
@@ -266,7 +297,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
   // the last query blocks meet the most keys under a causal band: start them first
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
   const int64_t m_end = min(m0 + kBlockM, p.len_q);
-  const ScoreRules<kFeatures> rules(p);
+  using Rules = ScoreRules<kFeatures>;
+  const Rules rules(p);
   const Band& band = rules.band;
 
   int64_t key_first, n_blocks;
@@ -307,7 +339,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
   const int64_t warp_key_hi = warp_has_rows ? band.hi(wm_end - 1) : 0;
   const uint32_t bh = static_cast<uint32_t>(b * p.heads_q + hq);
   const float inv_keep = rules.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
-  float* const dmask_head = (kFeatures && p.dmask != nullptr) ? p.dmask + row_base * p.len_k : nullptr;
+  [[maybe_unused]] const float slope = rules.slope_log2(b, hq);  // ALiBi (kModified)
+  float* const dmask_head = (kFeatures != kPlain && p.dmask != nullptr) ? p.dmask + row_base * p.len_k : nullptr;
   const typename QTile::Lane q_lane = lane_a<QTile>(sQ, warp * 16, lane);
   const typename QTile::Lane do_lane = lane_a<QTile>(sdO, warp * 16, lane);
   const typename KTile::Lane kv_nk = lane_b_nk<KTile>(sKV, 0, lane);  // K, V as B of S, dP
@@ -361,22 +394,38 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
       int lo = 0, hi = kBlockN;
       if (check) rules.query_window(i, key0, kBlockN, lo, hi);
       const int64_t mask_row = rules.mask_offset(b, hq, i, key0);
+      // kModified: the ALiBi distance of column c is |pos0 - c|
+      [[maybe_unused]] const float pos0 = Rules::kModifiers ? static_cast<float>(i + band.offset - key0) : 0.f;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt) {
         const int col = nt * 8 + 2 * (lane & 3);
         bool k0 = true, k1 = true;
         if (rules.dropout()) rules.keep_pair(bh, i, key0 + col, k0, k1);
+        [[maybe_unused]] float cap_grad[2];  // kModified: the softcap's 1 - tanh^2
 #pragma unroll
         for (int c = 0; c < 2; ++c) {
           const int e = 2 * h + c;
-          const float prob = exp2f(rules(s[nt][e], col + c, lo, hi, check, mask_row, p.mask_stride[3]) - row_lse[h]);
+          float score;
+          if constexpr (Rules::kModifiers) {
+            float t;
+            score = rules(s[nt][e], col + c, lo, hi, check, mask_row, p.mask_stride[3], slope, fabsf(pos0 - (col + c)),
+                          t);
+            cap_grad[c] = 1.f - t * t;
+          } else {
+            score = rules(s[nt][e], col + c, lo, hi, check, mask_row, p.mask_stride[3]);
+          }
+          const float prob = exp2f(score - row_lse[h]);
           const float keep = (c == 0 ? k0 : k1) ? inv_keep : 0.f;
           s[nt][e] = prob * (dp[nt][e] * keep - row_delta[h]);
         }
-        if (dmask_head != nullptr && i < p.len_q) {
+        if (dmask_head != nullptr && i < p.len_q) {  // the mask's gradient: dS after the softcap
           float* const dm = dmask_head + i * p.len_k + key0 + col;
           if (key0 + col < p.len_k) dm[0] = s[nt][2 * h];
           if (key0 + col + 1 < p.len_k) dm[1] = s[nt][2 * h + 1];
+        }
+        if constexpr (Rules::kModifiers) {  // through the softcap to the raw score
+          s[nt][2 * h] *= cap_grad[0];
+          s[nt][2 * h + 1] *= cap_grad[1];
         }
       }
     }

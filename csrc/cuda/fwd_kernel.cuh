@@ -9,6 +9,10 @@
 // The same kernel is the split-KV decode path (kPacked): its rows are the (query head, query)
 // pairs of all heads of one kv head, several warps split each key block, and CTAs split the
 // key range; partial outputs are merged by merge_splits_kernel.
+//
+// kFeatures (score.cuh) selects the plain, masked or modified variant; in the modified one the
+// softcap and ALiBi enter the score and each head's sink joins the denominator once, where a row
+// is finished (never in a split's partial).
 #pragma once
 
 #include <cmath>
@@ -83,7 +87,7 @@ struct RowWriter {
   }
 };
 
-template <class Cfg, typename T, bool kFeatures, bool kPacked>
+template <class Cfg, typename T, int kFeatures, bool kPacked>
 __global__ void __launch_bounds__(Cfg::kThreads)
     fwd_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ FwdSplit split) {
   using QTile = typename Cfg::QTile;
@@ -116,7 +120,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     // the last query blocks meet the most keys under a causal band: start them first
     rows = {p.len_q, static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM, p.len_q, static_cast<int>(blockIdx.y)};
   }
-  const ScoreRules<kFeatures> rules(p);
+  using Rules = ScoreRules<kFeatures>;
+  const Rules rules(p);
   const Band& band = rules.band;
 
   // key blocks [blk_begin, blk_end) of kBlockN keys starting at key_first: those meeting the
@@ -170,6 +175,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   auto local_row = [&](int mt, int h) { return warp_row0 + mt * 16 + (lane >> 2) + 8 * h; };
   int64_t row_q[kMT][2];  // query index and head of this thread's rows (a division when packed)
   int row_hq[kMT][2];
+  [[maybe_unused]] float row_slope[Rules::kModifiers ? kMT : 1][2];  // their ALiBi slopes (log2 units)
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -177,6 +183,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       const int r = local_row(mt, h);
       row_q[mt][h] = rows.valid(r) ? rows.query(r) : p.len_q;  // len_q: a padding row, no keys
       row_hq[mt][h] = rows.head(r);
+      // (a padding row of a packed tile may name a head past the last: no slope read for it)
+      if constexpr (Rules::kModifiers) row_slope[mt][h] = rows.valid(r) ? rules.slope_log2(b, row_hq[mt][h]) : 0.f;
     }
 
   const typename QTile::Lane q_lane = lane_a<QTile>(sQ, warp_row0, lane);
@@ -242,13 +250,22 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         int lo = 0, hi = kWarpN;
         if (rules.checked(edge)) rules.query_window(i, key0, kWarpN, lo, hi);
         const int64_t mask_row = rules.mask_offset(b, hq, i, key0);
+        // kModified: the ALiBi distance of column c is |pos0 - c| (float, as the CPU kernels)
+        [[maybe_unused]] const float pos0 = Rules::kModifiers ? static_cast<float>(i + band.offset - key0) : 0.f;
         float mx = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
             float& x = s[mt][nt][2 * h + c];
-            x = rules(x, nt * 8 + 2 * (lane & 3) + c, lo, hi, rules.checked(edge), mask_row, p.mask_stride[3]);
+            const int col = nt * 8 + 2 * (lane & 3) + c;
+            if constexpr (Rules::kModifiers) {
+              float t;
+              x = rules(x, col, lo, hi, rules.checked(edge), mask_row, p.mask_stride[3], row_slope[mt][h],
+                        fabsf(pos0 - col), t);
+            } else {
+              x = rules(x, col, lo, hi, rules.checked(edge), mask_row, p.mask_stride[3]);
+            }
             mx = fmaxf(mx, x);
           }
         mx = quad_max(mx);
@@ -317,6 +334,17 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         if (!rows.valid(local_row(mt, h))) continue;
         const int hq = row_hq[mt][h];
         const int64_t i = row_q[mt][h];
+        if constexpr (Rules::kModifiers) {  // the prefill path never splits: the sink joins here
+          const RowTotal total = row_total(row_max[mt][h], l, split.num_splits == 1 ? rules.sink(hq) : -INFINITY);
+          const float inv = keep_scale * total.inv_l;
+#pragma unroll
+          for (int dt = 0; dt < kDT; ++dt) {
+            const int col = dt * 8 + 2 * (lane & 3);
+            if (col < dv) out.out2(hq, i, col, acc_o[mt][dt][2 * h] * inv, acc_o[mt][dt][2 * h + 1] * inv);
+          }
+          if ((lane & 3) == 0) out.lse(hq, i, total.lse);
+          continue;
+        }
         const float inv = l != 0.f ? keep_scale / l : 0.f;
 #pragma unroll
         for (int dt = 0; dt < kDT; ++dt) {
@@ -354,8 +382,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       float m = -INFINITY;
 #pragma unroll
       for (int sl = 0; sl < Cfg::kKeySplit; ++sl) m = nan_max(m, merge_lse[sl * kBlockM + r]);
+      // the sink joins the denominator once: here when the CTA writes the final row, else in
+      // merge_splits_kernel
+      [[maybe_unused]] const float sink =
+          Rules::kModifiers && split.num_splits == 1 ? rules.sink(rows.head(r)) : -INFINITY;
+      if constexpr (Rules::kModifiers) m = nan_max(m, sink);
       float v0 = 0.f, v1 = 0.f, total = 0.f;
       if (m != -INFINITY) {
+        if constexpr (Rules::kModifiers) total = expf(sink - m);
 #pragma unroll
         for (int sl = 0; sl < Cfg::kKeySplit; ++sl) {
           const float w = exp2f((merge_lse[sl * kBlockM + r] - m) * kLog2e);
@@ -376,21 +410,26 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 }
 
 // Merges split-KV partials: out = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s).
-// One warp per (b, hq, i) row.
-template <typename T>
+// One warp per (b, hq, i) row. kSinks (p.sinks set): the head's sink joins the sum once, as one
+// more term that contributes no value.
+template <typename T, bool kSinks>
 __global__ void __launch_bounds__(128)
     merge_splits_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ FwdSplit split) {
   const int64_t rows = p.batch * p.heads_q * p.len_q;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
+  const float sink = kSinks ? p.sinks[row / p.len_q % p.heads_q] : -INFINITY;
   float m = -INFINITY;
   for (int s = lane; s < split.num_splits; s += 32) m = nan_max(m, split.lse_partial[s * rows + row]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (kSinks) m = nan_max(m, sink);
   float total = 0.f;
-  if (m != -INFINITY)
+  if (m != -INFINITY) {
+    if (kSinks) total = __expf(sink - m);
     for (int s = 0; s < split.num_splits; ++s) total += __expf(split.lse_partial[s * rows + row] - m);
+  }
   const int64_t i = row % p.len_q, bh = row / p.len_q;
   const int64_t b = bh / p.heads_q, hq = bh % p.heads_q;
   T* const o_row = static_cast<T*>(p.o) + b * p.o_stride[0] + hq * p.o_stride[1] + i * p.o_stride[2];

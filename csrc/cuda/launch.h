@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../params.h"
@@ -58,6 +59,22 @@ int current_device_arch();
 
 // Whether a call needs the kernels' kFeatures variants (the masked/dropout ones)
 inline bool has_features(const AttnParams& p) { return p.mask_kind != MaskKind::kNone || p.dropout_p > 0.f; }
+// The sm80 kernels' variant for a call (score.cuh: kPlain 0, kMasked 1, kModified 2): score
+// modifiers take kModified, which also serves masks and dropout. The Hopper kernels have no
+// kModified: dispatch.cu runs modifier calls on the sm80 kernels.
+inline int feature_variant(const AttnParams& p) { return has_modifiers(p) ? 2 : has_features(p) ? 1 : 0; }
+// launch(std::integral_constant<int, V>{}) for the call's variant V: the launchers' one switch
+template <class Launch>
+cudaError_t with_feature_variant(const AttnParams& p, Launch&& launch) {
+  switch (feature_variant(p)) {
+    case 2:
+      return launch(std::integral_constant<int, 2>{});
+    case 1:
+      return launch(std::integral_constant<int, 1>{});
+    default:
+      return launch(std::integral_constant<int, 0>{});
+  }
+}
 
 // The forward takes the split-KV decode path for at most this many query rows (and no mask or
 // dropout); it packs the query heads of a GQA group into one tile so K/V stream once.

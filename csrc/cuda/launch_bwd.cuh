@@ -9,7 +9,7 @@
 namespace attnkern {
 namespace cuda {
 
-template <int kD, typename T, bool kFeatures>
+template <int kD, typename T, int kFeatures>
 cudaError_t run_bwd_passes(const AttnParams& p, cudaStream_t stream) {
   using KV = typename BwdTraits<kD>::KV;
   using Q = typename BwdTraits<kD>::Q;
@@ -41,8 +41,9 @@ template <int kD, typename T>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   const cudaError_t err = launch_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
-  if (has_features(p)) return run_bwd_passes<kD, T, true>(p, stream);
-  return run_bwd_passes<kD, T, false>(p, stream);
+  return with_feature_variant(p, [&](auto variant) {
+    return run_bwd_passes<kD, T, decltype(variant)::value>(p, stream);
+  });
 }
 
 }  // namespace cuda

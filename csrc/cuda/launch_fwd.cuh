@@ -1,5 +1,6 @@
-// Forward launcher for one (head-dim bucket, dtype): picks the decode or the prefill kernel,
-// the fast or the masked/dropout variant, and the grid. Instantiated by instantiations/fwd_*.cu.
+// Forward launcher for one (head-dim bucket, dtype): picks the decode or the prefill kernel, the
+// feature variant (score.cuh: plain, masked, modified) and the grid. Instantiated by
+// instantiations/fwd_*.cu.
 #pragma once
 
 #include "fwd_kernel.cuh"
@@ -8,28 +9,41 @@
 namespace attnkern {
 namespace cuda {
 
-template <int kD, typename T>
-cudaError_t run_fwd(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
-  const unsigned batch = static_cast<unsigned>(p.batch);
-  if (takes_decode_path(p)) {
-    using Cfg = typename DecodeTraits<kD>::Cfg;
-    const int64_t rows = (p.heads_q / p.heads_kv) * p.len_q;
-    const dim3 grid(static_cast<unsigned>((rows + Cfg::kBlockM - 1) / Cfg::kBlockM * split.num_splits),
-                    static_cast<unsigned>(p.heads_kv), batch);
-    const cudaError_t err =
-        launch_kernel(fwd_kernel<Cfg, T, false, true>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, split);
-    if (err != cudaSuccess || split.num_splits == 1) return err;
-    const int64_t out_rows = p.batch * p.heads_q * p.len_q;
-    return launch_kernel(merge_splits_kernel<T>, dim3(static_cast<unsigned>((out_rows + 3) / 4)), 128, 0, stream, p,
-                         split);
-  }
+// the decode path (packed rows, split-KV), for kFeatures kPlain or kModified
+template <int kD, typename T, int kFeatures>
+cudaError_t run_fwd_decode(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
+  using Cfg = typename DecodeTraits<kD>::Cfg;
+  const int64_t rows = (p.heads_q / p.heads_kv) * p.len_q;
+  const dim3 grid(static_cast<unsigned>((rows + Cfg::kBlockM - 1) / Cfg::kBlockM * split.num_splits),
+                  static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
+  const cudaError_t err =
+      launch_kernel(fwd_kernel<Cfg, T, kFeatures, true>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, split);
+  if (err != cudaSuccess || split.num_splits == 1) return err;
+  const int64_t out_rows = p.batch * p.heads_q * p.len_q;
+  const dim3 merge_grid(static_cast<unsigned>((out_rows + 3) / 4));
+  if (p.sinks != nullptr) return launch_kernel(merge_splits_kernel<T, true>, merge_grid, 128, 0, stream, p, split);
+  return launch_kernel(merge_splits_kernel<T, false>, merge_grid, 128, 0, stream, p, split);
+}
+
+// the prefill path (never split), for one feature variant
+template <int kD, typename T, int kFeatures>
+cudaError_t run_fwd_prefill(const AttnParams& p, cudaStream_t stream) {
   using Cfg = typename FwdTraits<kD>::Cfg;
   const dim3 grid(static_cast<unsigned>((p.len_q + Cfg::kBlockM - 1) / Cfg::kBlockM), static_cast<unsigned>(p.heads_q),
-                  batch);
-  const FwdSplit whole;  // the prefill path never splits
-  if (has_features(p))
-    return launch_kernel(fwd_kernel<Cfg, T, true, false>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, whole);
-  return launch_kernel(fwd_kernel<Cfg, T, false, false>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, whole);
+                  static_cast<unsigned>(p.batch));
+  const FwdSplit whole;
+  return launch_kernel(fwd_kernel<Cfg, T, kFeatures, false>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, whole);
+}
+
+template <int kD, typename T>
+cudaError_t run_fwd(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
+  if (takes_decode_path(p)) {  // no mask or dropout there
+    if (has_modifiers(p)) return run_fwd_decode<kD, T, kModified>(p, split, stream);
+    return run_fwd_decode<kD, T, kPlain>(p, split, stream);
+  }
+  return with_feature_variant(p, [&](auto variant) {
+    return run_fwd_prefill<kD, T, decltype(variant)::value>(p, stream);
+  });
 }
 
 }  // namespace cuda

@@ -28,19 +28,68 @@ __host__ __device__ __forceinline__ float mask_to_log2(float value) {
 }
 constexpr float kLn2 = 0.6931471805599453f;
 
-// kFeatures == false compiles masks and dropout out (the fast path); the launchers pick it
-// whenever a call has neither.
-template <bool kFeatures>
+// The feature variants of every sm80 kernel (its template parameter kFeatures), picked per call
+// by the launchers (feature_variant in launch.h):
+//   kPlain     no mask, no dropout, no modifier: the fast path, masks and dropout compiled out;
+//   kMasked    bool/float masks and dropout, each decided at run time;
+//   kModified  kMasked plus the score modifiers (softcap, sinks, ALiBi), each decided at run time.
+// One variant for all three modifiers (not one per combination) keeps the instantiations at one
+// more per pass; the run-time tests it adds are warp-uniform branches on kernel parameters,
+// cheap next to the tanh of a softcap. The Hopper kernels pass a bool (false: kPlain, true: kMasked).
+constexpr int kPlain = 0;
+constexpr int kMasked = 1;
+constexpr int kModified = 2;
+
+// tanh(y) = 1 - 2 / (1 + e^(2y)) with y clamped to [-9, 9] (tanh(9) rounds to 1 in fp32), as
+// csrc/cpu/kernels_impl.inc tanh_vec: one exp2 and one division, absolute error about 1e-7
+__host__ __device__ __forceinline__ float softcap_tanh(float y) {
+  y = fminf(fmaxf(y, -9.f), 9.f);
+  return 1.f - 2.f / (1.f + exp2f(y * (2.f * kLog2e)));
+}
+
+// The output multiplier and natural-log LSE of a finished row whose keys gave log2-domain
+// statistics (m: max, l: sum of exp2(s - m)), with the head's sink (natural log, -inf: none)
+// joining the denominator once (csrc/cpu/kernels_impl.inc row_total is the same rule). No key:
+// output 0, LSE the sink. A NaN l (a NaN score) makes both NaN.
+struct RowTotal {
+  float inv_l, lse;
+};
+__host__ __device__ __forceinline__ RowTotal row_total(float m, float l, float sink) {
+  if (l == 0.f) return {0.f, sink};
+  const float s2 = sink * kLog2e;
+  if (!(s2 > -INFINITY)) return {1.f / l, (m + log2f(l)) * kLn2};
+  const float top = fmaxf(m, s2);
+  const float keys = exp2f(m - top);
+  const float total = l * keys + exp2f(s2 - top);
+  return {keys / total, (top + log2f(total)) * kLn2};
+}
+
+template <int kFeatures>
 struct ScoreRules {
+  static constexpr bool kModifiers = kFeatures == kModified;
   const AttnParams& p;  // a __grid_constant__ kernel parameter: read in place, not copied
   Band band;
   float scale_log2;
+  float cap_in = 0.f, cap_log2 = 0.f;  // kModified with a softcap: scale / softcap, softcap * log2e
 
   __device__ explicit ScoreRules(const AttnParams& params)
-      : p(params), band(make_band(params)), scale_log2(params.scale * kLog2e) {}
+      : p(params), band(make_band(params)), scale_log2(params.scale * kLog2e) {
+    if (softcapped()) {
+      cap_in = params.scale / params.softcap;
+      cap_log2 = params.softcap * kLog2e;
+    }
+  }
 
-  __device__ __forceinline__ bool has_mask() const { return kFeatures && p.mask_kind != MaskKind::kNone; }
-  __device__ __forceinline__ bool dropout() const { return kFeatures && p.dropout_p > 0.f; }
+  __device__ __forceinline__ bool has_mask() const { return kFeatures != kPlain && p.mask_kind != MaskKind::kNone; }
+  __device__ __forceinline__ bool dropout() const { return kFeatures != kPlain && p.dropout_p > 0.f; }
+  __device__ __forceinline__ bool softcapped() const { return kModifiers && p.softcap > 0.f; }
+  // ALiBi slope of head hq in log2 units (0 without slopes); sink of head hq (-inf without sinks)
+  __device__ __forceinline__ float slope_log2(int64_t b, int hq) const {
+    return kModifiers && p.alibi_slopes != nullptr ? p.alibi_slopes[b * p.heads_q + hq] * kLog2e : 0.f;
+  }
+  __device__ __forceinline__ float sink(int hq) const {
+    return kModifiers && p.sinks != nullptr ? p.sinks[hq] : -INFINITY;
+  }
 
   // element offset of mask(b, hq, i, j)
   __device__ __forceinline__ int64_t mask_offset(int64_t b, int64_t hq, int64_t i, int64_t j) const {
@@ -76,7 +125,30 @@ struct ScoreRules {
   // stride along the columns.
   __device__ __forceinline__ float operator()(float acc, int c, int lo, int hi, bool check, int64_t mask_row,
                                               int64_t mask_step) const {
-    float s = acc * scale_log2;
+    return masked(acc * scale_log2, c, lo, hi, check, mask_row, mask_step);
+  }
+  // The same with the score modifiers (kModified): softcap, then the ALiBi bias of a pair
+  // `distance` = |aligned query position - key| apart with the row's slope (slope_log2), then
+  // the masks. `t` receives the softcap's tanh (0 without a cap) for the backward's 1 - t^2.
+  __device__ __forceinline__ float operator()(float acc, int c, int lo, int hi, bool check, int64_t mask_row,
+                                              int64_t mask_step, float slope, float distance, float& t) const {
+    if (!kModifiers) {
+      t = 0.f;
+      return (*this)(acc, c, lo, hi, check, mask_row, mask_step);
+    }
+    float s;
+    if (softcapped()) {
+      t = softcap_tanh(acc * cap_in);
+      s = t * cap_log2;
+    } else {
+      t = 0.f;
+      s = acc * scale_log2;
+    }
+    return masked(s - slope * distance, c, lo, hi, check, mask_row, mask_step);
+  }
+  // the masks and the window on a log2-domain score s
+  __device__ __forceinline__ float masked(float s, int c, int lo, int hi, bool check, int64_t mask_row,
+                                          int64_t mask_step) const {
     const bool in = !check || (c >= lo && c < hi);
     if (has_mask() && in) {
       const int64_t off = mask_row + c * mask_step;

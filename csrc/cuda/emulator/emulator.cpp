@@ -140,9 +140,12 @@ pybind11::dict stats() {
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& rng_seed,
                                        double scale, int64_t window_left, int64_t window_right, bool bottom_right,
-                                       double dropout_p, int sm_count) {
+                                       double dropout_p, int sm_count, double softcap,
+                                       const std::optional<at::Tensor>& sinks,
+                                       const std::optional<at::Tensor>& alibi_slopes) {
   AttnParams p;
   check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
+  check_and_fill_modifiers(p, q, softcap, sinks, alibi_slopes);
   cuda_ops::check_kernel_limits(p, q, "emulated attnkern::fwd");
   return cuda_ops::forward_op(p, q, k, v, {sm_count, nullptr, &check_launch, &before_launch});
 }
@@ -151,9 +154,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
     const std::optional<at::Tensor>& rng_seed, double scale, int64_t window_left, int64_t window_right,
-    bool bottom_right, double dropout_p, bool mask_needs_grad) {
+    bool bottom_right, double dropout_p, bool mask_needs_grad, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   AttnParams p;
   check_and_fill_inputs(p, q, k, v, mask, rng_seed, {scale, window_left, window_right, bottom_right, dropout_p});
+  check_and_fill_modifiers(p, q, softcap, std::nullopt, alibi_slopes);
   check_backward_tensors(p, q, grad_out, out, lse, grad_lse);
   cuda_ops::check_kernel_limits(p, q, "emulated attnkern::bwd");
   return cuda_ops::backward_op(p, grad_out, grad_lse, q, k, v, out, lse, mask_needs_grad,
@@ -165,8 +170,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "The CUDA backend's kernels run on CPU tensors by a fiber emulator (tests only)";
-  m.def("fwd", &attnkern::fwd, "attnkern::fwd through the emulated CUDA kernels; sm_count sets the split-KV count");
-  m.def("bwd", &attnkern::bwd, "attnkern::bwd through the emulated CUDA kernels");
+  namespace py = pybind11;
+  m.def("fwd", &attnkern::fwd, "attnkern::fwd through the emulated CUDA kernels; sm_count sets the split-KV count",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("rng_seed"), py::arg("scale"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("bottom_right"), py::arg("dropout_p"),
+        py::arg("sm_count"), py::arg("softcap") = 0.0, py::arg("sinks") = py::none(),
+        py::arg("alibi_slopes") = py::none());
+  m.def("bwd", &attnkern::bwd, "attnkern::bwd through the emulated CUDA kernels (the sinks' gradient: ops.sink_grad)",
+        py::arg("grad_out"), py::arg("grad_lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("mask"), py::arg("rng_seed"), py::arg("scale"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("bottom_right"), py::arg("dropout_p"), py::arg("mask_needs_grad"),
+        py::arg("softcap") = 0.0, py::arg("alibi_slopes") = py::none());
   m.def("set_options", &attnkern::set_options, pybind11::arg("late_copies"), pybind11::arg("order"),
         pybind11::arg("seed"), "cp.async timing, thread order (0 up, 1 down, 2 shuffled); resets the stats");
   m.def("stats", &attnkern::stats, "counters since set_options: CTAs, barriers, instructions, ldmatrix bank conflicts");
