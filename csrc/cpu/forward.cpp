@@ -22,7 +22,8 @@ void forward(const AttnParams& p) {
   }
   parallel_items(forward_items(p, plan), kt.forward_scratch_floats(p, plan.block_q, block_k),
                  [&](int64_t index, float* scratch) {
-                   kt.forward_item(p, forward_item_at(p, plan, index, block_k, o_part.get(), stats_part.get()), scratch);
+                   const ForwardItem item = forward_item_at(p, plan, index, block_k, o_part.get(), stats_part.get());
+                   kt.forward_item(p, item, scratch);
                  });
   if (plan.splits > 1)
     parallel_items(p.batch * p.heads_q, 0, [&](int64_t bh, float*) {
