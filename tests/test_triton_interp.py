@@ -197,7 +197,7 @@ class TestInterpreter:
         import test_huge_lse
 
         test_huge_lse.check_huge_rows(torch.ops.attnkern.triton_fwd, torch.ops.attnkern.triton_bwd, dtype, level,
-                                      window=(5, 3), dropout_p=0.25, grad_lse=True, mask_grad=True)
+                                      heads=(2, 1), window=(5, 3), dropout_p=0.25, grad_lse=True, mask_grad=True)
 
     @pytest.mark.parametrize("tile", [(32, 16), (16, 64), (64, 32), (128, 64)], ids=str)
     @pytest.mark.parametrize(
