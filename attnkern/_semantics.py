@@ -48,6 +48,11 @@ import torch
 
 BACKENDS = ("auto", "cpu", "triton", "cuda", "math")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# A query row whose |LSE| exceeds this has an fp32 LSE too coarse for the fused backward's
+# P = exp(s - LSE) (next to a huge max, e.g. a row all at a -1e9 or finfo.min mask, log(sum) is
+# lost outright); the backward recomputes such rows' max and sum (csrc/mask.h kHugeLse, the same
+# value, explains the choice).
+HUGE_LSE = 1024.0
 
 
 @dataclass(frozen=True)

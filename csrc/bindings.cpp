@@ -168,10 +168,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                 len_k >= 0 && head_dim > 0 && threads > 0,
                             "cpu_work_plan: shapes must be non-negative, heads and head_dim positive, heads_q a "
                             "multiple of heads_kv, threads >= 1");
+          TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
+                            "cpu_work_plan: window_left/window_right must be >= -1, got (", window_left, ", ",
+                            window_right, ")");
           attnkern::AttnParams p;
           p.batch = batch, p.heads_q = heads_q, p.heads_kv = heads_kv, p.len_q = len_q, p.len_k = len_k;
           p.head_dim = p.head_dim_v = head_dim;
-          p.window_left = window_left, p.window_right = window_right;
+          p.window_left = attnkern::window_side(window_left, len_q + len_k);
+          p.window_right = attnkern::window_side(window_right, len_q + len_k);
           const auto plan = attnkern::cpu::forward_plan(p, threads);
           const int64_t parts = attnkern::cpu::backward_dq_parts(p, threads);
           std::map<std::string, int64_t> out;

@@ -152,8 +152,8 @@ AttnParams sequence_params(const PackedLayout& lay, int64_t b, const at::Tensor&
     p.v = packed_rows(v, lay.k_start[b], p.v_stride);
   }
   p.scale = static_cast<float>(scale);
-  p.window_left = window_left;
-  p.window_right = window_right;
+  p.window_left = window_side(window_left, p.len_q + p.len_k);
+  p.window_right = window_side(window_right, p.len_q + p.len_k);
   p.bottom_right = true;  // per sequence: query i sits at key position i + Lk_b - Lq_b
   return p;
 }

@@ -87,4 +87,41 @@ ATTNKERN_HD Band make_band(const P& p) {
   return Band{p.window_left, p.window_right, p.bottom_right ? p.len_k - p.len_q : 0, p.len_k};
 }
 
+// |LSE| above this (natural log) marks a row whose fp32 LSE = max + log(sum) is too coarse for
+// the backward's P = exp(s - LSE): half an ulp of 1024 is 6e-5 (past fp32 attention's
+// tolerance), and from about 1e7 on log(sum) is lost outright (a row all at a -1e9 or
+// finfo.min mask gets P = 1 per key instead of 1 / n). The backward recomputes such rows' max
+// and sum instead (AttnParams::row_stats). attnkern/_semantics.py HUGE_LSE is the same value.
+constexpr float kHugeLse = 1024.f;
+
+// lse in the log2 domain of the backward's scores: +inf for a row without keys (so P = 0) and
+// saturated at -FLT_MAX where the conversion overflows (a finite LSE near finfo.min)
+ATTNKERN_HD float lse_to_log2(float lse) {
+  const float x = lse * 1.4426950408889634f;
+  if (lse == -__builtin_inff()) return __builtin_inff();
+  return x == -__builtin_inff() ? -3.40282347e38f : x;
+}
+
+ATTNKERN_HD bool lse_is_huge(float lse) {
+  return (lse > kHugeLse || lse < -kHugeLse) && lse != __builtin_inff() && lse != -__builtin_inff();
+}
+
+// (top, log2_sum) of a query row for the backward's P = 2^((s - top) - log2_sum), s the
+// log2-domain score. Rows with an ordinary LSE keep (lse2, 0), the plain numerics; rows with a
+// huge finite LSE take the recomputed statistics `stats` = (max, log2 sum) (AttnParams::
+// row_stats), plus any mass the saved LSE holds beyond them: a sink (the backward's
+// recomputation does not see it), or the other key blocks when a caller (ring attention) hands
+// in a merged LSE. It shows up as an excess over the few ulps of rounding that
+// (max + log2 sum) * ln2 * log2e can account for; within those ulps fp32 cannot tell.
+ATTNKERN_HD void backward_row_stats(float lse, const float* stats, float& top, float& log2_sum) {
+  const float lse2 = lse_to_log2(lse);
+  top = lse2;
+  log2_sum = 0.f;
+  if (!lse_is_huge(lse) || stats == nullptr) return;
+  top = stats[0];
+  log2_sum = stats[1];
+  const float excess = lse2 - (top + log2_sum);
+  if (excess > (lse2 < 0.f ? -lse2 : lse2) * 0x1p-20f) log2_sum += excess;
+}
+
 }  // namespace attnkern

@@ -57,6 +57,12 @@ struct AttnParams {
   // workspace filled before the backward's main pass: delta[i] = dot(dout[i], o[i]) - dlse[i],
   // (B, Hq, L) contiguous fp32
   float* delta = nullptr;
+  // Per-row softmax statistics, (B, Hq, L, 2) contiguous fp32, in the log2 domain of the scores:
+  // (row max, log2 of the row sum), sink included; (+inf, 0) for a row with no key. The forward
+  // writes them when this is set; the backward then takes P = 2^((s - max) - log2 sum) from them
+  // instead of 2^(s - lse) for the rows whose fp32 LSE is too coarse (mask.h, backward_row_stats).
+  // Only the backward's rare path sets it.
+  float* row_stats = nullptr;
 
   // semantics (see attnkern/_semantics.py)
   float scale = 1.f;

@@ -48,6 +48,11 @@ inline void set_strides3(int64_t* dst, const at::Tensor& t) {
   dst[2] = t.stride(2);
 }
 
+// A window side of `reach` (L + S) or more reaches past every key of every row: it is unbounded
+// (-1), which keeps the band's index arithmetic (row + offset + right + 1) far from overflow for
+// any int64 the op accepts.
+inline int64_t window_side(int64_t side, int64_t reach) { return side >= reach ? -1 : side; }
+
 struct Semantics {
   double scale;
   int64_t window_left, window_right;
@@ -98,10 +103,8 @@ inline void check_and_fill_inputs(AttnParams& p, const at::Tensor& q, const at::
   set_strides3(p.k_stride, k);
   set_strides3(p.v_stride, v);
   p.scale = static_cast<float>(sem.scale);
-  // A window side of L + S or more reaches past every key of every row: it is unbounded (-1),
-  // which keeps the band's index arithmetic (row + offset + right + 1) far from overflow.
-  p.window_left = sem.window_left >= L + S ? -1 : sem.window_left;
-  p.window_right = sem.window_right >= L + S ? -1 : sem.window_right;
+  p.window_left = window_side(sem.window_left, L + S);
+  p.window_right = window_side(sem.window_right, L + S);
   p.bottom_right = sem.bottom_right;
 
   if (mask.has_value() && mask->defined()) {

@@ -440,6 +440,39 @@ def test_emulated_finfo_min_masks_are_finite_and_nan_propagates(emu, seed):
         torch.float16)
 
 
+@pytest.mark.parametrize("dtype,level", [(torch.float16, "finfo.min"), (torch.bfloat16, "-1e9")], ids=str)
+def test_emulated_backward_of_huge_rows(emu, dtype, level, seed):
+    import test_huge_lse
+
+    test_huge_lse.check_huge_rows(
+        lambda q, k, v, m, rng, *sem: emu.fwd(q, k, v, m, rng, *sem, 4), emu.bwd, dtype, level, window=(5, 3),
+        dropout_p=0.25, grad_lse=True, mask_grad=True)
+
+
+@pytest.mark.parametrize("sm_count", [0, 4])
+def test_emulated_decode_merge_of_huge_tied_scores(emu, sm_count, seed):
+    """Split-KV decoding merges its key slices and splits by their (max, sum), not an fp32 LSE each,
+    which next to a huge max has lost log(sum): 1000 identical keys score 3.2e9 each (exactly, in
+    any order of summation), split unevenly (sm_count 0: over the CTA's warps only; 4: over CTAs
+    too), so the output must be the plain mean of v."""
+    q = torch.full((1, 4, 1, 32), 1e4).half()
+    k = torch.full((1, 2, 1000, 32), 1e4).half()
+    v = torch.randn(1, 2, 1000, 32).half()
+    assert emu.decode_num_splits(1, 4, 2, 1000, 32, 1, sm_count) == (1 if sm_count == 0 else 4)
+    out, lse = emu.fwd(q, k, v, None, None, 1.0, -1, -1, False, 0.0, sm_count)
+    assert_close(out, v.double().mean(dim=2, keepdim=True).repeat_interleave(2, dim=1), torch.float16, "out")
+    g = torch.randn_like(out)
+    grads = emu.bwd(g, None, q, k, v, out, lse, None, None, 1.0, -1, -1, False, 0.0, False)[:3]
+    inputs = [t.double().requires_grad_(True) for t in (q, k, v)]
+    want_out, _ = reference.attention(*inputs, None, 1.0)  # float64 ties the scores exactly too
+    want_grads = torch.autograd.grad(want_out, inputs, g.double())
+    # dq = k * sum_j dS_j is 0 for tied keys: what remains is the fp16 rounding of dS summed over
+    # 1000 keys, times 1e4 (a P off by the lost log(sum) makes it ~1e7)
+    assert grads[0].abs().max() <= 10, grads[0].abs().max()
+    for name, got, want in zip(("dk", "dv"), grads[1:], want_grads[1:]):
+        assert_close(got, want, torch.float16, name)
+
+
 def test_emulated_kernel_errors_name_arguments(emu):
     q = torch.randn(1, 2, 8, 64)
     with pytest.raises(ValueError, match="float16 and bfloat16, not float32"):

@@ -122,6 +122,32 @@ def test_extreme_windows(window, seed):
     assert_close(out, ref(q, k, v, bottom_right=True)[0], torch.float32, "op")
 
 
+EXTREME_SIDES = [2**62, 2**63 - 1]
+
+
+@pytest.mark.parametrize("side", EXTREME_SIDES)
+def test_extreme_windows_at_every_raw_op(side, seed):
+    """Every op taking a window, called directly, reads a side past the sequences as unbounded
+    (the public API's clamp is not on this path): varlen (dense and paged), top-k, the work plan."""
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q, k, v = rand(12, 2, 8), rand(12, 2, 8), rand(12, 2, 8)
+    want, lse = torch.ops.attnkern.varlen_fwd(q, k, v, cu, cu, None, None, 0.35, 3, -1)
+    got, got_lse = torch.ops.attnkern.varlen_fwd(q, k, v, cu, cu, None, None, 0.35, 3, side)
+    assert torch.equal(got, want) and torch.equal(got_lse, lse), "varlen_fwd"
+    g = rand(12, 2, 8)
+    grads = [torch.ops.attnkern.varlen_bwd(g, None, q, k, v, want, lse, cu, cu, None, 0.35, 3, w) for w in (-1, side)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b), "varlen_bwd"
+    q4, k4, v4 = rand(1, 2, 7, 8), rand(1, 2, 11, 8), rand(1, 2, 11, 8)
+    want4 = torch.ops.attnkern.topk_fwd(q4, k4, v4, None, 3, 0.35, -1, -1, True)
+    got4 = torch.ops.attnkern.topk_fwd(q4, k4, v4, None, 3, 0.35, side, side, True)
+    assert all(torch.equal(a, b) for a, b in zip(got4, want4)), "topk_fwd"
+    plan = attnkern._C.cpu_work_plan(1, 2, 2, 7, 11, 8, side, side, 2)
+    assert plan == attnkern._C.cpu_work_plan(1, 2, 2, 7, 11, 8, -1, -1, 2), "cpu_work_plan"
+    with pytest.raises(ValueError, match="window_left/window_right must be >= -1"):
+        attnkern._C.cpu_work_plan(1, 2, 2, 7, 11, 8, -2, 0, 2)
+
+
 # ---------------------------------------------------------------------------------------
 # 4. finite masks at finfo.min are finite (torch's and HF's padding value)
 

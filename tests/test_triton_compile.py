@@ -55,6 +55,8 @@ def compile_kernel(kind, arch, dtype, head_dim, config, mask=None, dropout=False
                       stride_mn=1, SOFTCAP=modifiers, HAS_ALIBI=modifiers)
     if "HAS_SINKS" in kernel.arg_names:  # the forward adds the sinks (the backward needs none)
         constexprs["HAS_SINKS"] = modifiers
+    # the rare path of rows with a huge LSE: the forward writes row statistics, the backward reads them
+    constexprs["WRITE_STATS" if kind == "fwd" else "HUGE_ROWS"] = modifiers
     if kind == "dq":
         constexprs["MASK_GRAD"] = mask_grad
     constexprs.update(packed or {})
@@ -63,7 +65,7 @@ def compile_kernel(kind, arch, dtype, head_dim, config, mask=None, dropout=False
     for index, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("Lse", "Delta", "dMask", "GradLse", "Sinks", "Alibi"):
+        elif name in ("Lse", "Delta", "dMask", "GradLse", "Sinks", "Alibi", "RowStats"):
             signature[name] = "*fp32"
         elif name in ("CuQ", "CuK", "SeqUsedK", "BlockTable"):
             signature[name] = "*i32"
@@ -101,8 +103,9 @@ def _check(compiled, kind, arch, dtype, head_dim, config, mask=None):
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
 def test_kernels_compile_with_modifiers(kind, arch):
-    """The softcap/sinks/ALiBi variants (constexpr SOFTCAP, HAS_SINKS, HAS_ALIBI) compile for sm80/sm90,
-    within the device's shared memory, with pipelined loads."""
+    """The softcap/sinks/ALiBi variants (constexpr SOFTCAP, HAS_SINKS, HAS_ALIBI), with the huge-LSE rare
+    path (WRITE_STATS, HUGE_ROWS), compile for sm80/sm90, within the device's shared memory, with pipelined
+    loads."""
     config = TABLES[kind][arch][128][-1]
     compiled = compile_kernel(kind, arch, torch.bfloat16, 128, config, mask="float", modifiers=True)
     assert compiled.metadata.shared <= ARCHS[arch][1]

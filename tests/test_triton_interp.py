@@ -163,6 +163,29 @@ class TestInterpreter:
                                                                           False, 0.0, False)[:3],
             dtype)
 
+    @pytest.mark.parametrize("side", [2**62, 2**63 - 1])
+    def test_extreme_windows_at_the_raw_ops(self, side, seed):
+        """triton_fwd/triton_bwd called directly read a window side past the sequences as unbounded."""
+        q, k, v = (torch.randn(1, 2, n, 16) for n in (7, 11, 11))
+        args = (None, None, 0.25)
+        want, lse = torch.ops.attnkern.triton_fwd(q, k, v, *args, 2, -1, True, 0.0)
+        got, got_lse = torch.ops.attnkern.triton_fwd(q, k, v, *args, 2, side, True, 0.0)
+        assert torch.equal(got, want) and torch.equal(got_lse, lse)
+        ref_out, _ = reference.attention(q.double(), k.double(), v.double(), None, 0.25, 2, -1, True)
+        assert_close(got, ref_out, torch.float32, "out")
+        g = torch.randn_like(want)
+        grads = [torch.ops.attnkern.triton_bwd(g, None, q, k, v, want, lse, *args, 2, w, True, 0.0, False)[:3]
+                 for w in (-1, side)]
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+
+    @pytest.mark.parametrize("dtype,level", [(torch.float32, "finfo.min"), (torch.float16, "-1e9")], ids=str)
+    def test_backward_of_huge_rows(self, dtype, level, seed):
+        import test_huge_lse
+
+        test_huge_lse.check_huge_rows(torch.ops.attnkern.triton_fwd, torch.ops.attnkern.triton_bwd, dtype, level,
+                                      heads=(2, 1), window=(5, 3), dropout_p=0.25, grad_lse=True, mask_grad=True)
+
     @pytest.mark.parametrize("tile", [(32, 16), (16, 64), (64, 32), (128, 64)], ids=str)
     @pytest.mark.parametrize(
         "case",

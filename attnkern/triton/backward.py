@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .band import key_block_range, query_block_range, segment_bounds
-from .forward import LOG2E, UNSPECIALIZED, load_mask_tile, load_tile, mask_to_log2, score_tile
+from .forward import HUGE_LSE, LOG2E, UNSPECIALIZED, load_mask_tile, load_tile, mask_to_log2, score_tile
 from .philox import dropout_keep
 
 
@@ -49,22 +49,35 @@ def preprocess_kernel(
 
 
 @triton.jit
-def _load_row_stats(Lse, Delta, row_base, rows, len_q):
-    """LSE in the log2 domain and delta; rows without keys (LSE -inf) or past len_q get +inf, so P = 0."""
+def _load_row_stats(Lse, Delta, RowStats, row_base, rows, len_q, HUGE_ROWS: tl.constexpr):
+    """(top, log2_sum, delta) of the rows for ``P = 2^((S - top) - log2_sum)``: top is the LSE in the
+    log2 domain and log2_sum 0, except with HUGE_ROWS for rows whose LSE is huge (csrc/mask.h,
+    backward_row_stats: their fp32 LSE lost log(sum)), which take the recomputed (max, log2 sum)
+    plus any excess the saved LSE holds (a sink). Rows without keys (LSE -inf) or past len_q get
+    top = +inf, so P = 0."""
     lse = tl.load(Lse + row_base + rows, mask=rows < len_q, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), mask_to_log2(lse))  # finite stays finite
     delta = tl.load(Delta + row_base + rows, mask=rows < len_q, other=0.0)
-    return lse2, delta
+    log2_sum = tl.zeros_like(lse2)
+    if HUGE_ROWS:
+        huge = (tl.abs(lse) > HUGE_LSE) & (tl.abs(lse) != float("inf")) & (rows < len_q)
+        top = tl.load(RowStats + 2 * (row_base + rows), mask=huge, other=0.0)
+        total = tl.load(RowStats + 2 * (row_base + rows) + 1, mask=huge, other=0.0)
+        excess = lse2 - (top + total)
+        total = tl.where(excess > tl.abs(lse2) * 9.5367431640625e-07, total + excess, total)  # 2^-20
+        lse2 = tl.where(huge, top, lse2)
+        log2_sum = tl.where(huge, total, log2_sum)
+    return lse2, log2_sum, delta
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, row_base, cols, n0, m_start, m_end,
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, RowStats, row_base, cols, n0, m_start, m_end,
                  stride_qm, stride_dom, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale,
                  head_index, seed_lo, seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v, softcap2, slope2,
                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr,
                  HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr):
+                 HAS_ALIBI: tl.constexpr, HUGE_ROWS: tl.constexpr):
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -79,12 +92,15 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, row_base, 
                        PAD_D, True)
         do = load_tile(do_blk + offs_m[:, None] * stride_dom + offs_dv[None, :], row_ok, offs_dv < head_dim_v,
                        True, PAD_DV)
-        lse2, delta = _load_row_stats(Lse, Delta, row_base, rows, len_q)
+        lse2, log2_sum, delta = _load_row_stats(Lse, Delta, RowStats, row_base, rows, len_q, HUGE_ROWS)
         # scores transposed (keys x queries) so dK and dV come out of plain dots
         maskT = load_mask_tile(mask_blk, rows, cols, m0, n0, stride_mm, stride_mn, len_q, len_k, MASK_KIND, True)
         sT, tT = score_tile(k, qT, rows, cols, maskT, qk_scale, len_k, offset, left, right, softcap2, slope2, EDGE,
                             MASK_KIND, DOT_PRECISION, True, SOFTCAP, HAS_ALIBI)
-        pT = tl.exp2(sT - lse2[None, :])
+        if HUGE_ROWS:  # the max off first, exactly, then the sum (csrc/mask.h backward_row_stats)
+            pT = tl.exp2((sT - lse2[None, :]) - log2_sum[None, :])
+        else:
+            pT = tl.exp2(sT - lse2[None, :])
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keepT = tl.trans(dropout_keep(rows, n0, head_index, seed_lo, seed_hi, drop_threshold, BLOCK_N))
@@ -131,7 +147,7 @@ def store_key_grads(dk_base, dv_base, dk, dv, stride_dkn, stride_dvn, col_ok, he
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def dkdv_kernel(
-    Q, K, V, dOut, Mask, Lse, Delta, dK, dV,
+    Q, K, V, dOut, Mask, Lse, Delta, RowStats, dK, dV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -145,7 +161,7 @@ def dkdv_kernel(
     band_kind, len_q_bucket, len_k_bucket,  # autotune keys only
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HUGE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
@@ -175,10 +191,11 @@ def dkdv_kernel(
         for segment in tl.static_range(3):
             m_lo, m_hi = segment_bounds(segment, start, full_lo, full_hi, end)
             dk, dv = _dkdv_blocks(
-                dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, row_base, cols, n0, m_lo, m_hi, stride_qm,
-                stride_dom, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale, head_index, seed_lo,
-                seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D,
-                PAD_DV, BLOCK_M, BLOCK_N, segment != 1, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, SOFTCAP, HAS_ALIBI)
+                dk, dv, k, v, q_base, do_base, mask_col, Lse, Delta, RowStats, row_base, cols, n0, m_lo, m_hi,
+                stride_qm, stride_dom, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale, head_index,
+                seed_lo, seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV,
+                PAD_D, PAD_DV, BLOCK_M, BLOCK_N, segment != 1, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, SOFTCAP,
+                HAS_ALIBI, HUGE_ROWS)
 
     dk_base = dK + b.to(tl.int64) * stride_dkb + h_kv.to(tl.int64) * stride_dkh + n0.to(tl.int64) * stride_dkn
     dv_base = dV + b.to(tl.int64) * stride_dvb + h_kv.to(tl.int64) * stride_dvh + n0.to(tl.int64) * stride_dvn
@@ -187,12 +204,13 @@ def dkdv_kernel(
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_row, dmask_row, rows, m0, n_start, n_end,
+def _dq_blocks(dq, q, do, lse2, log2_sum, delta, k_base, v_base, mask_row, dmask_row, rows, m0, n_start, n_end,
                stride_kn, stride_vn, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale,
                head_index, seed_lo, seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v, softcap2, slope2,
                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
                BLOCK_N: tl.constexpr, EDGE: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-               MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+               MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               HUGE_ROWS: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -212,7 +230,10 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_row, dmask_row, rows
                                    False)
         s, t = score_tile(q, kT, rows, cols, mask_tile, qk_scale, len_k, offset, left, right, softcap2, slope2, EDGE,
                           MASK_KIND, DOT_PRECISION, False, SOFTCAP, HAS_ALIBI)
-        p = tl.exp2(s - lse2[:, None])
+        if HUGE_ROWS:
+            p = tl.exp2((s - lse2[:, None]) - log2_sum[:, None])
+        else:
+            p = tl.exp2(s - lse2[:, None])
         dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(rows, n0, head_index, seed_lo, seed_hi, drop_threshold, BLOCK_N)
@@ -233,7 +254,7 @@ def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, mask_row, dmask_row, rows
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def dq_kernel(
-    Q, K, V, dOut, Mask, Lse, Delta, dQ, dMask,
+    Q, K, V, dOut, Mask, Lse, Delta, RowStats, dQ, dMask,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -246,7 +267,7 @@ def dq_kernel(
     band_kind, len_q_bucket, len_k_bucket,  # autotune keys only
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HUGE_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # last query blocks first: under a causal band they have the most keys, so the longest
@@ -267,7 +288,7 @@ def dq_kernel(
     do = load_tile(do_base + (rows - m0)[:, None] * stride_dom + offs_dv[None, :], row_ok, offs_dv < head_dim_v,
                    True, PAD_DV)
     row_base = (b.to(tl.int64) * heads_q + h) * len_q
-    lse2, delta = _load_row_stats(Lse, Delta, row_base, rows, len_q)
+    lse2, log2_sum, delta = _load_row_stats(Lse, Delta, RowStats, row_base, rows, len_q, HUGE_ROWS)
     k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
     mask_row = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + m0.to(tl.int64) * stride_mm
@@ -282,10 +303,11 @@ def dq_kernel(
     for segment in tl.static_range(3):
         n_lo, n_hi = segment_bounds(segment, start, full_lo, full_hi, end)
         dq = _dq_blocks(
-            dq, q, do, lse2, delta, k_base, v_base, mask_row, dmask_row, rows, m0, n_lo, n_hi, stride_kn, stride_vn,
-            stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale, head_index, seed_lo, seed_hi,
-            drop_threshold, drop_scale, head_dim, head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV,
-            BLOCK_N, segment != 1, MASK_KIND, HAS_DROPOUT, MASK_GRAD, DOT_PRECISION, SOFTCAP, HAS_ALIBI)
+            dq, q, do, lse2, log2_sum, delta, k_base, v_base, mask_row, dmask_row, rows, m0, n_lo, n_hi, stride_kn,
+            stride_vn, stride_mm, stride_mn, len_q, len_k, offset, left, right, qk_scale, head_index, seed_lo,
+            seed_hi, drop_threshold, drop_scale, head_dim, head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D,
+            PAD_DV, BLOCK_N, segment != 1, MASK_KIND, HAS_DROPOUT, MASK_GRAD, DOT_PRECISION, SOFTCAP, HAS_ALIBI,
+            HUGE_ROWS)
 
     dq_base = dQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + m0.to(tl.int64) * stride_dqm
     tl.store(dq_base + (rows - m0)[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty),

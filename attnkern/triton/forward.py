@@ -12,11 +12,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .. import _semantics
 from .band import key_block_range, key_bounds, segment_bounds
 from .philox import dropout_keep
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+HUGE_LSE = tl.constexpr(_semantics.HUGE_LSE)
 
 # the MASK_KIND specialisation
 MASK_NONE = tl.constexpr(0)
@@ -195,7 +197,7 @@ def finish_rows(acc, l_i, m_i, Sinks, h, drop_scale, HAS_SINKS: tl.constexpr):
 
 @triton.jit(do_not_specialize=UNSPECIALIZED)
 def fwd_kernel(
-    Q, K, V, Mask, Out, Lse,
+    Q, K, V, Mask, Out, Lse, RowStats,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -207,7 +209,7 @@ def fwd_kernel(
     band_kind, len_q_bucket, len_k_bucket,  # autotune keys only
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, WRITE_STATS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # last query blocks first: under a causal band they have the most keys, so the longest
@@ -250,3 +252,7 @@ def fwd_kernel(
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     lse_base = Lse + (b.to(tl.int64) * heads_q + h) * len_q
     tl.store(lse_base + rows, lse, mask=row_ok)
+    if WRITE_STATS:  # the backward's rare path (csrc/params.h row_stats): (max, log2 sum), (+inf, 0) if empty
+        stats_base = RowStats + 2 * ((b.to(tl.int64) * heads_q + h) * len_q)
+        tl.store(stats_base + 2 * rows, tl.where(empty, float("inf"), m_i), mask=row_ok)
+        tl.store(stats_base + 2 * rows + 1, tl.where(empty, 0.0, tl.log2(l_safe)), mask=row_ok)

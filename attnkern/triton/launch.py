@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import triton
 
-from .. import ops, reference
+from .. import _semantics, ops, reference
 from ..dispatch import CAPABILITIES, TRITON_MAX_GRID_DIM
 from ..dispatch import _triton_interpreting as _interpreting
 from . import configs
@@ -127,6 +127,12 @@ def _check_backward(q, grad_out, out, lse, grad_lse, mask_kind, mask_needs_grad,
 # shared launch arguments
 
 
+def _window_side(side: int, L: int, S: int) -> int:
+    """A window side of L + S or more reaches every key: unbounded (-1), as csrc/torch_params.h
+    window_side does, so no side near 2**63 reaches the kernels' index arithmetic."""
+    return -1 if side >= L + S else side
+
+
 def _band_args(L, S, window_left, window_right, bottom_right):
     """offset, and the window with -1 replaced by L + S (a bound no row reaches)."""
     unbounded = L + S
@@ -187,6 +193,7 @@ def _common(forward_kernels, q, k, v, mask_kind, window_left, window_right, bott
     """Shape arguments, autotune-key arguments and constexprs shared by the attention kernels."""
     B, Hq, L, E = q.shape
     Hkv, S, Ev = k.shape[1], k.shape[2], v.shape[3]
+    window_left, window_right = _window_side(window_left, L, S), _window_side(window_right, L, S)
     offset, left, right = _band_args(L, S, window_left, window_right, bottom_right)
     block_d, block_dv = _head_blocks(E, Ev)
     shape_args = (Hq, Hq // Hkv, L, S, E, Ev, offset, left, right)
@@ -224,6 +231,14 @@ def _modifier_args(q, softcap, sinks, alibi_slopes, batch=None):
 def forward(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p, softcap=0.0,
             sinks=None, alibi_slopes=None):
     mask_kind = _check_inputs("triton_fwd", q, k, v, mask, rng_seed, scale, window_left, window_right, dropout_p)
+    return _forward(q, k, v, mask, mask_kind, rng_seed, scale, window_left, window_right, bottom_right, dropout_p,
+                    softcap, sinks, alibi_slopes)
+
+
+def _forward(q, k, v, mask, mask_kind, rng_seed, scale, window_left, window_right, bottom_right, dropout_p, softcap,
+             sinks, alibi_slopes, row_stats=None):
+    """The checked forward; with ``row_stats`` ((B, Hq, L, 2) fp32) it also writes every row's
+    (max, log2 sum) there (the backward's rare path, _huge_row_stats)."""
     sinks_arg, alibi_arg, softcap2, mod_meta = _modifier_args(q, softcap, sinks, alibi_slopes)
     B, Hq, L, _ = q.shape
     S, Ev = k.shape[2], v.shape[3]
@@ -243,13 +258,29 @@ def forward(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_ri
     seed_lo, seed_hi, threshold, drop_scale = _dropout_args(rng_seed, dropout_p)
     _launch(
         forward_kernels.fwd_kernel, "fwd", q.device, lambda c: (triton.cdiv(L, c["BLOCK_M"]), Hq, B),
-        qc, kc, vc, mask_arg, out, lse,
+        qc, kc, vc, mask_arg, out, lse, lse if row_stats is None else row_stats,
         *_strides3(qc), *_strides3(kc), *_strides3(vc), *mask_strides, *_strides3(out),
         *shape_args, scale * LOG2E, seed_lo, seed_hi, threshold, drop_scale, sinks_arg, alibi_arg, softcap2,
         *key_args,
-        HAS_DROPOUT=dropout_p > 0, HAS_SINKS=sinks is not None, **mod_meta, **meta,
+        HAS_DROPOUT=dropout_p > 0, HAS_SINKS=sinks is not None, WRITE_STATS=row_stats is not None, **mod_meta,
+        **meta,
     )
     return out, lse
+
+
+def _huge_row_stats(q, k, v, lse, mask, mask_kind, rng_seed, scale, window_left, window_right, bottom_right,
+                    dropout_p, softcap, alibi_slopes):
+    """The backward's rare path (csrc/mask.h kHugeLse): when some row's fp32 LSE is huge it has lost
+    log(sum), so the forward runs once more and writes every row's (max, log2 sum), which the
+    backward kernels (HUGE_ROWS) take for those rows. None when no row needs it, so the plain
+    backward pays one reduction over the LSE (on a GPU, also a host sync)."""
+    huge = (lse.abs() > _semantics.HUGE_LSE) & lse.isfinite()
+    if not bool(huge.any()):
+        return None
+    row_stats = torch.empty(lse.shape + (2,), dtype=torch.float32, device=lse.device)
+    _forward(q, k, v, mask, mask_kind, rng_seed, scale, window_left, window_right, bottom_right, dropout_p, softcap,
+             None, alibi_slopes, row_stats)
+    return row_stats
 
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, scale, window_left, window_right, bottom_right,
@@ -278,6 +309,8 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, scale, windo
                                          bottom_right)
     seed_lo, seed_hi, threshold, drop_scale = _dropout_args(rng_seed, dropout_p)
     lse_c = lse.contiguous()
+    row_stats = _huge_row_stats(q, k, v, lse_c, mask, mask_kind, rng_seed, scale, window_left, window_right,
+                                bottom_right, dropout_p, softcap, alibi_slopes)
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     glse = None if grad_lse is None else grad_lse.to(torch.float32).contiguous()
 
@@ -293,12 +326,14 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, mask, rng_seed, scale, windo
                *key_args)
     _launch(
         bwd.dkdv_kernel, "dkdv", q.device, lambda c: (triton.cdiv(S, c["BLOCK_N"]), Hkv, B),
-        qc, kc, vc, doc, mask_arg, lse_c, delta, dk, dv, *common, *_strides3(dk), *_strides3(dv), *scalars,
-        HAS_DROPOUT=dropout_p > 0, **mod_meta, **meta,
+        qc, kc, vc, doc, mask_arg, lse_c, delta, delta if row_stats is None else row_stats, dk, dv, *common,
+        *_strides3(dk), *_strides3(dv), *scalars,
+        HAS_DROPOUT=dropout_p > 0, HUGE_ROWS=row_stats is not None, **mod_meta, **meta,
     )
     _launch(
         bwd.dq_kernel, "dq", q.device, lambda c: (triton.cdiv(L, c["BLOCK_M"]), Hq, B),
-        qc, kc, vc, doc, mask_arg, lse_c, delta, dq, dmask if mask_needs_grad else delta, *common, *_strides3(dq),
-        *scalars, HAS_DROPOUT=dropout_p > 0, MASK_GRAD=mask_needs_grad, **mod_meta, **meta,
+        qc, kc, vc, doc, mask_arg, lse_c, delta, delta if row_stats is None else row_stats, dq,
+        dmask if mask_needs_grad else delta, *common, *_strides3(dq), *scalars,
+        HAS_DROPOUT=dropout_p > 0, MASK_GRAD=mask_needs_grad, HUGE_ROWS=row_stats is not None, **mod_meta, **meta,
     )
     return dq, dk, dv, dmask

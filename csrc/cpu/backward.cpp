@@ -11,15 +11,43 @@
 // their total is capped (kDqAccumulatorBudget) whatever the thread count: past the cap, the
 // key chunks stay wider and some threads of a many-core server get no main-pass item when
 // there are few (batch, kv head) pairs (documented in README, "CPU threads").
+//
+// Rare path: a query row whose fp32 LSE is huge (mask.h kHugeLse: a row all at a -1e9 or
+// finfo.min mask) has lost log(sum) in it, so P = exp(s - LSE) would be wrong. When the saved
+// LSE holds such a row, the forward runs once more and writes every row's (max, log2 sum)
+// (AttnParams::row_stats), which those rows' P then comes from. The forward keeps its outputs
+// and its plain loop; the plain backward pays one scan of the LSE.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "cpu_kernels.h"
 #include "parallel.h"
 #include "tiling.h"
 
 namespace attnkern::cpu {
+
+std::vector<float> backward_row_stats_if_needed(const AttnParams& p) {
+  const int64_t rows = p.batch * p.heads_q * p.len_q, ev = p.head_dim_v;
+  bool huge = false;
+  for (int64_t r = 0; r < rows; ++r) huge |= lse_is_huge(p.lse[r]);
+  if (!huge) return {};
+  // the forward again over the backward's inputs, for its row statistics only (its output and
+  // LSE go to scratch; dropout changes neither the max nor the sum)
+  std::vector<float> stats(static_cast<size_t>(2 * rows));
+  auto out = alloc_scratch(static_cast<size_t>(rows * ev));  // fp32-sized: holds any dtype
+  auto lse = alloc_scratch(static_cast<size_t>(rows));
+  AttnParams f = p;
+  f.o = out.get();
+  f.o_stride[0] = p.heads_q * p.len_q * ev;
+  f.o_stride[1] = p.len_q * ev;
+  f.o_stride[2] = ev;
+  f.lse = lse.get();
+  f.row_stats = stats.data();
+  forward(f);
+  return stats;
+}
 
 // Bytes all dq accumulators together may take (at least one is always allocated).
 constexpr int64_t kDqAccumulatorBudget = int64_t(128) << 20;
@@ -35,10 +63,13 @@ int64_t backward_dq_parts(const AttnParams& p, int64_t threads) {
 
 int64_t backward_dq_parts(const AttnParams& p) { return backward_dq_parts(p, at::get_num_threads()); }
 
-void backward(const AttnParams& p, float* dq_acc, int64_t parts) {
+void backward(const AttnParams& params, float* dq_acc, int64_t parts) {
   // no (batch, kv head) pair: dq/dk/dv are empty (every division below is by a non-zero count
   // of items; a kv head without query rows still writes its zero dk/dv rows)
-  if (p.batch == 0 || p.heads_kv == 0) return;
+  if (params.batch == 0 || params.heads_kv == 0) return;
+  AttnParams p = params;
+  const std::vector<float> row_stats = backward_row_stats_if_needed(p);
+  if (!row_stats.empty()) p.row_stats = const_cast<float*>(row_stats.data());
   const KernelTable& kt = select_kernels();
   ThreadTrace::get().begin_op();
   const int64_t heads = p.batch * p.heads_q;

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "../mask.h"
 #include "../params.h"
@@ -30,14 +31,15 @@ struct RowMap {
 
 // One forward work item: `rows` rows (at most block_q) of batch b. With splits > 1 it covers
 // only key blocks [split * n / splits, (split + 1) * n / splits) of the n blocks its rows
-// meet, and writes its normalised partial output and LSE to o_part / lse_part (fp32, indexed
-// [split][(b * Hq + h) * L + i][:]) for forward_merge_splits, instead of o and lse.
+// meet, and writes its normalised partial output to o_part (fp32, indexed [split][(b * Hq + h)
+// * L + i][:]) and its softmax (max, sum) in the log2 domain to stats_part (same index, 2
+// floats) for forward_merge_splits, instead of o and lse.
 struct ForwardItem {
   int64_t b;
   RowMap map;
   int64_t rows, block_q, block_k;
   int64_t split, splits;
-  float *o_part, *lse_part;
+  float *o_part, *stats_part;
 };
 
 struct KernelTable {
@@ -45,9 +47,10 @@ struct KernelTable {
   // Forward of one item (block_q kBlockQ or kBlockQNarrow).
   void (*forward_item)(const AttnParams& p, const ForwardItem& item, float* scratch);
   size_t (*forward_scratch_floats)(const AttnParams& p, int64_t block_q, int64_t block_k);
-  // o, lse of head (b, h) from `splits` partial results (ForwardItem), weighted by their LSE
+  // o, lse (and row_stats when set) of head (b, h) from `splits` partial results (ForwardItem),
+  // weighted by their softmax sums
   void (*forward_merge_splits)(const AttnParams& p, int64_t b, int64_t h, int64_t splits, const float* o_part,
-                               const float* lse_part);
+                               const float* stats_part);
   // Backward for keys [key_begin, key_end) of kv head (b, hkv) against every query head of
   // its group: writes those rows of dk and dv, and adds into dq_acc (fp32, (B, Hq, L, E)
   // contiguous, unscaled) the contribution of these keys. Items with disjoint key ranges
@@ -91,5 +94,8 @@ int64_t backward_dq_parts(const AttnParams& p);
 int64_t backward_dq_parts(const AttnParams& p, int64_t threads);
 // p.delta must point to a (B, Hq, L) fp32 workspace; dq_acc to `parts` zeroed accumulators.
 void backward(const AttnParams& p, float* dq_acc, int64_t parts);
+// The backward's rare path (backward.cpp): every row's (max, log2 sum) for AttnParams::row_stats
+// when some row of p.lse is huge (mask.h lse_is_huge), else empty.
+std::vector<float> backward_row_stats_if_needed(const AttnParams& p);
 
 }  // namespace attnkern::cpu

@@ -14,19 +14,20 @@ void forward(const AttnParams& p) {
   const ForwardPlan plan = forward_plan(p, at::get_num_threads());
   const int64_t block_k = key_block_size(p);
 
-  std::unique_ptr<float[], FreeDeleter> o_part, lse_part;
+  std::unique_ptr<float[], FreeDeleter> o_part, stats_part;
   if (plan.splits > 1) {
     const int64_t rows = p.batch * p.heads_q * p.len_q;
     o_part = alloc_scratch(static_cast<size_t>(plan.splits * rows * p.head_dim_v));
-    lse_part = alloc_scratch(static_cast<size_t>(plan.splits * rows));
+    stats_part = alloc_scratch(static_cast<size_t>(2 * plan.splits * rows));  // (max, sum) per row
   }
   parallel_items(forward_items(p, plan), kt.forward_scratch_floats(p, plan.block_q, block_k),
                  [&](int64_t index, float* scratch) {
-                   kt.forward_item(p, forward_item_at(p, plan, index, block_k, o_part.get(), lse_part.get()), scratch);
+                   const ForwardItem item = forward_item_at(p, plan, index, block_k, o_part.get(), stats_part.get());
+                   kt.forward_item(p, item, scratch);
                  });
   if (plan.splits > 1)
     parallel_items(p.batch * p.heads_q, 0, [&](int64_t bh, float*) {
-      kt.forward_merge_splits(p, bh / p.heads_q, bh % p.heads_q, plan.splits, o_part.get(), lse_part.get());
+      kt.forward_merge_splits(p, bh / p.heads_q, bh % p.heads_q, plan.splits, o_part.get(), stats_part.get());
     });
 }
 

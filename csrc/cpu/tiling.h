@@ -84,7 +84,7 @@ inline int64_t forward_items(const AttnParams& p, const ForwardPlan& plan) {
   return p.batch * plan.row_groups * plan.tiles * plan.splits;
 }
 inline ForwardItem forward_item_at(const AttnParams& p, const ForwardPlan& plan, int64_t index, int64_t block_k,
-                                   float* o_part, float* lse_part) {
+                                   float* o_part, float* stats_part) {
   const int64_t per_group = plan.tiles * plan.splits;
   const int64_t bg = index / per_group, rest = index % per_group;
   const int64_t tile = plan.tiles - 1 - rest / plan.splits;
@@ -99,7 +99,7 @@ inline ForwardItem forward_item_at(const AttnParams& p, const ForwardPlan& plan,
   item.split = rest % plan.splits;
   item.splits = plan.splits;
   item.o_part = o_part;
-  item.lse_part = lse_part;
+  item.stats_part = stats_part;
   return item;
 }
 

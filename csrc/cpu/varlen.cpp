@@ -57,19 +57,19 @@ void varlen_forward(const std::vector<AttnParams>& seqs) {
     for (ForwardPlan& plan : plans) plan.splits = 1;
 
   // split partial results, one region per split sequence
-  std::vector<int64_t> o_off(n + 1, 0), lse_off(n + 1, 0);
+  std::vector<int64_t> o_off(n + 1, 0), stats_off(n + 1, 0);
   size_t scratch = 0;
   for (int64_t s = 0; s < n; ++s) {
     const AttnParams& p = seqs[order[s]];
     const int64_t rows = plans[s].splits > 1 ? plans[s].splits * p.heads_q * p.len_q : 0;
     o_off[s + 1] = o_off[s] + rows * p.head_dim_v;
-    lse_off[s + 1] = lse_off[s] + rows;
+    stats_off[s + 1] = stats_off[s] + 2 * rows;  // (max, sum) per row
     scratch = std::max(scratch, kt.forward_scratch_floats(p, plans[s].block_q, block_k));
   }
-  std::unique_ptr<float[], FreeDeleter> o_part, lse_part;
+  std::unique_ptr<float[], FreeDeleter> o_part, stats_part;
   if (o_off[n] > 0) {
     o_part = alloc_scratch(static_cast<size_t>(o_off[n]));
-    lse_part = alloc_scratch(static_cast<size_t>(lse_off[n]));
+    stats_part = alloc_scratch(static_cast<size_t>(stats_off[n]));
   }
 
   ItemRanges items{std::vector<int64_t>(n + 1, 0)};
@@ -79,7 +79,7 @@ void varlen_forward(const std::vector<AttnParams>& seqs) {
     const AttnParams& p = seqs[order[s]];
     kt.forward_item(p,
                     forward_item_at(p, plans[s], index - items.first[s], block_k, o_part.get() + o_off[s],
-                                    lse_part.get() + lse_off[s]),
+                                    stats_part.get() + stats_off[s]),
                     buf);
   });
 
@@ -89,7 +89,7 @@ void varlen_forward(const std::vector<AttnParams>& seqs) {
   parallel_items(merges.total(), 0, [&](int64_t index, float*) {
     const int64_t s = merges.find(index);
     kt.forward_merge_splits(seqs[order[s]], 0, index - merges.first[s], plans[s].splits, o_part.get() + o_off[s],
-                            lse_part.get() + lse_off[s]);
+                            stats_part.get() + stats_off[s]);
   });
 }
 
@@ -117,8 +117,15 @@ VarlenBackwardPlan varlen_backward_plan(const std::vector<AttnParams>& seqs) {
   return plan;
 }
 
-void varlen_backward(const std::vector<AttnParams>& seqs, const VarlenBackwardPlan& plan, float* dq_acc) {
+void varlen_backward(const std::vector<AttnParams>& seqs_in, const VarlenBackwardPlan& plan, float* dq_acc) {
   const KernelTable& kt = select_kernels();
+  // the rare path of backward.cpp, per sequence: rows with a huge LSE get recomputed statistics
+  std::vector<AttnParams> seqs = seqs_in;
+  std::vector<std::vector<float>> row_stats(seqs.size());
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    row_stats[s] = backward_row_stats_if_needed(seqs[s]);
+    if (!row_stats[s].empty()) seqs[s].row_stats = row_stats[s].data();
+  }
   const std::vector<int64_t> order = sequences_by_cost(seqs);
   const int64_t n = static_cast<int64_t>(order.size());
   if (n == 0) return;

@@ -30,6 +30,16 @@ __device__ __forceinline__ float backward_lse_log2(const float* lse, int64_t idx
   return x == -INFINITY ? INFINITY : mask_to_log2(x);  // finite LSEs near -FLT_MAX stay finite
 }
 
+// A row's (top, log2 sum) for P = exp2((S - top) - log2 sum): the log2 LSE and 0 as above,
+// except, on the rare path (p.row_stats set), for rows whose LSE is huge (mask.h
+// backward_row_stats: their fp32 LSE has lost log(sum), so their recomputed max and sum)
+__device__ __forceinline__ void backward_row(const AttnParams& p, int64_t idx, bool valid, float& top,
+                                             float& log2_sum) {
+  top = INFINITY;
+  log2_sum = 0.f;
+  if (valid) backward_row_stats(p.lse[idx], p.row_stats != nullptr ? p.row_stats + 2 * idx : nullptr, top, log2_sum);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(128) delta_kernel(const __grid_constant__ AttnParams p) {
   const int64_t rows = p.batch * p.heads_q * p.len_q;
@@ -58,7 +68,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
   constexpr int kDT = kD / 8;
   static_assert(kNT * 4 <= 32, "dropout keep bits of a warp's tile fit one word");
 
-  // [K][V][stage 0: Q, dO, log2 LSE, delta][stage 1] ...
+  // [K][V][stage 0: Q, dO, log2 LSE, delta, log2 sum][stage 1] ...
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t sK = smem_addr(smem_raw);
   check_smem_base(smem_addr(smem_raw));
@@ -69,6 +79,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
     return reinterpret_cast<float*>(stage_bytes + s * Cfg::kStageBytes + 2 * QTile::kBytes);
   };
   auto stage_delta = [&](int s) { return stage_lse(s) + kBlockM; };
+  auto stage_sum = [&](int s) { return stage_lse(s) + 2 * kBlockM; };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t b = blockIdx.z;
@@ -104,7 +115,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
     const int64_t row0 = (b * p.heads_q + hq) * p.len_q + m0;
     for (int r = tid; r < kBlockM; r += kThreads) {
       const bool valid = m0 + r < p.len_q;
-      stage_lse(s)[r] = backward_lse_log2(p.lse, row0 + r, valid);
+      backward_row(p, row0 + r, valid, stage_lse(s)[r], stage_sum(s)[r]);
       stage_delta(s)[r] = valid ? p.delta[row0 + r] : 0.f;
     }
   };
@@ -149,6 +160,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
     const uint32_t q_off = it * Cfg::kStageBytes, do_off = q_off + QTile::kBytes;
     const float* const s_lse = stage_lse(it);
     const float* const s_delta = stage_delta(it);
+    const float* const s_sum = stage_sum(it);
     const uint32_t bh = static_cast<uint32_t>(b * p.heads_q + hq);
 
     // S^T = K Q^T, then P^T = exp2(S^T - lse) inside the window of each key row
@@ -210,10 +222,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
           float& x = st[nt][2 * h + c];
           [[maybe_unused]] float t = 0.f;  // kModified: the softcap's tanh
           if constexpr (Rules::kModifiers) {
-            x = exp2f(rules(x, col, lo, hi, check, mask_row, p.mask_stride[2], slope, fabsf(pos0 + col), t) -
-                      s_lse[col]);
+            x = exp2f((rules(x, col, lo, hi, check, mask_row, p.mask_stride[2], slope, fabsf(pos0 + col), t) -
+                       s_lse[col]) - s_sum[col]);
           } else {
-            x = exp2f(rules(x, col, lo, hi, check, mask_row, p.mask_stride[2]) - s_lse[col]);
+            // the max off first, exactly, then log2 sum (0 but on the rare path of huge LSEs)
+            x = exp2f((rules(x, col, lo, hi, check, mask_row, p.mask_stride[2]) - s_lse[col]) - s_sum[col]);
           }
           if (rules.dropout() && !rules.keep(bh, m0 + col, j)) keep_bits &= ~(1u << (nt * 4 + 2 * h + c));
           if constexpr (Rules::kModifiers && kDoDK) {  // dS^T through the softcap
@@ -327,11 +340,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
   const int64_t wm0 = m0 + warp * 16;
   const int64_t wm_end = min(wm0 + 16, p.len_q);
   const int64_t row_base = (b * p.heads_q + hq) * p.len_q;
-  float row_lse[2], row_delta[2];
+  float row_lse[2], row_sum[2], row_delta[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t i = wm0 + (lane >> 2) + 8 * h;
-    row_lse[h] = backward_lse_log2(p.lse, row_base + i, i < p.len_q);
+    backward_row(p, row_base + i, i < p.len_q, row_lse[h], row_sum[h]);
     row_delta[h] = i < p.len_q ? p.delta[row_base + i] : 0.f;
   }
   const bool warp_has_rows = wm_end > wm0;
@@ -414,7 +427,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
           } else {
             score = rules(s[nt][e], col + c, lo, hi, check, mask_row, p.mask_stride[3]);
           }
-          const float prob = exp2f(score - row_lse[h]);
+          const float prob = exp2f((score - row_lse[h]) - row_sum[h]);  // row_sum: 0 but on the huge-LSE rare path
           const float keep = (c == 0 ? k0 : k1) ? inv_keep : 0.f;
           s[nt][e] = prob * (dp[nt][e] * keep - row_delta[h]);
         }

@@ -130,7 +130,8 @@ int head_dim_bucket(int64_t head_dim, int64_t head_dim_v, DType dtype) {
 }
 
 bool takes_decode_path(const AttnParams& p) {
-  return p.len_q <= kDecodeMaxLenQ && !has_features(p);
+  // (the row statistics of the backward's rare path come from the prefill kernel's epilogue)
+  return p.len_q <= kDecodeMaxLenQ && !has_features(p) && p.row_stats == nullptr;
 }
 
 int decode_num_splits(const AttnParams& p, int sm_count) {
@@ -161,7 +162,8 @@ Sm90Launcher hopper_launcher(const AttnParams& p, bool backward) {
 }
 
 cudaError_t forward(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
-  if (const Sm90Launcher hopper = takes_decode_path(p) ? nullptr : hopper_launcher(p, false)) {
+  // the sm80 kernels serve the backward's rare path (row statistics), which the Hopper ones lack
+  if (const Sm90Launcher hopper = takes_decode_path(p) || p.row_stats ? nullptr : hopper_launcher(p, false)) {
     const cudaError_t err = hopper(p, stream);
     if (err != cudaErrorNotSupported) return err;
   }
@@ -170,7 +172,7 @@ cudaError_t forward(const AttnParams& p, const FwdSplit& split, cudaStream_t str
 }
 
 cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
-  if (const Sm90Launcher hopper = hopper_launcher(p, true)) {
+  if (const Sm90Launcher hopper = p.row_stats ? nullptr : hopper_launcher(p, true)) {
     const cudaError_t err = hopper(p, stream);
     if (err != cudaErrorNotSupported) return err;
   }

@@ -78,11 +78,18 @@ struct RowWriter {
       *reinterpret_cast<uint32_t*>(dst) = Elem<T>::pack(v0, v1);
     }
   }
-  __device__ __forceinline__ void lse(int hq, int64_t i, float v) const {
+  // a finished row's natural-log LSE (kModified: with the sink in it); never a split's partial
+  __device__ __forceinline__ void lse(int hq, int64_t i, float v) const { p.lse[row_index(hq, i)] = v; }
+  // the row's softmax statistics in the log2 domain, max m2 and sum l: the LSE (natural log, -inf
+  // without keys), or a split's (m2, l) itself for merge_splits_kernel, since an fp32 LSE next to
+  // a huge max has lost log(l) and would weigh the splits wrongly
+  __device__ __forceinline__ void stats(int hq, int64_t i, float m2, float l) const {
     if (split.num_splits > 1) {
-      split.lse_partial[split_idx * (p.batch * p.heads_q * p.len_q) + row_index(hq, i)] = v;
+      float* const dst = split.lse_partial + 2 * (split_idx * (p.batch * p.heads_q * p.len_q) + row_index(hq, i));
+      dst[0] = m2;
+      dst[1] = l;
     } else {
-      p.lse[row_index(hq, i)] = v;
+      p.lse[row_index(hq, i)] = l != 0.f ? (m2 + log2f(l)) * kLn2 : -INFINITY;
     }
   }
 };
@@ -342,22 +349,36 @@ __global__ void __launch_bounds__(Cfg::kThreads)
             const int col = dt * 8 + 2 * (lane & 3);
             if (col < dv) out.out2(hq, i, col, acc_o[mt][dt][2 * h] * inv, acc_o[mt][dt][2 * h + 1] * inv);
           }
-          if ((lane & 3) == 0) out.lse(hq, i, total.lse);
-          continue;
-        }
-        const float inv = l != 0.f ? keep_scale / l : 0.f;
+          if ((lane & 3) == 0) {
+            if (split.num_splits > 1)
+              out.stats(hq, i, row_max[mt][h], l);  // a split's partial: no sink in it
+            else
+              out.lse(hq, i, total.lse);
+          }
+        } else {
+          const float inv = l != 0.f ? keep_scale / l : 0.f;
 #pragma unroll
-        for (int dt = 0; dt < kDT; ++dt) {
-          const int col = dt * 8 + 2 * (lane & 3);
-          if (col < dv) out.out2(hq, i, col, acc_o[mt][dt][2 * h] * inv, acc_o[mt][dt][2 * h + 1] * inv);
+          for (int dt = 0; dt < kDT; ++dt) {
+            const int col = dt * 8 + 2 * (lane & 3);
+            if (col < dv) out.out2(hq, i, col, acc_o[mt][dt][2 * h] * inv, acc_o[mt][dt][2 * h + 1] * inv);
+          }
+          if ((lane & 3) == 0) out.stats(hq, i, row_max[mt][h], l);
         }
-        if ((lane & 3) == 0) out.lse(hq, i, l != 0.f ? (row_max[mt][h] + log2f(l)) * kLn2 : -INFINITY);
+        // the backward's rare path (params.h row_stats): the keys' statistics (its recomputing
+        // forward has no sinks; mask.h backward_row_stats adds a sink's mass back)
+        if ((lane & 3) == 0 && p.row_stats != nullptr) {
+          float* const stats = p.row_stats + 2 * out.row_index(hq, i);
+          stats[0] = l != 0.f ? row_max[mt][h] : INFINITY;
+          stats[1] = l != 0.f ? log2f(l) : 0.f;
+        }
       }
   } else {
-    // key-split warps: each writes its normalised rows and LSE, then the CTA merges the slices
+    // key-split warps: each writes its normalised rows and its (max, sum), then the CTA merges
+    // the slices by their sums (not by an fp32 LSE each, which next to a huge max has lost log(l))
     __syncthreads();  // every warp is done with the K/V stages, which now hold the merge buffers
     float* const merge_o = reinterpret_cast<float*>(smem_raw + QTile::kBytes);  // [slice][row][kD]
-    float* const merge_lse = merge_o + Cfg::kKeySplit * kBlockM * kD;           // [slice][row]
+    float* const merge_max = merge_o + Cfg::kKeySplit * kBlockM * kD;           // [slice][row]
+    float* const merge_sum = merge_max + Cfg::kKeySplit * kBlockM;              // [slice][row]
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -372,27 +393,31 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           dst[col] = acc_o[mt][dt][2 * h] * inv;
           dst[col + 1] = acc_o[mt][dt][2 * h + 1] * inv;
         }
-        if ((lane & 3) == 0)
-          merge_lse[key_slice * kBlockM + r] = l != 0.f ? (row_max[mt][h] + log2f(l)) * kLn2 : -INFINITY;
+        if ((lane & 3) == 0) {
+          merge_max[key_slice * kBlockM + r] = l != 0.f ? row_max[mt][h] : -INFINITY;
+          merge_sum[key_slice * kBlockM + r] = l;
+        }
       }
     __syncthreads();
     for (int idx = tid; idx < kBlockM * (kD / 2); idx += kThreads) {
       const int r = idx / (kD / 2), col = 2 * (idx % (kD / 2));
       if (!rows.valid(r) || col >= dv) continue;
-      float m = -INFINITY;
+      float m = -INFINITY;  // NaN (a NaN score) propagates through m or a slice's sum
 #pragma unroll
-      for (int sl = 0; sl < Cfg::kKeySplit; ++sl) m = nan_max(m, merge_lse[sl * kBlockM + r]);
+      for (int sl = 0; sl < Cfg::kKeySplit; ++sl) m = nan_max(m, merge_max[sl * kBlockM + r]);
       // the sink joins the denominator once: here when the CTA writes the final row, else in
-      // merge_splits_kernel
-      [[maybe_unused]] const float sink =
-          Rules::kModifiers && split.num_splits == 1 ? rules.sink(rows.head(r)) : -INFINITY;
-      if constexpr (Rules::kModifiers) m = nan_max(m, sink);
+      // merge_splits_kernel (in the log2 domain of the slices' max)
+      [[maybe_unused]] const float sink2 =
+          Rules::kModifiers && split.num_splits == 1 ? rules.sink(rows.head(r)) * kLog2e : -INFINITY;
+      if constexpr (Rules::kModifiers) m = nan_max(m, sink2);
       float v0 = 0.f, v1 = 0.f, total = 0.f;
       if (m != -INFINITY) {
-        if constexpr (Rules::kModifiers) total = expf(sink - m);
+        if constexpr (Rules::kModifiers) total = exp2f(sink2 - m);
 #pragma unroll
         for (int sl = 0; sl < Cfg::kKeySplit; ++sl) {
-          const float w = exp2f((merge_lse[sl * kBlockM + r] - m) * kLog2e);
+          const float l = merge_sum[sl * kBlockM + r];
+          if (l == 0.f) continue;
+          const float w = l * exp2f(merge_max[sl * kBlockM + r] - m);
           const float* src = merge_o + (sl * kBlockM + r) * kD + col;
           v0 += w * src[0];
           v1 += w * src[1];
@@ -404,12 +429,13 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       const int hq = rows.head(r);
       const int64_t i = rows.query(r);
       out.out2(hq, i, col, v0, v1);
-      if (col == 0) out.lse(hq, i, m == -INFINITY ? -INFINITY : m + logf(total));
+      if (col == 0) out.stats(hq, i, m, total);
     }
   }
 }
 
-// Merges split-KV partials: out = sum_s exp(lse_s - lse) o_s with lse = log sum_s exp(lse_s).
+// Merges split-KV partials from each split's (max, sum) in the log2 domain:
+// out = sum_s w_s o_s / sum_s w_s with w_s = l_s 2^(m_s - m), lse = (m + log2 sum_s w_s) ln 2.
 // One warp per (b, hq, i) row. kSinks (p.sinks set): the head's sink joins the sum once, as one
 // more term that contributes no value.
 template <typename T, bool kSinks>
@@ -419,16 +445,19 @@ __global__ void __launch_bounds__(128)
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= rows) return;
-  const float sink = kSinks ? p.sinks[row / p.len_q % p.heads_q] : -INFINITY;
+  const float sink2 = kSinks ? p.sinks[row / p.len_q % p.heads_q] * kLog2e : -INFINITY;
+  const float* const part = split.lse_partial + 2 * row;  // split s: (m2, l) at part[2 * s * rows]
   float m = -INFINITY;
-  for (int s = lane; s < split.num_splits; s += 32) m = nan_max(m, split.lse_partial[s * rows + row]);
+  for (int s = lane; s < split.num_splits; s += 32)
+    if (part[2 * s * rows + 1] != 0.f) m = nan_max(m, part[2 * s * rows]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if (kSinks) m = nan_max(m, sink);
+  if (kSinks) m = nan_max(m, sink2);
   float total = 0.f;
   if (m != -INFINITY) {
-    if (kSinks) total = __expf(sink - m);
-    for (int s = 0; s < split.num_splits; ++s) total += __expf(split.lse_partial[s * rows + row] - m);
+    if (kSinks) total = exp2f(sink2 - m);
+    for (int s = 0; s < split.num_splits; ++s)
+      if (part[2 * s * rows + 1] != 0.f) total += part[2 * s * rows + 1] * exp2f(part[2 * s * rows] - m);
   }
   const int64_t i = row % p.len_q, bh = row / p.len_q;
   const int64_t b = bh / p.heads_q, hq = bh % p.heads_q;
@@ -437,14 +466,15 @@ __global__ void __launch_bounds__(128)
     float acc = 0.f;
     if (m != -INFINITY) {
       for (int s = 0; s < split.num_splits; ++s) {
-        const float w = __expf(split.lse_partial[s * rows + row] - m);
-        acc += w * split.o_partial[(s * rows + row) * p.head_dim_v + col];
+        const float l = part[2 * s * rows + 1];
+        if (l == 0.f) continue;
+        acc += l * exp2f(part[2 * s * rows] - m) * split.o_partial[(s * rows + row) * p.head_dim_v + col];
       }
       acc /= total;
     }
     o_row[col] = from_float<T>(acc);
   }
-  if (lane == 0) p.lse[row] = m == -INFINITY ? -INFINITY : m + logf(total);
+  if (lane == 0) p.lse[row] = m == -INFINITY ? -INFINITY : (m + log2f(total)) * kLn2;
 }
 
 }  // namespace cuda

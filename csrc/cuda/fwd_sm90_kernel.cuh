@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, 1)
       const int col = dt * 8 + 2 * (lane & 3);
       if (col < dv) out.out2(hq, i, col, acc_o[dt][2 * h] * inv, acc_o[dt][2 * h + 1] * inv);
     }
-    if ((lane & 3) == 0) out.lse(hq, i, l != 0.f ? (row_max[h] + log2f(l)) * kLn2 : -INFINITY);
+    if ((lane & 3) == 0) out.stats(hq, i, row_max[h], l);
   }
 #endif
 }

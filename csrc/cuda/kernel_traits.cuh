@@ -38,8 +38,8 @@ struct FwdConfig {
   using QTile = SmemTile<kBlockM, kD>;
   using KTile = SmemTile<kBlockN, kD>;  // K and V tiles of one stage
   static constexpr int kKVBytes = kStages * 2 * KTile::kBytes;
-  // the key-split merge reuses the K/V stages: per slice, kBlockM rows of kD fp32 and an LSE
-  static constexpr int kMergeBytes = kKeySplit > 1 ? kKeySplit * kBlockM * (kD + 1) * 4 : 0;
+  // the key-split merge reuses the K/V stages: per slice, kBlockM rows of kD fp32, a max and a sum
+  static constexpr int kMergeBytes = kKeySplit > 1 ? kKeySplit * kBlockM * (kD + 2) * 4 : 0;
   static constexpr int kSmemBytes = QTile::kBytes + kKVBytes;
   static_assert(kWarps % kKeySplit == 0, "warps split evenly over key slices");
   static_assert(kWarpN % 16 == 0, "a warp's key slice is whole k-steps of P V");
@@ -108,8 +108,8 @@ struct BwdKVConfig {
   static constexpr bool kSplitPasses = kD > 128;
   using KTile = SmemTile<kBlockN, kD>;
   using QTile = SmemTile<kBlockM, kD>;  // Q and dO tiles of one stage
-  // per stage: Q, dO, and the rows' log2 LSE and delta
-  static constexpr int kStageBytes = 2 * QTile::kBytes + 2 * kBlockM * 4;
+  // per stage: Q, dO, and the rows' log2 LSE, delta and log2 sum (bwd_kernel.cuh backward_row)
+  static constexpr int kStageBytes = 2 * QTile::kBytes + 3 * kBlockM * 4;
   static constexpr int kSmemBytes = 2 * KTile::kBytes + kStages * kStageBytes;
   static_assert(kBlockM % 16 == 0, "query blocks are whole k-steps of P^T dO");
   static_assert(kStages >= 2, "the Q/dO pipeline needs two stages");

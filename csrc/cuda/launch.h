@@ -23,7 +23,7 @@ namespace cuda {
 struct FwdSplit {
   int num_splits = 1;
   float* o_partial = nullptr;    // (num_splits, B, Hq, L, head_dim_v) fp32; unused when num_splits == 1
-  float* lse_partial = nullptr;  // (num_splits, B, Hq, L) fp32
+  float* lse_partial = nullptr;  // (num_splits, B, Hq, L, 2) fp32: each split's (max, sum), log2 domain
 };
 
 // Head dims are served by buckets (32, 64, 96, 128, 256; a build may compile fewer): the

@@ -11,6 +11,7 @@
 #include <string>
 #include <tuple>
 
+#include "../mask.h"
 #include "../torch_params.h"
 #include "launch.h"
 
@@ -145,7 +146,7 @@ inline std::tuple<at::Tensor, at::Tensor> forward_op(AttnParams& p, const at::Te
   at::Tensor o_partial, lse_partial;
   if (split.num_splits > 1) {
     o_partial = at::empty({split.num_splits, p.batch, p.heads_q, p.len_q, p.head_dim_v}, lse.options());
-    lse_partial = at::empty({split.num_splits, p.batch, p.heads_q, p.len_q}, lse.options());
+    lse_partial = at::empty({split.num_splits, p.batch, p.heads_q, p.len_q, 2}, lse.options());
     split.o_partial = o_partial.data_ptr<float>();
     split.lse_partial = lse_partial.data_ptr<float>();
   }
@@ -193,6 +194,21 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_op(
   set_output(p.dv, p.dv_stride, dv.target);
   p.dmask = mask_needs_grad ? dmask.data_ptr<float>() : nullptr;
   p.delta = delta.data_ptr<float>();
+  // The rare path (mask.h kHugeLse): a row whose LSE is huge has lost log(sum) in it, so the
+  // forward runs once more for every row's (max, log2 sum), which such rows' P then comes from.
+  // The plain backward pays one reduction over the LSE and a host sync.
+  at::Tensor row_stats;
+  if (at::logical_and(lse_c.abs() > kHugeLse, lse_c.isfinite()).any().item<bool>()) {
+    row_stats = at::empty({p.batch, p.heads_q, p.len_q, 2}, f32);
+    KernelOutput scratch_out(q_in, p.head_dim_v, q_in.scalar_type());
+    at::Tensor scratch_lse = at::empty_like(lse_c);
+    AttnParams f = p;
+    set_output(f.o, f.o_stride, scratch_out.target);
+    f.lse = scratch_lse.data_ptr<float>();
+    f.row_stats = row_stats.data_ptr<float>();
+    dev.check(cuda::forward(f, cuda::FwdSplit{}, dev.stream), "attnkern::bwd (row statistics)");
+    p.row_stats = row_stats.data_ptr<float>();
+  }
   if (dev.on_launch != nullptr) dev.on_launch(p);
   dev.check(cuda::backward(p, dev.stream), "attnkern::bwd");
   dq.finish();
