@@ -201,3 +201,21 @@ def forced_isa_env(isa: str) -> dict:
         assert "is not available on this CPU" in probe.stderr, probe.stderr
         pytest.skip(f"{isa} not available on this CPU")
     return env
+
+
+def run_under_interpreter(test_file: str, what: str) -> None:
+    """Run ``test_file`` in a child pytest with TRITON_INTERPRET=1 from its start (it must be set before
+    triton is imported, which this process has done) and the same seed; fail with its output."""
+    import time
+
+    env = dict(os.environ, TRITON_INTERPRET="1", ATTNKERN_TEST_SEED=str(_BASE_SEED))
+    started = time.monotonic()
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-rfE"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(test_file))), env=env, capture_output=True, text=True,
+    )
+    output = child.stdout + child.stderr
+    summary = output.strip().splitlines()[-1] if output.strip() else "(no output)"
+    print(f"{what} ({time.monotonic() - started:.0f} s): {summary}")
+    assert child.returncode == 0, f"{what} failed (exit {child.returncode}):\n{output[-8000:]}"
+    assert " passed" in summary and "skipped" not in summary, output[-4000:]

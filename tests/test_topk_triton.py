@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -34,17 +31,7 @@ DTYPES = [torch.float32, torch.float16]
 
 def test_interpreter_suite():
     """Run TestTopkInterpreter in a child process that has TRITON_INTERPRET=1 from its start."""
-    env = dict(os.environ, TRITON_INTERPRET="1", ATTNKERN_TEST_SEED=str(conftest._BASE_SEED))
-    started = time.monotonic()
-    child = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-rfE"],
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env, capture_output=True, text=True,
-    )
-    output = child.stdout + child.stderr
-    summary = output.strip().splitlines()[-1] if output.strip() else "(no output)"
-    print(f"top-k interpreter suite ({time.monotonic() - started:.0f} s): {summary}")
-    assert child.returncode == 0, f"interpreter suite failed (exit {child.returncode}):\n{output[-8000:]}"
-    assert " passed" in summary and "skipped" not in summary, output[-4000:]
+    conftest.run_under_interpreter(__file__, "top-k interpreter suite")
 
 
 test_interpreter_suite.__test__ = not INTERPRETING  # collected in the parent process only
