@@ -14,7 +14,8 @@ Forward, one program per (query block, head, batch):
          blocks few keys beat the threshold, so most blocks cost a compare and a few steps.
   pass 2 takes the kept keys best first (a max per slot, so no sort is needed for the selection
          order), the softmax over their scores, and gathers their V rows.
-Extra memory: none beyond the outputs (the (B, Hq, L, min(top_k, S)) indices).
+Extra memory: none beyond the outputs (the (B, Hq, L, min(top_k, S)) indices); the backward adds
+fp32 dK/dV accumulators of K's and V's size.
 
 Backward, one program per (query block, head, batch), from the forward's indices (so it
 matches the forward's selection exactly): P over the kept keys recomputed from the LSE and
