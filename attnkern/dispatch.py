@@ -260,40 +260,41 @@ def run(problem: Problem, q, k, v, mask, backend: str, sinks=None, alibi_slopes=
 # ---------------------------------------------------------------------------------------
 # top-k attention (attnkern.topk_attention): its own op, attnkern::topk_fwd / topk_bwd
 
-# The CPU kernel keeps a per-row buffer of min(top_k, S) scores (csrc/cpu/topk_kernels.h: kTopkMax).
-TOPK_CPU_MAX_SLOTS = 256
+# The fused top-k kernels keep min(top_k, S) scores per row: csrc/cpu/topk_kernels.h kTopkMax,
+# attnkern/triton/topk.py MAX_SLOTS (a power of two: the Triton merge sorts K_PAD-wide rows).
+TOPK_MAX_SLOTS = 256
 TOPK_NOT_SERVED = {
-    "triton": "backend 'triton' has no top-k kernel yet (top-k attention runs on 'cpu' or 'math')",
-    "cuda": "backend 'cuda' has no top-k kernel yet (top-k attention runs on 'cpu' or 'math')",
+    "cuda": "backend 'cuda' has no top-k kernel yet (top-k attention runs on 'triton', 'cpu' or 'math')",
 }
 
 
-def topk_why_not(name: str, problem: Problem, slots: int, return_indices: bool, mask_needs_grad: bool) -> Optional[str]:
-    """Why backend ``name`` cannot run this top-k call (None: it can)."""
+def topk_why_not(name: str, problem: Problem, slots: int, return_indices: bool) -> Optional[str]:
+    """Why backend ``name`` cannot run this top-k call (None: it can). The fused kernels serve
+    everything the dense row of their backend serves except dropout and the score modifiers
+    (top-k attention takes neither), with ``min(top_k, S) <= TOPK_MAX_SLOTS``; ``top_k >= S``
+    beyond that runs their dense kernel, which has no indices to return."""
     if name in TOPK_NOT_SERVED:
         return TOPK_NOT_SERVED[name]
     reason = CAPABILITIES[name].why_not(problem)
     if reason or name == "math":
         return reason
-    if mask_needs_grad:
-        return f"backend {name!r} gives top-k attention no attn_mask gradient"
-    if slots > TOPK_CPU_MAX_SLOTS:
+    if slots > TOPK_MAX_SLOTS:
         if slots < problem.len_k:
-            return f"backend {name!r} keeps at most {TOPK_CPU_MAX_SLOTS} keys per query (top_k < S here)"
+            return f"backend {name!r} keeps at most {TOPK_MAX_SLOTS} keys per query (top_k < S here)"
         if return_indices:
             # top_k >= S is dense attention, which the dense kernel serves without indices
-            return f"backend {name!r} cannot return indices for top_k >= S > {TOPK_CPU_MAX_SLOTS} (it runs dense attention)"
+            return f"backend {name!r} cannot return indices for top_k >= S > {TOPK_MAX_SLOTS} (it runs dense attention)"
     return None
 
 
-def choose_topk(problem: Problem, backend: str, slots: int, return_indices: bool, mask_needs_grad: bool) -> str:
+def choose_topk(problem: Problem, backend: str, slots: int, return_indices: bool) -> str:
     if backend != "auto":
-        reason = topk_why_not(backend, problem, slots, return_indices, mask_needs_grad)
+        reason = topk_why_not(backend, problem, slots, return_indices)
         if reason:
             raise RuntimeError(f"backend={backend!r} cannot run this top-k call: {reason}")
         return backend
     for name in AUTO_ORDER.get(problem.device_type, ("math",)):
-        if topk_why_not(name, problem, slots, return_indices, mask_needs_grad) is None:
+        if topk_why_not(name, problem, slots, return_indices) is None:
             return name
     return "math"
 

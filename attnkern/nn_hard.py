@@ -16,6 +16,9 @@ from ._semantics import check_backend, check_top_k
 from .nn import _additive_scores, _seq2seq_inputs
 from .topk import topk_attention
 
+# additive scores in argmax mode: the most elements of one block's (N, rows, S, hidden) tanh
+ADDITIVE_BLOCK_ELEMENTS = 1 << 22
+
 
 class HardAttentionOutput(NamedTuple):
     context: Tensor  # (N, Dv) or (N, L, Dv)
@@ -30,7 +33,8 @@ class HardAttention(torch.nn.Module):
     ``v^T tanh(W q + U k)``. ``p = softmax(score / temperature)`` over the allowed positions.
 
     * ``mode="argmax"``: the ``top_k`` best positions (top-1: the argmax), softmax over their
-      scores: :func:`attnkern.topk_attention` (``dot``/``general`` run on its fused kernel).
+      scores: :func:`attnkern.topk_attention` (``dot``/``general`` run on its fused kernel;
+      ``additive`` selects block by block: O(L * top_k) memory beyond one bounded block).
       The choice carries no gradient; with ``top_k=1`` only the values get one.
     * ``mode="gumbel"`` (training): Gumbel-softmax straight-through. The forward picks
       ``argmax(score / temperature + g)``, ``g`` Gumbel noise, and returns that value exactly;
@@ -101,17 +105,45 @@ class HardAttention(torch.nn.Module):
         return HardAttentionOutput(context, indices, log_prob)
 
     def _argmax(self, query, keys, values, allowed):
+        if self.score == "additive":  # not a dot product: no fused kernel scores it
+            return (*self._additive_top_k(query, keys, values, allowed), None)
         mask = None if allowed is None else allowed.unsqueeze(1)  # (N, 1, 1, S): True takes part
-        if self.score == "additive":  # not a dot product: the scores are explicit
-            scores = self.scores(query, keys)
-            q = scores.unsqueeze(1)  # a (L, S) x (S, S) identity product reproduces the scores
-            k = torch.eye(keys.shape[1], dtype=scores.dtype, device=scores.device).expand(keys.shape[0], 1, -1, -1)
-        else:
-            q = query.unsqueeze(1)
-            k = (keys if self.score == "dot" else self.key_proj(keys)).unsqueeze(1)
-        context, indices = topk_attention(q, k, values.unsqueeze(1), self.top_k, attn_mask=mask, scale=1.0,
-                                          return_indices=True, backend=self.backend)
+        k = (keys if self.score == "dot" else self.key_proj(keys)).unsqueeze(1)
+        context, indices = topk_attention(query.unsqueeze(1), k, values.unsqueeze(1), self.top_k, attn_mask=mask,
+                                          scale=1.0, return_indices=True, backend=self.backend)
         return context.squeeze(1), indices.squeeze(1), None
+
+    def _additive_top_k(self, query, keys, values, allowed):
+        """Top-k attention over additive scores without an (L, S) matrix: (context, indices).
+
+        The selection scores blocks of query rows without gradient, each block's
+        (N, rows, S, hidden) tanh bounded by ADDITIVE_BLOCK_ELEMENTS, and keeps its best
+        ``top_k`` (a stable sort: ties to the lower position, the rule of top-k attention). The
+        kept scores are then recomputed with gradient from the gathered key projections, so the
+        memory that autograd holds is O(N * L * top_k * (hidden + Dv)).
+        """
+        projected_query, projected_keys = self.query_proj(query), self.key_proj(keys)
+        n, rows, hidden = projected_query.shape
+        slots = min(self.top_k, keys.shape[1])
+        block = max(1, ADDITIVE_BLOCK_ELEMENTS // max(1, n * keys.shape[1] * hidden))
+        picks = []
+        with torch.no_grad():
+            for r0 in range(0, rows, block):
+                scores = _additive_scores(projected_query[:, r0:r0 + block], projected_keys, self.score_proj)
+                if allowed is not None:
+                    scores = scores.masked_fill(~allowed, float("-inf"))
+                ordered, order = torch.sort(scores, dim=-1, descending=True, stable=True)
+                picks.append(torch.where(ordered[..., :slots] > float("-inf"), order[..., :slots], -1))
+        indices = torch.cat(picks, 1) if picks else query.new_empty((n, 0, slots), dtype=torch.int64)
+        kept = indices >= 0
+        flat = indices.clamp(min=0).flatten(1).unsqueeze(-1)  # (N, L * slots, 1)
+        kept_keys = projected_keys.gather(1, flat.expand(-1, -1, hidden)).view(n, rows, slots, hidden)
+        kept_scores = self.score_proj(torch.tanh(projected_query.unsqueeze(2) + kept_keys)).squeeze(-1)
+        # empty slots weigh 0; a row with none kept gets context 0, as in topk_attention
+        lowest = torch.finfo(kept_scores.dtype).min
+        weights = torch.softmax(kept_scores.masked_fill(~kept, lowest), dim=-1) * kept
+        kept_values = values.gather(1, flat.expand(-1, -1, values.shape[-1])).view(n, rows, slots, -1)
+        return (weights.unsqueeze(-1) * kept_values).sum(2), indices
 
     def _stochastic(self, mode, query, keys, values, allowed):
         logits = self.scores(query, keys) / self.temperature

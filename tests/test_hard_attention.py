@@ -66,6 +66,30 @@ def test_argmax_top_k_is_top_k_attention_over_the_scores(score, seed):
     assert_close(context, ref.squeeze(1), torch.float32, "context")
 
 
+@pytest.mark.parametrize("rows_per_block", [1, 2, L])
+def test_additive_argmax_selects_block_by_block(rows_per_block, seed, monkeypatch):
+    """Additive scores in argmax mode are scored block by block (no (L, S) matrix is kept): any block
+    gives the float64 reference's selection, context and gradients; a fully padded entry gives zeros."""
+    from attnkern import nn_hard
+
+    m = _module("additive", top_k=3)
+    q, keys, values, pad = _data(padding=True)
+    pad[1] = True
+    values.requires_grad_(True)
+    params = list(m.parameters()) + [values]
+    g = torch.randn(N, L, DV)
+    scores = m.scores(q, keys).double().unsqueeze(1)
+    ref, _, ref_idx = reference.topk_attention(scores, torch.eye(S, dtype=torch.float64).expand(N, 1, S, S),
+                                               values.double().unsqueeze(1), ~pad.view(N, 1, 1, S), 3, 1.0)
+    ref_grads = torch.autograd.grad(ref.squeeze(1), params, g.double())
+    monkeypatch.setattr(nn_hard, "ADDITIVE_BLOCK_ELEMENTS", rows_per_block * N * S * D)  # hidden_dim = D
+    context, indices, _ = m(q, keys, values, key_padding_mask=pad)
+    assert torch.equal(indices, ref_idx.squeeze(1)) and (indices[1] == -1).all()
+    assert_close(context, ref.squeeze(1), torch.float32, "context")
+    for a, b in zip(torch.autograd.grad(context, params, g), ref_grads):
+        assert_close(a, b, torch.float32, "gradient")
+
+
 def test_gumbel_is_hard_forward_soft_backward(seed):
     m = _module("general", mode="gumbel", temperature=0.5)
     q, keys, values, _ = _data()

@@ -61,11 +61,12 @@ def _inputs(shape, dtype, top_k, mask_kind=None, left=-1, right=-1, offset=0, tr
 
 
 def _reference(q, k, v, mask, top_k, scale, left, right, bottom_right=False, grad_out=None):
+    """float64 (out, indices, grads of q, k, v and of a float mask)."""
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
-    m64 = None if mask is None or mask.dtype == torch.bool else mask.double()
-    out, _, idx = reference.topk_attention(q64, k64, v64, m64 if m64 is not None else mask, top_k, scale, left,
-                                           right, bottom_right)
-    grads = torch.autograd.grad(out, (q64, k64, v64), grad_out.double()) if grad_out is not None else None
+    m64 = mask if mask is None or mask.dtype == torch.bool else mask.detach().double().requires_grad_(True)
+    out, _, idx = reference.topk_attention(q64, k64, v64, m64, top_k, scale, left, right, bottom_right)
+    inputs = (q64, k64, v64) + ((m64,) if m64 is not None and m64.is_floating_point() else ())
+    grads = torch.autograd.grad(out, inputs, grad_out.double()) if grad_out is not None else None
     return out, idx, grads
 
 
@@ -74,48 +75,59 @@ PARITY = [
     ((2, 2, 2, 37, 53, 64, 64), 1, None, (-1, -1), False),
     ((1, 4, 2, 70, 300, 32, 48), 7, None, (-1, -1), True),  # GQA, 2 query and 3 key blocks
     ((2, 2, 1, 70, 90, 16, 16), 2, "bool", (20, 5), False),
-    ((1, 2, 2, 33, 300, 80, 24), 64, "float", (-1, -1), False),
+    ((1, 2, 2, 33, 300, 80, 24), 64, "float", (-1, -1), False),  # with the mask's gradient
     ((2, 2, 2, 29, 53, 64, 32), 64, "bool-bcast", (-1, -1), True),  # top_k >= S
     ((1, 3, 3, 16, 40, 128, 128), 7, None, (3, 3), False),  # rows with fewer than top_k keys
 ]
 
 
-@needs_cpu_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("case", PARITY, ids=lambda c: f"{c[0]}-k{c[1]}-{c[2]}-w{c[3]}-c{c[4]}")
-def test_parity_with_reference(case, dtype, seed):
+def check_parity(case, dtype, backend, seed):
+    """Output, indices and the gradients of q, k, v (and of a float mask) against the float64 reference."""
     shape, top_k, mask_kind, (left, right), causal = case
     right_eff = 0 if causal else right
     q, k, v, mask = _inputs(shape, dtype, top_k, mask_kind, left, right_eff)
     window = None if (left, right) == (-1, -1) else (left, right)
-    for t in (q, k, v):
+    inputs = (q, k, v) + ((mask,) if mask is not None and mask.is_floating_point() else ())
+    for t in inputs:
         t.requires_grad_(True)
     out, idx = attnkern.topk_attention(q, k, v, top_k, is_causal=causal, window_size=window, attn_mask=mask,
-                                       enable_gqa=shape[1] != shape[2], return_indices=True, backend="cpu")
+                                       enable_gqa=shape[1] != shape[2], return_indices=True, backend=backend)
     grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    grads = torch.autograd.grad(out, inputs, grad_out)
     ref_out, ref_idx, ref_grads = _reference(q, k, v, mask, top_k, 1.0 / math.sqrt(shape[5]), left, right_eff,
                                              grad_out=grad_out)
     assert out.dtype == dtype and idx.dtype == torch.int64
     assert idx.shape == out.shape[:-1] + (min(top_k, shape[4]),)
     assert torch.equal(idx, ref_idx), "selected keys differ from the reference"
     assert_close(out, ref_out, dtype, "out")
-    for g, r, name in zip(grads, ref_grads, "qkv"):
+    assert len(grads) == len(ref_grads)
+    for g, r, name in zip(grads, ref_grads, ("q", "k", "v", "mask")):
         assert g.dtype == dtype
         assert_close(g, r, dtype, f"d{name}")
 
 
 @needs_cpu_kernel
-def test_bottom_right_alignment_through_the_op(seed):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", PARITY, ids=lambda c: f"{c[0]}-k{c[1]}-{c[2]}-w{c[3]}-c{c[4]}")
+def test_parity_with_reference(case, dtype, seed):
+    check_parity(case, dtype, "cpu", seed)
+
+
+def check_bottom_right_alignment(op):
     """The op itself also takes flash-attn's alignment (query i at key position i + S - L)."""
     shape = (1, 2, 2, 20, 75, 32, 32)
     q, k, v, _ = _inputs(shape, torch.float32, 5, None, 10, 0, offset=55)
-    out, lse, idx = torch.ops.attnkern.topk_fwd(q, k, v, None, 5, 0.3, 10, 0, True)
+    out, lse, idx = op(q, k, v, None, 5, 0.3, 10, 0, True)
     ref_out, ref_lse, ref_idx = reference.topk_attention(q.double(), k.double(), v.double(), None, 5, 0.3, 10, 0,
                                                          True)
     assert torch.equal(idx, ref_idx)
     assert_close(out, ref_out, torch.float32, "out")
     assert_close(lse, ref_lse, torch.float32, "lse")
+
+
+@needs_cpu_kernel
+def test_bottom_right_alignment_through_the_op(seed):
+    check_bottom_right_alignment(torch.ops.attnkern.topk_fwd)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "math"])
@@ -170,11 +182,9 @@ def test_top_k_at_least_s_is_dense_attention(backend, len_k, top_k, seed):
 def test_auto_uses_the_cpu_kernel_and_falls_back(monkeypatch):
     q, k, v = torch.randn(1, 1, 8, 16), torch.randn(1, 1, 400, 16), torch.randn(1, 1, 400, 16)
     problem = attnkern._semantics.normalize_torch_layout(q, k, v, None, 0.0, False, None, False, None)[4]
-    assert dispatch.choose_topk(problem, "auto", 16, True, False) == "cpu"
-    assert dispatch.choose_topk(problem, "auto", 300, True, False) == "math"  # more than 256 kept keys
-    assert dispatch.choose_topk(problem, "auto", 16, False, True) == "math"  # a mask that needs a gradient
-    for name in ("triton", "cuda"):
-        assert "no top-k kernel" in dispatch.topk_why_not(name, problem, 16, False, False)
+    assert dispatch.choose_topk(problem, "auto", 16, True) == "cpu"
+    assert dispatch.choose_topk(problem, "auto", 300, True) == "math"  # more than 256 kept keys
+    assert "no top-k kernel" in dispatch.topk_why_not("cuda", problem, 16, False)
 
 
 def test_bad_input():
@@ -194,7 +204,7 @@ def test_bad_input():
         with pytest.raises(RuntimeError, match="at most 256"):
             attnkern.topk_attention(q, k, v, 257, backend="cpu")
     with pytest.raises(RuntimeError, match="no top-k kernel"):
-        attnkern.topk_attention(q, k, v, 2, backend="triton")
+        attnkern.topk_attention(q, k, v, 2, backend="cuda")
     # (one kv head broadcasts against every query head, as in torch's SDPA; two against four do not)
     with pytest.raises(ValueError, match="enable_gqa"):
         attnkern.topk_attention(q.repeat(1, 2, 1, 1), k, v, 2)
@@ -205,7 +215,7 @@ def test_bad_input():
             torch.ops.attnkern.topk_fwd(q, k, v, None, 0, 0.25, -1, -1, False)
         out, lse, idx = torch.ops.attnkern.topk_fwd(q, k, v, None, 3, 0.25, -1, -1, False)
         with pytest.raises(ValueError, match="indices"):
-            torch.ops.attnkern.topk_bwd(out, q, k, v, lse, idx + 300, None, 0.25, -1, -1, False)
+            torch.ops.attnkern.topk_bwd(out, q, k, v, lse, idx + 300, None, 0.25, -1, -1, False, False)
 
 
 @needs_cpu_kernel
@@ -223,7 +233,7 @@ def test_opcheck(mask, seed):
     args = (q, k, v, m, 5, 0.2, 6, 0, False)
     torch.library.opcheck(torch.ops.attnkern.topk_fwd.default, args)
     out, lse, idx = torch.ops.attnkern.topk_fwd(q.detach(), k.detach(), v.detach(), m, 5, 0.2, 6, 0, False)
-    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), lse, idx, m, 0.2, 6, 0, False)
+    bargs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), lse, idx, m, 0.2, 6, 0, False, mask == "float")
     torch.library.opcheck(torch.ops.attnkern.topk_bwd.default, bargs)
 
 

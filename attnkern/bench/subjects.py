@@ -380,7 +380,7 @@ def _attnkern_topk_subject() -> Subject:
         problem = case.problem(device)
         names = dispatch.AUTO_ORDER.get(device, ("math",))
         fused = [n for n in names if n != "math" and
-                 dispatch.topk_why_not(n, problem, min(case.top_k, case.len_k), False, False) is None]
+                 dispatch.topk_why_not(n, problem, min(case.top_k, case.len_k), False) is None]
         return None if fused else "no fused backend serves this top-k case (auto would run the math reference)"
 
     def build(case: Case, device: str) -> Fn:

@@ -76,12 +76,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_fwd_cpu(const at::Tensor& q_
   return {out, lse, indices};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q_in,
-                                                            const at::Tensor& k_in, const at::Tensor& v_in,
-                                                            const at::Tensor& lse, const at::Tensor& indices,
-                                                            const std::optional<at::Tensor>& mask, double scale,
-                                                            int64_t window_left, int64_t window_right,
-                                                            bool bottom_right) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& lse, const at::Tensor& indices, const std::optional<at::Tensor>& mask, double scale,
+    int64_t window_left, int64_t window_right, bool bottom_right, bool mask_needs_grad) {
   const at::Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const at::Tensor dout = unit_last_stride(grad_out);
   TopkParams tp;
@@ -107,6 +105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_bwd_cpu(const at::Tensor& gr
     TORCH_CHECK_VALUE(lo >= -1 && hi < p.len_k, "indices must lie in [-1, S) = [-1, ", p.len_k, "), got [", lo,
                       ", ", hi, "]");
   }
+  TORCH_CHECK_VALUE(!mask_needs_grad || p.mask_kind == MaskKind::kFloat, "mask_needs_grad requires a floating mask");
   tp.top_k = idx_c.size(3);
   tp.indices = const_cast<int64_t*>(idx_c.data_ptr<int64_t>());
   p.lse = const_cast<float*>(lse_c.data_ptr<float>());
@@ -121,11 +120,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_bwd_cpu(const at::Tensor& gr
   set_strides3(p.dq_stride, dq);
   set_strides3(p.dk_stride, dk);
   set_strides3(p.dv_stride, dv);
+  // a float mask's gradient is dS at the kept keys, 0 elsewhere: (B, Hq, L, S) fp32, like the dense op's
+  const std::vector<int64_t> dmask_shape =
+      mask_needs_grad ? std::vector<int64_t>{p.batch, p.heads_q, p.len_q, p.len_k} : std::vector<int64_t>{0};
+  at::Tensor dmask = at::zeros(dmask_shape, q.options().dtype(at::kFloat));
+  if (mask_needs_grad) tp.dmask = dmask.data_ptr<float>();
   const TopkKernelTable& kt = select_topk_kernels();
   parallel_items(p.batch * p.heads_kv, kt.backward_scratch_floats(tp), [&](int64_t item, float* scratch) {
     kt.backward_item(tp, item / p.heads_kv, item % p.heads_kv, scratch);
   });
-  return {dq, dk, dv};
+  return {dq, dk, dv, dmask};
 }
 
 }  // namespace
@@ -139,8 +143,8 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
       "int window_right, bool bottom_right) -> (Tensor out, Tensor lse, Tensor indices)");
   m.def(
       "topk_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor lse, Tensor indices, Tensor? mask, "
-      "float scale, int window_left, int window_right, bool bottom_right) -> (Tensor grad_q, Tensor grad_k, "
-      "Tensor grad_v)");
+      "float scale, int window_left, int window_right, bool bottom_right, bool mask_needs_grad) -> (Tensor grad_q, "
+      "Tensor grad_k, Tensor grad_v, Tensor grad_mask)");
 }
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {

@@ -26,6 +26,7 @@ struct TopkParams {
   AttnParams attn;   // shapes, q/k/v/mask, semantics; attn.o, attn.lse (forward outputs)
   int64_t top_k = 0;  // slots per row (min(top_k, S))
   int64_t* indices = nullptr;  // (B, Hq, L, top_k) contiguous int64
+  float* dmask = nullptr;      // backward: (B, Hq, L, S) contiguous fp32 float-mask gradient, or none
 };
 
 struct TopkKernelTable {
