@@ -178,7 +178,9 @@ class TestTritonVarlen:
         for g, r, what in zip(grads, ref_grads, ("dq", "dk", "dv", "d s_aux")):
             assert_close(g, torch.nan_to_num(r, nan=0.0), torch.float32, what)
         rows = slice(39, 43)  # sequence 2 has no key: output 0, LSE = the sink
-        assert out[rows].eq(0).all() and torch.equal(lse[:, rows], s_aux.detach()[:, None].expand(-1, 4))
+        # (the LSE goes through the log2 domain and back: equal to the sink within an ulp or two)
+        assert out[rows].eq(0).all()
+        torch.testing.assert_close(lse[:, rows], s_aux.detach()[:, None].expand(-1, 4), rtol=1e-6, atol=0)
 
     @pytest.mark.parametrize("page,sms", [(3, None), (16, 1000)], ids=["page3", "page16-many-splits"])
     def test_paged_varlen(self, page, sms, seed, monkeypatch):

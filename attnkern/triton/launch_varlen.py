@@ -21,6 +21,7 @@ import math
 import torch
 import triton
 
+from .._semantics import HUGE_LSE
 from .._varlen_semantics import check_block_table, check_packed_shapes, packed_lengths
 from ..dispatch import CAPABILITIES, TRITON_MAX_GRID_DIM
 from ..dispatch import _triton_interpreting as _interpreting
@@ -177,6 +178,13 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, 
 def backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, window_left,
              window_right, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_seed=None):
     _refuse_dropout("triton_varlen_bwd", dropout_p)
+    # the dense Triton backward's rare path for rows with a huge LSE (csrc/mask.h
+    # backward_row_stats) has no packed variant yet: refuse rather than return wrong gradients
+    if bool(((lse.abs() > HUGE_LSE) & lse.isfinite()).any()):
+        raise NotImplementedError(
+            f"attnkern::triton_varlen_bwd: some row's |LSE| exceeds {HUGE_LSE:g} (scores that large lose "
+            "log(sum) in an fp32 LSE); the Triton packed backward has no rare path for them yet, "
+            "backend='cpu' has")
     cq, ck, len_q, len_k = _check_packed("triton_varlen_bwd", q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, None,
                                          scale, window_left, window_right)
     batch = len(len_q)

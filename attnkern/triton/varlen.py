@@ -190,10 +190,10 @@ def varlen_dkdv_kernel(
         for segment in tl.static_range(3):
             m_lo, m_hi = segment_bounds(segment, start, full_lo, full_hi, end)
             dk, dv = _dkdv_blocks(
-                dk, dv, k, v, q_base, do_base, Q, Lse, Delta, row_base, cols, n0, m_lo, m_hi, stride_qm,
+                dk, dv, k, v, q_base, do_base, Q, Lse, Delta, Lse, row_base, cols, n0, m_lo, m_hi, stride_qm,
                 stride_dom, 0, 0, len_q, len_k, offset, left, right, qk_scale, head_index, 0, 0, 0, 1.0, head_dim,
                 head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_M, BLOCK_N, segment != 1,
-                MASK_NONE, False, DOT_PRECISION, SOFTCAP, HAS_ALIBI)
+                MASK_NONE, False, DOT_PRECISION, SOFTCAP, HAS_ALIBI, False)  # no huge-LSE rare path (see launcher)
 
     dk_base = dK + k_row * stride_dkn + h_kv.to(tl.int64) * stride_dkh
     dv_base = dV + k_row * stride_dvn + h_kv.to(tl.int64) * stride_dvh
@@ -234,7 +234,7 @@ def varlen_dq_kernel(
                   True, PAD_D)
     do = load_tile(do_base + (rows - m0)[:, None] * stride_dom + offs_dv[None, :], row_ok, offs_dv < head_dim_v,
                    True, PAD_DV)
-    lse2, delta = _load_row_stats(Lse, Delta, h.to(tl.int64) * total_q + q_start, rows, len_q)
+    lse2, log2_sum, delta = _load_row_stats(Lse, Delta, Lse, h.to(tl.int64) * total_q + q_start, rows, len_q, False)
     k_base = K + k_start.to(tl.int64) * stride_kn + h_kv.to(tl.int64) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vn + h_kv.to(tl.int64) * stride_vh
     head_index = b * heads_q + h
@@ -245,10 +245,10 @@ def varlen_dq_kernel(
     for segment in tl.static_range(3):
         n_lo, n_hi = segment_bounds(segment, start, full_lo, full_hi, end)
         dq = _dq_blocks(
-            dq, q, do, lse2, delta, k_base, v_base, Q, Delta, rows, m0, n_lo, n_hi, stride_kn, stride_vn, 0, 0,
-            len_q, len_k, offset, left, right, qk_scale, head_index, 0, 0, 0, 1.0, head_dim, head_dim_v, softcap2,
-            slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N, segment != 1, MASK_NONE, False, False, DOT_PRECISION,
-            SOFTCAP, HAS_ALIBI)
+            dq, q, do, lse2, log2_sum, delta, k_base, v_base, Q, Delta, rows, m0, n_lo, n_hi, stride_kn, stride_vn,
+            0, 0, len_q, len_k, offset, left, right, qk_scale, head_index, 0, 0, 0, 1.0, head_dim, head_dim_v,
+            softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N, segment != 1, MASK_NONE, False, False,
+            DOT_PRECISION, SOFTCAP, HAS_ALIBI, False)
 
     dq_base = dQ + q_row * stride_dqm + h.to(tl.int64) * stride_dqh
     tl.store(dq_base + (rows - m0)[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty),
