@@ -246,13 +246,16 @@ def fwd_kernel(
             head_dim, head_dim_v, softcap2, slope2, q_base, 1, 0, 0, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N,
             segment != 1, MASK_KIND, HAS_DROPOUT, DOT_PRECISION, SOFTCAP, HAS_ALIBI, False)
 
+    if WRITE_STATS:
+        # the backward's rare path (csrc/params.h row_stats): the keys' (max, log2 sum), (+inf, 0)
+        # if none (a sink's mass is added back by the backward, csrc/mask.h backward_row_stats)
+        no_key = l_i == 0.0
+        stats_base = RowStats + 2 * ((b.to(tl.int64) * heads_q + h) * len_q)
+        tl.store(stats_base + 2 * rows, tl.where(no_key, float("inf"), m_i), mask=row_ok)
+        tl.store(stats_base + 2 * rows + 1, tl.where(no_key, 0.0, tl.log2(tl.where(no_key, 1.0, l_i))), mask=row_ok)
     out, lse = finish_rows(acc, l_i, m_i, Sinks, h, drop_scale, HAS_SINKS)
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + m0.to(tl.int64) * stride_om
     tl.store(o_base + (rows - m0)[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
     lse_base = Lse + (b.to(tl.int64) * heads_q + h) * len_q
     tl.store(lse_base + rows, lse, mask=row_ok)
-    if WRITE_STATS:  # the backward's rare path (csrc/params.h row_stats): (max, log2 sum), (+inf, 0) if empty
-        stats_base = RowStats + 2 * ((b.to(tl.int64) * heads_q + h) * len_q)
-        tl.store(stats_base + 2 * rows, tl.where(empty, float("inf"), m_i), mask=row_ok)
-        tl.store(stats_base + 2 * rows + 1, tl.where(empty, 0.0, tl.log2(l_safe)), mask=row_ok)
