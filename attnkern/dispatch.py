@@ -48,7 +48,9 @@ class Capability:
     modifiers: bool = True  # softcap, sinks, ALiBi
     extra: Callable[[Problem], Optional[str]] = lambda problem: None
 
-    def why_not(self, problem: Problem) -> Optional[str]:
+    def why_not_shape(self, problem) -> Optional[str]:
+        """Availability, device, dtype and head dims: what a dense Problem and a packed
+        VarlenProblem both carry."""
         reason = self.available()
         if reason:
             return reason
@@ -58,6 +60,12 @@ class Capability:
             return f"backend {self.name!r} does not support dtype {problem.dtype}"
         if self.max_head_dim is not None and max(problem.head_dim, problem.head_dim_v) > self.max_head_dim:
             return f"backend {self.name!r} supports head dims up to {self.max_head_dim}"
+        return None
+
+    def why_not(self, problem: Problem) -> Optional[str]:
+        reason = self.why_not_shape(problem)
+        if reason:
+            return reason
         if problem.dropout_p > 0 and not self.dropout:
             return f"backend {self.name!r} does not support dropout"
         if problem.mask_kind == "float" and not self.float_mask:
@@ -321,16 +329,9 @@ def _packed_cpu_why_not(problem) -> Optional[str]:
 
 def _packed_triton_why_not(problem) -> Optional[str]:
     """The dense Triton row (device, dtype, head dims, interpreter limits); heads only on a grid dim."""
-    cap = CAPABILITIES["triton"]
-    reason = cap.available()
+    reason = CAPABILITIES["triton"].why_not_shape(problem)
     if reason:
         return reason
-    if problem.device_type not in cap.devices:
-        return f"backend 'triton' does not run on {problem.device_type} tensors"
-    if problem.dtype not in cap.dtypes:
-        return f"backend 'triton' does not support dtype {problem.dtype}"
-    if max(problem.head_dim, problem.head_dim_v) > cap.max_head_dim:
-        return f"backend 'triton' supports head dims up to {cap.max_head_dim}"
     return _triton_limits(dataclasses.replace(problem, batch=1))  # sequences run on grid dim 0: no limit
 
 
