@@ -369,9 +369,12 @@ def modifiers(device: str) -> Preset:
     cases = []
     for mods in (dict(), dict(softcap=50.0), dict(sinks=True)):
         cases += [Case(dtype, 1, 8, 8, length, length, 64, causal=True, mode="fwd+bwd", **mods)]
-    for n in gemma_lengths:  # Gemma 2 2B: 8 query heads, 4 kv heads
-        cases.append(Case(dtype, 1, 8, 4, n, n, 256, causal=True, window=(4095, 0), mode="fwd+bwd", softcap=50.0,
-                          model="gemma2-like"))
+    gemma = [(dtype, n) for n in gemma_lengths]
+    if device != "cuda":  # bf16 too on a CPU: its AMX variant is where a bf16 model runs there
+        gemma.append(("bfloat16", gemma_lengths[-1]))
+    for gemma_dtype, n in gemma:  # Gemma 2 2B: 8 query heads, 4 kv heads
+        cases.append(Case(gemma_dtype, 1, 8, 4, n, n, 256, causal=True, window=(4095, 0), mode="fwd+bwd",
+                          softcap=50.0, model="gemma2-like"))
     hq, hkv = oss_heads  # gpt-oss: 64 query heads, 8 kv heads (fewer on a CPU)
     for window in ((127, 0), None):
         cases.append(Case(dtype, 1, hq, hkv, oss_length, oss_length, 64, causal=True, window=window,
