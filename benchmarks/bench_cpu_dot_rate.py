@@ -10,6 +10,8 @@ run), runs it on one thread and records its JSON with the CPU, the compiler and 
 can beat the conversion path: vdpbf16ps does 32 multiply-adds, an fp32 FMA 16, so at equal
 instruction throughput the ratio is 2; the variant's bf16 products cannot run faster than this
 ratio times the fp32 products (`tile.dpbf16_vs_fma_products_speed`, at the kernels' tile shape).
+`instructions.fma_dpbf16_overlap` near 0 says the two share the same units, so mixing them in one
+product gains nothing either.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 // benchmarks/bench_cpu_dot_rate.py (g++ -O2 -I csrc/cpu).
 //
 // Instructions: `chains` independent accumulators updated in a loop. One chain gives the
-// latency, 24 chains (more than latency x throughput on any core we know) the throughput.
+// latency, 24 chains (more than latency x throughput on any core we know) the throughput; then
+// 16 FMA chains and 8 vdpbf16ps chains in one loop, to see whether the two share units.
 // A vfmadd231ps zmm does 16 multiply-adds, a vdpbf16ps zmm 32 (two bf16 pairs per fp32 lane).
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
@@ -33,7 +34,7 @@ template <class... F>
 std::array<double, sizeof...(F)> best_ns(int reps, F&&... fns) {
   std::array<double, sizeof...(F)> best;
   best.fill(1e300);
-  for (int run = 0; run < 300; ++run) {
+  for (int run = 0; run < 1000; ++run) {
     size_t i = 0;
     auto time_one = [&](auto& f) {
       const auto t0 = Clock::now();
@@ -50,43 +51,36 @@ std::array<double, sizeof...(F)> best_ns(int reps, F&&... fns) {
 // the compiler must neither fold the operands nor hoist the chain out of the loop
 #define OPAQUE(x) __asm__ volatile("" : "+v"(x))
 
-template <int N>
-__attribute__((noinline)) float fma_chains(int64_t iters) {
-  __m512 acc[N];
-  for (int i = 0; i < N; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
+// NF chains of vfmadd231ps and ND chains of vdpbf16ps, updated in turn
+template <int NF, int ND>
+__attribute__((noinline)) float chains(int64_t iters) {
+  __m512 fma_acc[NF + 1], dp_acc[ND + 1];
+  for (int i = 0; i < NF; ++i) fma_acc[i] = _mm512_set1_ps(static_cast<float>(i));
+  for (int i = 0; i < ND; ++i) dp_acc[i] = _mm512_set1_ps(static_cast<float>(i));
   __m512 a = _mm512_set1_ps(1.0001f), b = _mm512_set1_ps(0.9999f);
+  __m512i pa = _mm512_set1_epi32(0x3f803f80), pb = _mm512_set1_epi32(0x3f7f3f7f);
   for (int64_t t = 0; t < iters; ++t) {
 #pragma GCC unroll 32
-    for (int i = 0; i < N; ++i) acc[i] = _mm512_fmadd_ps(a, b, acc[i]);
-    OPAQUE(a);
-  }
-  float s = 0.f;
-  for (int i = 0; i < N; ++i) s += _mm512_reduce_add_ps(acc[i]);
-  return s;
-}
-
-template <int N>
-__attribute__((noinline)) float dpbf16_chains(int64_t iters) {
-  __m512 acc[N];
-  for (int i = 0; i < N; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));
-  __m512i a = _mm512_set1_epi32(0x3f803f80), b = _mm512_set1_epi32(0x3f7f3f7f);
-  for (int64_t t = 0; t < iters; ++t) {
+    for (int i = 0; i < NF; ++i) fma_acc[i] = _mm512_fmadd_ps(a, b, fma_acc[i]);
 #pragma GCC unroll 32
-    for (int i = 0; i < N; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)a, (__m512bh)b);
+    for (int i = 0; i < ND; ++i) dp_acc[i] = _mm512_dpbf16_ps(dp_acc[i], (__m512bh)pa, (__m512bh)pb);
     OPAQUE(a);
+    OPAQUE(pa);
   }
   float s = 0.f;
-  for (int i = 0; i < N; ++i) s += _mm512_reduce_add_ps(acc[i]);
+  for (int i = 0; i < NF; ++i) s += _mm512_reduce_add_ps(fma_acc[i]);
+  for (int i = 0; i < ND; ++i) s += _mm512_reduce_add_ps(dp_acc[i]);
   return s;
 }
 
 volatile float g_sink;
 
-// ns per instruction of fma and dp chains, `chains` of each
+constexpr int64_t kIters = 20000;  // 20000 x 24 instructions: about 0.1-0.3 ms a run
+
+// ns per instruction of fma and dp chains, `N` chains of each
 template <int N>
 std::array<double, 2> per_instruction() {
-  constexpr int64_t kIters = 20000;  // 20000 x 24 instructions: about 0.1-0.3 ms a run
-  const auto t = best_ns(1, [] { g_sink = fma_chains<N>(kIters); }, [] { g_sink = dpbf16_chains<N>(kIters); });
+  const auto t = best_ns(1, [] { g_sink = chains<N, 0>(kIters); }, [] { g_sink = chains<0, N>(kIters); });
   return {t[0] / (static_cast<double>(kIters) * N), t[1] / (static_cast<double>(kIters) * N)};
 }
 
@@ -99,6 +93,12 @@ int main() {
   }
   const auto [fma_lat, dp_lat] = per_instruction<1>();
   const auto [fma_thr, dp_thr] = per_instruction<24>();
+  // both kinds in one loop: if vdpbf16ps ran on units the FMAs leave idle, the loop would take
+  // less than the two loops apart (1 - together / apart: the overlap)
+  const auto mixed = best_ns(
+      1, [] { g_sink = chains<16, 0>(kIters); }, [] { g_sink = chains<0, 8>(kIters); },
+      [] { g_sink = chains<16, 8>(kIters); });
+  const double overlap = 1.0 - mixed[2] / (mixed[0] + mixed[1]);
 
   // the forward's products for one tile: S^T = K Q^T (kn x BQ, reduction E) and O += P V
   // (BQ x EV, reduction kn), with the kernels' key block, query tile and the bench's head dim
@@ -136,13 +136,13 @@ int main() {
   std::printf(
       "{\"instructions\": {\"vfmadd231ps_zmm\": {\"latency_ns\": %.4f, \"throughput_ns\": %.4f, \"mac_per_ns\": %.2f}, "
       "\"vdpbf16ps_zmm\": {\"latency_ns\": %.4f, \"throughput_ns\": %.4f, \"mac_per_ns\": %.2f}, "
-      "\"dpbf16_vs_fma_mac_rate\": %.3f},\n"
+      "\"dpbf16_vs_fma_mac_rate\": %.3f, \"fma_dpbf16_overlap\": %.3f},\n"
       " \"tile\": {\"kn\": %d, \"block_q\": %d, \"head_dim\": %d, "
       "\"scores_ns\": {\"fp32_fma\": %.0f, \"vdpbf16ps\": %.0f}, \"pv_ns\": {\"fp32_fma\": %.0f, \"vdpbf16ps\": %.0f}, "
       "\"dpbf16_vs_fma_products_speed\": %.3f, "
       "\"pack_p_ns\": %.0f, \"pack_v_ns\": %.0f, \"convert_k_and_v_ns\": %.0f, "
       "\"products_mac_per_ns\": {\"fp32_fma\": %.2f, \"vdpbf16ps\": %.2f}}}\n",
-      fma_lat, fma_thr, 16 / fma_thr, dp_lat, dp_thr, 32 / dp_thr, (32 / dp_thr) / (16 / fma_thr), KN, BQ, E,
+      fma_lat, fma_thr, 16 / fma_thr, dp_lat, dp_thr, 32 / dp_thr, (32 / dp_thr) / (16 / fma_thr), overlap, KN, BQ, E,
       scores_fp32, scores_dp, pv_fp32, pv_dp, (scores_fp32 + pv_fp32) / (scores_dp + pv_dp), pack_p, pack_v,
       convert_kv, 2 * macs / (scores_fp32 + pv_fp32), 2 * macs / (scores_dp + pv_dp));
   return 0;
