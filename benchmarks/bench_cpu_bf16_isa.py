@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import attnkern
 from attnkern import ops
 from attnkern.bench.flops import attention_flops
-from attnkern.bench.report import cpu_name
+from attnkern.bench.report import cpu_name, write_json
 
 VARIANTS = ("amx_bf16", "avx512", "avx512_bf16")
 
@@ -142,9 +142,7 @@ def main() -> None:
 
         result["dot_rate"] = measure()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(HERE, ".."))
-    from attnkern.bench.report import cpu_name
+    from attnkern.bench.report import cpu_name, write_json
 
     load_before = os.getloadavg()
     result = {
@@ -66,9 +66,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=1))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":
