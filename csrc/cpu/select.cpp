@@ -117,10 +117,11 @@ static const KernelTable* pick() {
   if (want && std::strcmp(want, "") && std::strcmp(want, "auto")) return table_or_throw(want);
   // amx_bf16 is the avx512 variant but for bf16 inputs, whose block products run on AMX tiles:
   // measured faster there (benchmarks/bench_cpu_bf16_isa.py), so it is the default where usable.
-  // avx512_bf16 is opt-in: on the Intel Xeon (AMX-era) where it was measured, vdpbf16ps has no
-  // more multiply throughput than fp32 FMA and the variant's bf16 forward ran at 0.55x the
-  // conversion path (README, "CPU threads and bf16"). CPUs where vdpbf16ps is twice the fp32
-  // FMA rate (AMD Zen 4/5) should pick it, once measured there.
+  // avx512_bf16 is opt-in: on the Intel Xeon (AMX-era) where it was measured, vdpbf16ps does
+  // its multiply-adds at half the fp32 FMA rate (benchmarks/bench_cpu_dot_rate.py) and the
+  // variant's bf16 forward ran at 0.64-0.70x the conversion path (README, "CPU threads and
+  // bf16"). CPUs where vdpbf16ps is twice the fp32 FMA rate (AMD Zen 4/5) should pick it, once
+  // measured there.
   for (const char* name : {"amx_bf16", "avx512", "avx2"})
     if (const KernelTable* t = table_named(name)) return t;
   return generic_kernels();
