@@ -1,7 +1,7 @@
 """Issue 16's third target, top_k=64 vs attnkern's own dense fused forward, timed alternately in
 one process (fp32, B=1, H=4, L=S=4096, D=64, forward, no grad; the `attnkern bench --topk`
 case). `attnkern bench` times the cases one after another, so on a shared machine load drifts
-between them; here each round times dense, top-64 and top-1 back to back (median of `--calls`
+between them; here each round times dense, top-64, top-16 and top-1 back to back (median of `--calls`
 calls each) and the ratio dense/top-k is taken per round. Prints the median over rounds.
 Run from the repository root with attnkern built (PYTHONPATH=. for the worktree build):
     PYTHONPATH=. python benchmarks/quiet/topk_dense_ratio.py --rounds 9 [--json benchmarks/quiet/X-loaded.json]"""
@@ -24,6 +24,7 @@ q, k, v = [torch.randn(B, H, L, D) for _ in range(3)]
 subjects = {
     "dense": lambda: attnkern.scaled_dot_product_attention(q, k, v, backend="cpu"),
     "top64": lambda: attnkern.topk_attention(q, k, v, 64, backend="cpu"),
+    "top16": lambda: attnkern.topk_attention(q, k, v, 16, backend="cpu"),
     "top1": lambda: attnkern.topk_attention(q, k, v, 1, backend="cpu"),
 }
 
@@ -46,7 +47,7 @@ with torch.no_grad():
         for name, fn in subjects.items():
             ms[name].append(timed(fn) * 1e3)
         load.append(os.getloadavg()[0])
-ratios = {name: [d / t for d, t in zip(ms["dense"], ms[name])] for name in ("top64", "top1")}
+ratios = {name: [d / t for d, t in zip(ms["dense"], ms[name])] for name in ("top64", "top16", "top1")}
 result = dict(
     what="alternating same-process timing, fp32 B1 H4 L=S=4096 D64 forward (no grad), backend=cpu; "
     f"each entry the median of {args.calls} calls; ratio = dense ms / top-k ms per round",
