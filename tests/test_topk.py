@@ -152,6 +152,43 @@ def test_exact_ties_go_to_the_lower_key_index(backend, seed):
         assert_close(out, ref_out, torch.float32, f"out, top_k={top_k}")
 
 
+# top_k >= 8 runs the AVX-512 row scan (a row's candidates compress-stored per 16 keys, keys made
+# at compaction); smaller top_k and the other ISAs run the lane scan. Several key tiles (128) with
+# a tail that is not a multiple of 16, and rows that see fewer than top_k keys.
+ROW_SCAN = [
+    ((1, 2, 2, 64, 410, 64, 64), 64, "bool", (40, 30), False),  # 71 keys in the band, ~30% masked: < 64
+    ((1, 4, 2, 70, 520, 32, 32), 20, None, (-1, -1), True),  # GQA, causal: the first 20 rows see < 20 keys
+    ((1, 2, 2, 40, 300, 16, 24), 9, "float", (-1, -1), False),  # with the mask's gradient
+]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("case", ROW_SCAN, ids=lambda c: f"{c[0]}-k{c[1]}-{c[2]}-w{c[3]}-c{c[4]}")
+def test_row_scan_parity(case, seed):
+    check_parity(case, torch.float32, "cpu", seed)
+
+
+@needs_cpu_kernel
+def test_row_scan_ties_at_the_threshold(seed):
+    """30 distinct keys repeated over 690 keys (6 key tiles): every score appears 23 times, so a
+    row's threshold (its k-th best so far) is tied with keys in later tiles and compactions cut
+    inside a group of equal scores; the lower key index must win every tie. top_k 8 and 20 fall
+    inside the best score's group, 64 inside the third, 200 inside the ninth."""
+    B, H, L, S, E = 1, 2, 6, 690, 16
+    q = torch.randn(B, H, L, E)
+    k = torch.randn(B, H, 30, E).repeat(1, 1, S // 30, 1)
+    v = torch.randn(B, H, S, E)
+    scores = (q.double() @ k.double().transpose(-1, -2)).tolist()
+    for top_k in (8, 20, 64, 200):
+        out, idx = attnkern.topk_attention(q, k, v, top_k, return_indices=True, backend="cpu")
+        for h in range(H):
+            for i in range(L):
+                row = scores[0][h][i]
+                assert idx[0, h, i].tolist() == sorted(range(S), key=lambda j: (-row[j], j))[:top_k]
+        ref_out, _, _ = reference.topk_attention(q.double(), k.double(), v.double(), None, top_k, E**-0.5)
+        assert_close(out, ref_out, torch.float32, f"out, top_k={top_k}")
+
+
 @pytest.mark.parametrize("backend", ["cpu", "math"])
 @pytest.mark.parametrize("len_k,top_k", [(53, 53), (53, 60), (300, 300), (300, 1000)])
 def test_top_k_at_least_s_is_dense_attention(backend, len_k, top_k, seed):
