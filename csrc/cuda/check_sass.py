@@ -17,6 +17,7 @@ are stubs that trap, and every other kernel has no HGMMA.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import glob
 import json
 import os
@@ -115,6 +116,50 @@ def demangle(names):
     return short
 
 
+SASS_OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]+)?")
+
+
+def _count_sass(text: str, kernels: Dict) -> None:
+    """Add the COUNTED opcodes of one ``cuobjdump -sass`` listing to ``kernels[arch][name]``. The
+    arch comes from the fat binary's "arch = sm_80" line or a single cubin's "code for sm_80"."""
+    arch = current = None
+    for line in text.splitlines():
+        m = re.match(r"\s*(?:arch =|code for) (\S+)", line)
+        if m:
+            arch, current = m.group(1), None
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            current = kernels[arch].setdefault(m.group(1), {k: 0 for k in COUNTED})
+            continue
+        m = SASS_OPCODE.match(line)
+        if m and current is not None:
+            op, suffix = m.group(1), m.group(2) or ""
+            if op in COUNTED:
+                current[op] += 1
+            if op == "HMMA" and ".16816.F32" in suffix:
+                current["HMMA.16816.F32"] = current.get("HMMA.16816.F32", 0) + 1
+
+
+def _sass_listings(so: str, cuobjdump: str):
+    """The ``cuobjdump -sass`` text of ``so``, one arch at a time.
+
+    Disassembly is most of this script's time and one cuobjdump uses one core, so each arch of
+    the fat binary gets its own cuobjdump (-arch), run in parallel; each listing is parsed while
+    the others still run. (One cuobjdump per cubin balances better, but each process costs
+    ~0.3 s of start-up, which ate the gain over ~60 cubins.)"""
+    listed = subprocess.run([cuobjdump, "-lelf", so], capture_output=True, text=True, check=True).stdout
+    archs = sorted(set(re.findall(r"\.(sm_\w+)\.cubin$", listed, re.M)))
+
+    def disassemble(arch):
+        return subprocess.run([cuobjdump, "-sass"] + (["-arch", arch] if arch else []) + [so], capture_output=True,
+                              text=True, check=True).stdout
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for done in concurrent.futures.as_completed([pool.submit(disassemble, a) for a in archs or [None]]):
+            yield done.result()
+
+
 def inspect(so: str, cuobjdump: str) -> Dict:
     """{arch: {kernel: {"REG": n, "LOCAL": n, "STACK": n, "HMMA": n, ...}}}"""
     kernels: Dict[str, Dict[str, Dict[str, int]]] = defaultdict(dict)
@@ -133,28 +178,8 @@ def inspect(so: str, cuobjdump: str) -> Dict:
             kernels[arch].setdefault(name, {k: 0 for k in COUNTED}).update(
                 REG=int(m.group(1)), STACK=int(m.group(2)), LOCAL=int(m.group(3)))
             name = None
-    proc = subprocess.Popen([cuobjdump, "-sass", so], stdout=subprocess.PIPE, text=True)
-    current = None
-    opcode = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)(\.[A-Z0-9_.]+)?")
-    for line in proc.stdout:
-        m = re.match(r"\s*arch = (\S+)", line)
-        if m:
-            arch = m.group(1)
-            continue
-        m = re.match(r"\s*Function : (\S+)", line)
-        if m:
-            current = kernels[arch].setdefault(m.group(1), {k: 0 for k in COUNTED})
-            continue
-        m = opcode.match(line)
-        if m and current is not None:
-            op, suffix = m.group(1), m.group(2) or ""
-            if op in COUNTED:
-                current[op] += 1
-            if op == "HMMA" and ".16816.F32" in suffix:
-                current["HMMA.16816.F32"] = current.get("HMMA.16816.F32", 0) + 1
-    proc.wait()
-    if proc.returncode:
-        raise RuntimeError(f"cuobjdump -sass failed with status {proc.returncode}")
+    for text in _sass_listings(so, cuobjdump):
+        _count_sass(text, kernels)
     names = demangle({n for per_arch in kernels.values() for n in per_arch})
     return {a: {names[n]: c for n, c in per_arch.items()} for a, per_arch in kernels.items()}
 
