@@ -56,6 +56,13 @@ CASES = [
     ModCase("all-decode-split", batch=1, heads_q=8, heads_kv=2, len_q=3, len_k=300, head_dim=64, head_dim_v=48,
             bottom_right=True, causal=True, softcap=6.0, sinks=True, alibi="head"),
     ModCase("all-fp16-window", window=(20, 20), softcap=10.0, sinks=True, alibi="batch", dtype=torch.float16),
+    # bf16 with head dims of whole AMX tiles: the amx_bf16 variant where the CPU has it (its fused
+    # scale + softcap pass; dQ tiles accumulated in place for whole 64-row tiles, through scratch
+    # for the 22-row tail tile)
+    ModCase("softcap-bf16-tiles", batch=1, heads_q=4, heads_kv=2, len_q=150, len_k=150, head_dim=64, head_dim_v=64,
+            causal=True, softcap=1.0, dtype=torch.bfloat16),
+    ModCase("all-bf16-tiles-window", batch=1, len_q=100, len_k=130, head_dim=32, head_dim_v=32, window=(40, 10),
+            mask="float", softcap=1.5, sinks=True, alibi="head", dtype=torch.bfloat16),
 ]
 
 

@@ -171,7 +171,21 @@ static inline void transpose_to_bf16(const float* src, int64_t rows, int64_t ld,
 // j < pair_rows; the pairs past `rows` are zero (the padded B operand of a block's tail)
 static inline void pack_vnni_padded(const uint16_t* src, int64_t stride, int64_t rows, int64_t cols,
                                     int64_t pair_rows, uint32_t* dst, int64_t ld) {
-  dpbf16::pack_rows_vnni(src, stride, rows, cols, dst, ld);
+  if (cols % 16 == 0 && ld == cols) {
+    // whole 16-column chunks (every head dim AMX serves): plain loads, no per-chunk tail mask
+    for (int64_t j = 0; 2 * j < rows; ++j) {
+      const uint16_t* r0 = src + 2 * j * stride;
+      const uint16_t* r1 = r0 + stride;
+      const bool has_hi = 2 * j + 1 < rows;
+      for (int64_t c = 0; c < cols; c += 16) {
+        const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + c));
+        const __m256i hi = has_hi ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + c)) : _mm256_setzero_si256();
+        _mm512_storeu_si512(dst + j * ld + c, dpbf16::interleave(lo, hi));
+      }
+    }
+  } else {
+    dpbf16::pack_rows_vnni(src, stride, rows, cols, dst, ld);
+  }
   for (int64_t j = (rows + 1) / 2; j < pair_rows; ++j) std::memset(dst + j * ld, 0, static_cast<size_t>(ld) * 4);
 }
 
