@@ -298,11 +298,10 @@ def choose_topk(problem: Problem, backend: str, slots: int, return_indices: bool
 
 
 # Packed (varlen) and paged (kvcache) calls: attnkern::varlen_fwd, a schema of its own. The CPU
-# kernels and the math reference serve them; the Triton and CUDA kernels do not take
-# cu_seqlens / block_table yet, so "auto" sends CUDA tensors to math.
+# kernels, the CUDA kernels' varlen variants and the math reference serve them; the Triton
+# kernels do not take cu_seqlens / block_table yet. "auto" walks AUTO_ORDER as for dense calls.
 PACKED_NOT_SERVED = {
     "triton": "backend 'triton' does not serve packed (varlen) or paged (kvcache) calls yet",
-    "cuda": "backend 'cuda' does not serve packed (varlen) or paged (kvcache) calls yet",
 }
 
 
@@ -316,23 +315,43 @@ def _packed_cpu_why_not(problem) -> Optional[str]:
     return None
 
 
+def _packed_cuda_why_not(problem) -> Optional[str]:
+    """csrc/cuda/varlen_ops.h: fp16/bf16, the compiled head-dim buckets, no score modifiers yet."""
+    reason = _cuda_available() or (None if ops_varlen.varlen_fwd is not None else "attnkern::varlen_fwd is not defined")
+    if reason:
+        return reason
+    if problem.device_type != "cuda":
+        return f"backend 'cuda' does not run on {problem.device_type} tensors"
+    if problem.softcap or problem.has_sinks or problem.has_alibi:
+        return "backend 'cuda' does not serve softcap, sinks or ALiBi in packed calls yet"
+    return ops._C_cuda.why_not(problem.head_dim, problem.head_dim_v, str(problem.dtype).replace("torch.", "")) or None
+
+
+def packed_why_not(name: str, problem) -> Optional[str]:
+    """Why backend ``name`` cannot run this packed/paged call (None: it can)."""
+    if name in PACKED_NOT_SERVED:
+        return PACKED_NOT_SERVED[name]
+    return {"cpu": _packed_cpu_why_not, "cuda": _packed_cuda_why_not}.get(name, lambda problem: None)(problem)
+
+
 def choose_packed(problem, backend: str) -> str:
     """Backend for a packed/paged call (problem: attnkern._varlen_semantics.VarlenProblem)."""
-    if backend in PACKED_NOT_SERVED:
-        raise RuntimeError(f"backend={backend!r} cannot run this call: {PACKED_NOT_SERVED[backend]}")
-    if backend == "math":
-        return "math"
-    reason = _packed_cpu_why_not(problem)
-    if backend == "cpu" and reason:
-        raise RuntimeError(f"backend='cpu' cannot run this call: {reason}")
-    return "cpu" if reason is None else "math"
+    if backend != "auto":
+        reason = packed_why_not(backend, problem)
+        if reason:
+            raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
+        return backend
+    for name in AUTO_ORDER.get(problem.device_type, ("math",)):
+        if packed_why_not(name, problem) is None:
+            return name
+    return "math"
 
 
 def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend: str, sinks=None,
                alibi=None):
     """Forward of a packed call through the chosen backend; returns ``(out, lse (Hq, total_q))``.
     ``sinks`` fp32 (Hq,) and ``alibi`` fp32 (B, Hq) as ``_semantics.with_modifiers`` gives them."""
-    if choose_packed(problem, backend) == "cpu":
+    if choose_packed(problem, backend) != "math":  # the op dispatches on the device: CPU or CUDA kernels
         return ops_varlen.varlen_fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, problem.scale, problem.window_left,
             problem.window_right, problem.softcap, sinks, alibi,
