@@ -201,6 +201,8 @@ def test_emulated_varlen_bad_indices(emu):
     with pytest.raises(ValueError, match=r"block_table\[1, 0\] = 3 is outside the cache's 3 blocks"):
         emu.varlen_fwd(q, pages, pages, cu([3, 3]), cu([4, 2]), None, torch.tensor([[0], [3]], dtype=torch.int32),
                        0.25, -1, -1, 4)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be contiguous"):
+        emu.varlen_fwd(q, k, k, cu([3, 0, 3, 0])[::2], cu([3, 3]), None, None, 0.25, -1, -1, 4)
     with pytest.raises(ValueError, match="float16 and bfloat16"):
         emu.varlen_fwd(q.float(), k.float(), k.float(), cu([3, 3]), cu([3, 3]), None, None, 0.25, -1, -1, 4)
 

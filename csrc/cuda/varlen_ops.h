@@ -60,6 +60,14 @@ inline varlen::PackedLayout fill_packed_params(AttnParams& p, const at::Tensor& 
                          {"seqused_k", varlen::given(seqused_k)}, {"block_table", varlen::given(block_table)}},
                         q.device(), op);
   varlen::check_scalars(scale, window_left, window_right);
+  // the kernels read these in place: a strided one would be read wrong (its host copy may be contiguous)
+  for (const varlen::NamedTensor& t : {varlen::NamedTensor{"cu_seqlens_q", &cu_seqlens_q},
+                                       varlen::NamedTensor{"cu_seqlens_k", &cu_seqlens_k},
+                                       varlen::NamedTensor{"seqused_k", varlen::given(seqused_k)}})
+    TORCH_CHECK_VALUE(t.tensor == nullptr || !t.tensor->defined() || t.tensor->is_contiguous(), t.name,
+                      " must be contiguous");
+  TORCH_CHECK_VALUE(!paged || block_table->dim() != 2 || block_table->stride(1) == 1 || block_table->size(1) <= 1,
+                    "block_table rows must be contiguous");
   auto host = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
     if (!t.has_value() || !t->defined()) return std::nullopt;
     return t->cpu();
