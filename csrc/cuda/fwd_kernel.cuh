@@ -66,28 +66,28 @@ struct RowWriter {
   int64_t b;
   int64_t q_row0 = 0;
 
+  // lse_index (varlen.cuh) and the row counts written out: see SeqSpan on why
   __device__ __forceinline__ int64_t row_index(int hq, int64_t i) const {
-    return lse_index<kVarlen>(p, q_row0, b, hq, i);
-  }
-  __device__ __forceinline__ int64_t rows() const {
-    return kVarlen ? p.heads_q * p.total_q : p.batch * p.heads_q * p.len_q;
+    return kVarlen ? hq * p.total_q + q_row0 + i : (b * p.heads_q + hq) * p.len_q + i;
   }
 
   // columns col, col + 1 (col even, < head_dim_v) of row (hq, i)
   __device__ __forceinline__ void out2(int hq, int64_t i, int col, float v0, float v1) const {
     if (split.num_splits > 1) {
+      const int64_t rows = kVarlen ? p.heads_q * p.total_q : p.batch * p.heads_q * p.len_q;
       float2* dst =
-          reinterpret_cast<float2*>(split.o_partial + ((split_idx * rows() + row_index(hq, i)) * p.head_dim_v + col));
+          reinterpret_cast<float2*>(split.o_partial + ((split_idx * rows + row_index(hq, i)) * p.head_dim_v + col));
       *dst = make_float2(v0, v1);
     } else {
-      const int64_t row = kVarlen ? q_row0 + i : i;
-      T* dst = static_cast<T*>(p.o) + b * p.o_stride[0] + hq * p.o_stride[1] + row * p.o_stride[2] + col;
+      T* dst = static_cast<T*>(p.o) + b * p.o_stride[0] + hq * p.o_stride[1] +
+               (kVarlen ? q_row0 + i : i) * p.o_stride[2] + col;
       *reinterpret_cast<uint32_t*>(dst) = Elem<T>::pack(v0, v1);
     }
   }
   __device__ __forceinline__ void lse(int hq, int64_t i, float v) const {
     if (split.num_splits > 1) {
-      split.lse_partial[split_idx * rows() + row_index(hq, i)] = v;
+      split.lse_partial[split_idx * (kVarlen ? p.heads_q * p.total_q : p.batch * p.heads_q * p.len_q) +
+                        row_index(hq, i)] = v;
     } else {
       p.lse[row_index(hq, i)] = v;
     }
@@ -115,23 +115,24 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int row_warp = warp / Cfg::kKeySplit, key_slice = warp % Cfg::kKeySplit;
   const int64_t b = blockIdx.z;
   const int group = static_cast<int>(p.heads_q / p.heads_kv);
-  const SeqSpan seq = seq_span<kVarlen>(p, b);
+  const SeqSpan<kVarlen> seq(p, b);
 
   int split_idx, hkv;
   RowMap<kPacked> rows;
   if (kPacked) {
     split_idx = blockIdx.x % split.num_splits;
     hkv = blockIdx.y;
-    rows = {seq.len_q, static_cast<int64_t>(blockIdx.x / split.num_splits) * kBlockM, group * seq.len_q, hkv * group};
+    rows = {(kVarlen ? seq.len_q : p.len_q), static_cast<int64_t>(blockIdx.x / split.num_splits) * kBlockM,
+            group * (kVarlen ? seq.len_q : p.len_q), hkv * group};
   } else {
     split_idx = 0;
     hkv = blockIdx.y / group;
     // the last query blocks meet the most keys under a causal band: start them first
-    rows = {seq.len_q, static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM, seq.len_q,
-            static_cast<int>(blockIdx.y)};
+    rows = {(kVarlen ? seq.len_q : p.len_q), static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM,
+            (kVarlen ? seq.len_q : p.len_q), static_cast<int>(blockIdx.y)};
   }
   if (kVarlen && !rows.valid(0)) return;  // the grid is sized for the longest sequence
-  const ScoreRules<kFeatures> rules(p, seq.len_q, seq.len_k);
+  const ScoreRules<kFeatures, kVarlen> rules(p, seq);
   const Band& band = rules.band;
 
   // key blocks [blk_begin, blk_end) of kBlockN keys starting at key_first: those meeting the
@@ -158,7 +159,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         static_cast<int>(p.head_dim), q_batch);
   } else {
     load_rows_async<QTile, kThreads>(sQ, q_batch + rows.hq0 * p.q_stride[1] + rows.row0 * p.q_stride[2], p.q_stride[2],
-                                     seq.len_q - rows.row0, static_cast<int>(p.head_dim), q_batch);
+                                     (kVarlen ? seq.len_q : p.len_q) - rows.row0, static_cast<int>(p.head_dim),
+                                     q_batch);
   }
   cp_async_commit();
 
@@ -193,7 +195,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = local_row(mt, h);
-      row_q[mt][h] = rows.valid(r) ? rows.query(r) : seq.len_q;  // len_q: a padding row, no keys
+      row_q[mt][h] = rows.valid(r) ? rows.query(r) : (kVarlen ? seq.len_q : p.len_q);  // len_q: a padding row, no keys
       row_hq[mt][h] = rows.head(r);
     }
 
@@ -221,8 +223,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     cp_async_commit();
 
     const int64_t key0 = key_first + blk * kBlockN + slice;
-    if (!warp_has_rows || key0 >= seq.len_k || key0 + kWarpN <= warp_key_lo || key0 >= warp_key_hi) continue;
-    const bool edge = key0 + kWarpN > seq.len_k || !band.tile_full(warp_lo, warp_hi, key0, key0 + kWarpN);
+    if (!warp_has_rows || key0 >= (kVarlen ? seq.len_k : p.len_k) || key0 + kWarpN <= warp_key_lo ||
+        key0 >= warp_key_hi)
+      continue;
+    const bool edge =
+        key0 + kWarpN > (kVarlen ? seq.len_k : p.len_k) || !band.tile_full(warp_lo, warp_hi, key0, key0 + kWarpN);
     const uint32_t stage_off = (it % kStages) * kStageBytes;
 
     // S = Q K^T over this warp's rows and key slice

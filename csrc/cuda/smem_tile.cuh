@@ -177,16 +177,11 @@ __device__ __forceinline__ void mma_a_tile_kn(float (&acc)[kDT][4], const uint32
 // K and V tiles at dst and dst + Tile::kBytes
 template <class Tile, int kThreads, typename T>
 __device__ __forceinline__ void load_kv_block(uint32_t dst, const AttnParams& p, const T* k_head, const T* v_head,
-                                              int64_t n0, int64_t len_k) {
-  load_rows_async<Tile, kThreads>(dst, k_head + n0 * p.k_stride[2], p.k_stride[2], len_k - n0,
-                                  static_cast<int>(p.head_dim), k_head);
-  load_rows_async<Tile, kThreads>(dst + Tile::kBytes, v_head + n0 * p.v_stride[2], p.v_stride[2], len_k - n0,
-                                  static_cast<int>(p.head_dim_v), v_head);
-}
-template <class Tile, int kThreads, typename T>
-__device__ __forceinline__ void load_kv_block(uint32_t dst, const AttnParams& p, const T* k_head, const T* v_head,
                                               int64_t n0) {
-  load_kv_block<Tile, kThreads>(dst, p, k_head, v_head, n0, p.len_k);
+  load_rows_async<Tile, kThreads>(dst, k_head + n0 * p.k_stride[2], p.k_stride[2], p.len_k - n0,
+                                  static_cast<int>(p.head_dim), k_head);
+  load_rows_async<Tile, kThreads>(dst + Tile::kBytes, v_head + n0 * p.v_stride[2], p.v_stride[2], p.len_k - n0,
+                                  static_cast<int>(p.head_dim_v), v_head);
 }
 
 }  // namespace cuda

@@ -24,27 +24,30 @@ struct IsVarlen<Varlen<Cfg>> {
   static constexpr bool value = true;
 };
 
-// One batch entry as a CTA sees it. Dense: the problem's lengths, rows from 0 (the batch stride
-// does the rest). Packed: sequence b's lengths and its first query / key row in the pack (key
-// row 0 when paged: the table then places every key).
+// One batch entry as a CTA sees it. Packed: sequence b's lengths and its first query / key row
+// in the pack (key row 0 when paged: the table then places every key). Dense: rows from 0 (the
+// batch stride does the rest); the lengths are p's.
+//
+// The kernels read the lengths as (kVarlen ? seq.len_q : p.len_q), written out at each use:
+// the same through a function (even one returning p.len_q for dense kernels) changed the dense
+// decode kernel's SASS with CUDA 13.0, and the dense kernels must stay as they were.
+template <bool kVarlen>
 struct SeqSpan {
-  int64_t len_q, len_k;
-  int64_t q_row0, k_row0;
+  int64_t len_q = 0, len_k = 0, q_row0 = 0, k_row0 = 0;
+
+  __device__ __forceinline__ SeqSpan(const AttnParams& p, int64_t b) {
+    if constexpr (kVarlen) {
+      const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+      len_q = p.cu_seqlens_q[b + 1] - q0;
+      len_k = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seqlens_k[b + 1] - k0;
+      q_row0 = q0;
+      k_row0 = p.block_table != nullptr ? 0 : k0;
+    }
+  }
 };
 
-template <bool kVarlen>
-__device__ __forceinline__ SeqSpan seq_span(const AttnParams& p, int64_t b) {
-  if constexpr (!kVarlen) {
-    return {p.len_q, p.len_k, 0, 0};
-  } else {
-    const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
-    const int64_t len_k = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seqlens_k[b + 1] - k0;
-    return {p.cu_seqlens_q[b + 1] - q0, len_k, q0, p.block_table != nullptr ? 0 : k0};
-  }
-}
-
 // Offset of query row i's LSE (and delta): (B, Hq, L) dense, (Hq, total_q) packed.
-// (q_row0: the sequence's first row, SeqSpan::q_row0)
+// (q_row0: SeqSpan::q_row0)
 template <bool kVarlen>
 __device__ __forceinline__ int64_t lse_index(const AttnParams& p, int64_t q_row0, int64_t b, int64_t hq, int64_t i) {
   return kVarlen ? hq * p.total_q + q_row0 + i : (b * p.heads_q + hq) * p.len_q + i;
@@ -54,11 +57,20 @@ __device__ __forceinline__ int64_t lse_index(const AttnParams& p, int64_t q_row0
 // into the tiles at dst and dst + Tile::kBytes. k_head / v_head point at the kv head's key 0:
 // rows k_stride[2] apart or, with p.block_table, key j is row j % page_size of page
 // block_table[b][j / page_size] (pages k_stride[0] apart).
-template <class Tile, int kThreads, bool kVarlen, typename T>
+// Dense: load_kv_block as it was (an explicit len_k argument alone changes the dense kernels'
+// code). kMayPage false: a packed call without a table (the backward).
+template <class Tile, int kThreads, bool kVarlen, bool kMayPage = true, typename T>
 __device__ __forceinline__ void load_seq_kv_block(uint32_t dst, const AttnParams& p, const T* k_head,
                                                   const T* v_head, int64_t n0, int64_t len_k, int64_t b) {
-  if (!kVarlen || p.block_table == nullptr) {
-    load_kv_block<Tile, kThreads>(dst, p, k_head, v_head, n0, len_k);
+  if constexpr (!kVarlen) {
+    load_kv_block<Tile, kThreads>(dst, p, k_head, v_head, n0);
+    return;
+  }
+  if (!kMayPage || p.block_table == nullptr) {
+    load_rows_async<Tile, kThreads>(dst, k_head + n0 * p.k_stride[2], p.k_stride[2], len_k - n0,
+                                    static_cast<int>(p.head_dim), k_head);
+    load_rows_async<Tile, kThreads>(dst + Tile::kBytes, v_head + n0 * p.v_stride[2], p.v_stride[2], len_k - n0,
+                                    static_cast<int>(p.head_dim_v), v_head);
     return;
   }
   const int32_t* const table = p.block_table + b * p.block_table_stride;
