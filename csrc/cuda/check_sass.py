@@ -48,7 +48,8 @@ def is_sm90_kernel(name: str) -> bool:
 #   * the Hopper dK/dV pass at head dim 128: its consumers hold dK, dV (64 registers each), S^T
 #     and dP^T (32 each) and their fragments, a few more than their 240 registers; more with
 #     masks/dropout, as does the Hopper forward at head dim 128 with masks/dropout;
-#   * the split-KV decode forward at head dim 256 (two warps, 255 registers each);
+#   * the split-KV decode forward at head dim 256 (two warps, 255 registers each), and its
+#     varlen variant (the per-sequence lengths and the page lookups cost a few more registers);
 #   * the masked/dropout sm80 dK/dV pass at head dim 128, compiled for sm_90a.
 # None is measured on a GPU; each is a place to look when one is. The Hopper dK/dV pass without
 # features grew from 80 to 136 bytes in stop 9, when the AttnParams fields of the score modifiers
@@ -64,6 +65,9 @@ ALLOWED_SPILLS = {
         ("sm_80", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, {t}, false, true>", 16),
         ("sm_90a", "fwd_kernel<FwdConfig<256, 2, 1, 2, 32, 2>, {t}, false, true>", 128),
         ("sm_90a", "bwd_kv_kernel<BwdKVConfig<128, 8, 32, 2>, {t}, true, true, true>", 16),
+        # its varlen variant (packed/paged decode): 40 bytes on sm_80, 32 on sm_90a with CUDA 13.0
+        ("sm_80", "fwd_kernel<Varlen<FwdConfig<256, 2, 1, 2, 32, 2> >, {t}, false, true>", 48),
+        ("sm_90a", "fwd_kernel<Varlen<FwdConfig<256, 2, 1, 2, 32, 2> >, {t}, false, true>", 48),
     )
 }
 
