@@ -77,7 +77,8 @@ ALLOWED_SPILLS = {
         # only modifier calls at head dim 64 run it, and its cost is unmeasured (no GPU)
         ("sm_80", "bwd_kv_kernel<BwdKVConfig<64, 8, 64, 2>, {t}, 2, true, true>", 80),
         # the plain head-dim-256 decode forward's varlen variant (packed/paged decode): 40 bytes on
-        # sm_80, 32 on sm_90a with CUDA 13.0 before the merge with the modifiers/huge-LSE work
+        # sm_80, 32 on sm_90a with CUDA 13.0 (fp16, nvcc on the instantiation file, also after the
+        # merge with the modifiers/huge-LSE work)
         ("sm_80", "fwd_kernel<Varlen<FwdConfig<256, 2, 1, 2, 32, 2> >, {t}, 0, true>", 48),
         ("sm_90a", "fwd_kernel<Varlen<FwdConfig<256, 2, 1, 2, 32, 2> >, {t}, 0, true>", 48),
     )
