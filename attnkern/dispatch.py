@@ -307,14 +307,11 @@ def choose_topk(problem: Problem, backend: str, slots: int, return_indices: bool
     return "math"
 
 
-# Packed (varlen) and paged (kvcache) calls: attnkern::varlen_fwd (CPU) and
-# attnkern::triton_varlen_fwd, a schema of their own. The CPU kernels, the Triton kernels and the
-# math reference serve them; the CUDA kernels do not take cu_seqlens / block_table yet, so
-# "auto" sends CUDA tensors to Triton (else math).
-PACKED_NOT_SERVED = {
-    "cuda": "backend 'cuda' does not serve packed (varlen) or paged (kvcache) calls yet",
-}
-PACKED_AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpu",)}
+# Packed (varlen) and paged (kvcache) calls: attnkern::varlen_fwd (the CPU kernels, and on CUDA
+# tensors the CUDA kernels' varlen variants: the op dispatches on the device) and
+# attnkern::triton_varlen_fwd, a schema of their own; the math reference serves the rest. "auto"
+# prefers Triton on CUDA tensors, as for dense calls.
+PACKED_AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
 
 
 def _packed_cpu_why_not(problem) -> Optional[str]:
@@ -335,29 +332,45 @@ def _packed_triton_why_not(problem) -> Optional[str]:
     return _triton_limits(dataclasses.replace(problem, batch=1))  # sequences run on grid dim 0: no limit
 
 
-PACKED_WHY_NOT = {"cpu": _packed_cpu_why_not, "triton": _packed_triton_why_not}
+def _packed_cuda_why_not(problem) -> Optional[str]:
+    """csrc/cuda/varlen_ops.h: the dense CUDA row (availability, device, dtype, the compiled head-dim
+    buckets); the varlen variants are compiled plain, so no score modifiers (nor dropout:
+    PACKED_NO_DROPOUT). Emulator-verified, not yet run on a GPU."""
+    reason = CAPABILITIES["cuda"].why_not_shape(problem) or _cuda_extra(problem)
+    if reason:
+        return reason
+    if ops_varlen.varlen_fwd is None:
+        return "the C++ extension has no attnkern::varlen_fwd (rebuild it)"
+    if problem.softcap or problem.has_sinks or problem.has_alibi:
+        return "the CUDA varlen kernels do not serve softcap, sinks or ALiBi yet"
+    return None
 
 
-PACKED_NO_DROPOUT = {"triton": "the Triton packed kernels have no dropout yet (the CPU packed op has it)"}
+PACKED_WHY_NOT = {"cpu": _packed_cpu_why_not, "triton": _packed_triton_why_not, "cuda": _packed_cuda_why_not}
+
+
+PACKED_NO_DROPOUT = {
+    "triton": "the Triton packed kernels have no dropout yet (the CPU packed op has it)",
+    "cuda": "the CUDA varlen kernels have no dropout yet (dropout_p > 0; the CPU packed op has it)",
+}
+
+
+def packed_why_not(name: str, problem, dropout: bool = False) -> Optional[str]:
+    """Why backend ``name`` (not math) cannot run this packed/paged call (None: it can)."""
+    return (PACKED_NO_DROPOUT.get(name) if dropout else None) or PACKED_WHY_NOT[name](problem)
 
 
 def choose_packed(problem, backend: str, dropout: bool = False) -> str:
     """Backend for a packed/paged call (problem: attnkern._varlen_semantics.VarlenProblem)."""
-    if backend in PACKED_NOT_SERVED:
-        raise RuntimeError(f"backend={backend!r} cannot run this call: {PACKED_NOT_SERVED[backend]}")
     if backend == "math":
         return "math"
-
-    def why_not(name):
-        return (PACKED_NO_DROPOUT.get(name) if dropout else None) or PACKED_WHY_NOT[name](problem)
-
     if backend != "auto":
-        reason = why_not(backend)
+        reason = packed_why_not(backend, problem, dropout)
         if reason:
             raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
         return backend
     for name in PACKED_AUTO_ORDER.get(problem.device_type, ()):
-        if why_not(name) is None:
+        if packed_why_not(name, problem, dropout) is None:
             return name
     return "math"
 
@@ -373,7 +386,8 @@ def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_ta
     name = choose_packed(problem, backend, dropout=dropout_p > 0.0)
     dropout = () if dropout_p == 0.0 else (dropout_p, new_rng_seed())  # the seed drawn alike for both
     if name != "math":
-        fwd = ops_varlen.varlen_fwd if name == "cpu" else ops_varlen.triton_varlen_fwd
+        # attnkern::varlen_fwd dispatches on the device: the CPU kernels or the CUDA varlen variants
+        fwd = ops_varlen.triton_varlen_fwd if name == "triton" else ops_varlen.varlen_fwd
         return fwd(
             q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, problem.scale, problem.window_left,
             problem.window_right, problem.softcap, sinks, alibi, *dropout,

@@ -82,9 +82,15 @@ struct Band {
   }
 };
 
+// the band of a problem of len_q queries and len_k keys with p's window and alignment (one
+// sequence of a packed batch)
+template <typename P>
+ATTNKERN_HD Band make_band(const P& p, int64_t len_q, int64_t len_k) {
+  return Band{p.window_left, p.window_right, p.bottom_right ? len_k - len_q : 0, len_k};
+}
 template <typename P>
 ATTNKERN_HD Band make_band(const P& p) {
-  return Band{p.window_left, p.window_right, p.bottom_right ? p.len_k - p.len_q : 0, p.len_k};
+  return make_band(p, p.len_q, p.len_k);
 }
 
 // |LSE| above this (natural log) marks a row whose fp32 LSE = max + log(sum) is too coarse for

@@ -84,6 +84,17 @@ struct AttnParams {
   float dropout_p = 0.f;
   uint32_t dropout_threshold = 0;
   uint64_t dropout_seed = 0;
+
+  // packed batches in the CUDA kernels' varlen variants (last, so the dense kernels' parameter
+  // offsets stay put): sequence b's queries are rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1
+  // of q/o (batch strides 0), its keys rows cu_seqlens_k[b] .. of k/v or, with block_table,
+  // pages of table row b (block_table_stride apart); seqused_k, if set, caps its key count.
+  // len_q / len_k are then the longest lengths, lse/delta (Hq, total_q), total_q the rows of q.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  const int32_t* seqused_k = nullptr;
+  int64_t block_table_stride = 0;
+  int64_t total_q = 0;
 };
 
 // whether a call uses a score modifier (softcap, sinks or ALiBi)

@@ -15,6 +15,7 @@
 #include <string>
 
 #include "torch_ops.h"
+#include "varlen_ops.h"
 
 #ifndef ATTNKERN_VERSION
 #define ATTNKERN_VERSION "unknown"
@@ -112,12 +113,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cuda(
   return cuda_ops::backward_op(p, grad_out, grad_lse, q, k, v, out, lse, mask_needs_grad, current_device(q));
 }
 
+// attnkern::varlen_fwd / varlen_bwd (schemas in csrc/bindings_varlen.cpp): packed and paged
+// batches through the kernels' varlen variants (varlen_ops.h)
+void check_packed_device(const at::Tensor& q, const char* op) {
+  TORCH_CHECK_VALUE(q.is_cuda(), op, " CUDA kernel got tensors on ", q.device());
+  const std::string reason = device_why_not(q.get_device());
+  TORCH_CHECK(reason.empty(), op, ": ", reason);
+}
+
+std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                   const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                                   const std::optional<at::Tensor>& seqused_k,
+                                                   const std::optional<at::Tensor>& block_table, double scale,
+                                                   int64_t window_left, int64_t window_right, double softcap,
+                                                   const std::optional<at::Tensor>& sinks,
+                                                   const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                                   const std::optional<at::Tensor>& /*rng_seed*/) {
+  cuda_ops::refuse_unserved("attnkern::varlen_fwd", softcap, sinks.has_value(), alibi_slopes.has_value(), dropout_p);
+  check_packed_device(q, "attnkern::varlen_fwd");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return cuda_ops::varlen_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, window_left,
+                                     window_right, current_device(q), "attnkern::varlen_fwd");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k, double scale, int64_t window_left,
+    int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    const std::optional<at::Tensor>& /*rng_seed*/) {
+  cuda_ops::refuse_unserved("attnkern::varlen_bwd", softcap, false, alibi_slopes.has_value(), dropout_p);
+  check_packed_device(q, "attnkern::varlen_bwd");
+  const c10::cuda::CUDAGuard guard(q.device());
+  return cuda_ops::varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                      scale, window_left, window_right, current_device(q), "attnkern::varlen_bwd");
+}
+
 }  // namespace
 }  // namespace attnkern
 
 TORCH_LIBRARY_IMPL(attnkern, CUDA, m) {
   m.impl("fwd", &attnkern::fwd_cuda);
   m.impl("bwd", &attnkern::bwd_cuda);
+  m.impl("varlen_fwd", &attnkern::varlen_fwd_cuda);
+  m.impl("varlen_bwd", &attnkern::varlen_bwd_cuda);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

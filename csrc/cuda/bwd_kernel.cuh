@@ -11,6 +11,10 @@
 // scores are recomputed with the softcap and ALiBi and dS is taken through the cap (times
 // 1 - tanh^2); the sinks need nothing here: the saved LSE holds them (their gradient is
 // attnkern/ops.py sink_grad).
+//
+// The varlen variants of the two passes (Cfg wrapped in Varlen<>, varlen.cuh) take a packed
+// batch, plain only (no mask, dropout or modifier); delta runs on it as one batch entry of
+// total_q rows. Their rows' LSE, delta and rare-path statistics are (Hq, total_q) (lse_index).
 #pragma once
 
 #include <cmath>
@@ -18,6 +22,7 @@
 #include "kernel_traits.cuh"
 #include "launch.h"
 #include "score.cuh"
+#include "varlen.cuh"
 
 namespace attnkern {
 namespace cuda {
@@ -66,6 +71,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
   constexpr int kThreads = Cfg::kThreads;
   constexpr int kNT = kBlockM / 8;  // n-tiles of a warp's S^T (query columns)
   constexpr int kDT = kD / 8;
+  constexpr bool kVarlen = IsVarlen<Cfg>::value;
   static_assert(kNT * 4 <= 32, "dropout keep bits of a warp's tile fit one word");
 
   // [K][V][stage 0: Q, dO, log2 LSE, delta, log2 sum][stage 1] ...
@@ -86,35 +92,44 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
   const int hkv = blockIdx.y;
   const int group = static_cast<int>(p.heads_q / p.heads_kv);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kBlockN;
-  using Rules = ScoreRules<kFeatures>;
-  const Rules rules(p);
+  const SeqSpan<kVarlen> seq(p, b);
+  if (kVarlen && n0 >= (kVarlen ? seq.len_k : p.len_k)) return;  // the grid is sized for the longest sequence
+  using Rules = ScoreRules<kFeatures, kVarlen>;
+  static_assert(!kVarlen || kFeatures == kPlain, "the varlen variant is instantiated plain only");
+  const Rules rules(p, seq);
   const Band& band = rules.band;
 
   // the query blocks meeting the band of this CTA's keys, walked for each query head of the group
   int64_t m_first, n_mblocks;
-  band.row_blocks(n0, min(n0 + kBlockN, p.len_k), p.len_q, kBlockM, m_first, n_mblocks);
+  band.row_blocks(n0, min(n0 + kBlockN, (kVarlen ? seq.len_k : p.len_k)), (kVarlen ? seq.len_q : p.len_q), kBlockM,
+                  m_first, n_mblocks);
   const int64_t n_iters = group * n_mblocks;
 
-  const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
-  const T* const v_head = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
-  load_kv_block<KTile, kThreads>(sK, p, k_head, v_head, n0);  // V lands at sV = sK + KTile::kBytes
+  const T* const k_head = static_cast<const T*>(p.k) + (kVarlen ? seq.k_row0 * p.k_stride[2] : b * p.k_stride[0]) +
+                          hkv * p.k_stride[1];
+  const T* const v_head = static_cast<const T*>(p.v) + (kVarlen ? seq.k_row0 * p.v_stride[2] : b * p.v_stride[0]) +
+                          hkv * p.v_stride[1];
+  // V lands at sV = sK + KTile::kBytes (seq.len_k: read only by varlen variants)
+  load_seq_kv_block<KTile, kThreads, kVarlen, false>(sK, p, k_head, v_head, n0, seq.len_k, b);
   cp_async_commit();
 
-  const T* const q_batch = static_cast<const T*>(p.q) + b * p.q_stride[0];
-  const T* const do_batch = static_cast<const T*>(p.dout) + b * p.dout_stride[0];
+  const T* const q_batch = static_cast<const T*>(p.q) + b * p.q_stride[0] + seq.q_row0 * p.q_stride[2];
+  const T* const do_batch =
+      static_cast<const T*>(p.dout) + b * p.dout_stride[0] + seq.q_row0 * p.dout_stride[2];
   auto load_stage = [&](int64_t iter, int s) {
     const int hq = hkv * group + static_cast<int>(iter / n_mblocks);
     const int64_t m0 = m_first + (iter % n_mblocks) * kBlockM;
     const uint32_t dst = sStages + s * Cfg::kStageBytes;
     const T* const q_head = q_batch + hq * p.q_stride[1];
     const T* const do_head = do_batch + hq * p.dout_stride[1];
-    load_rows_async<QTile, kThreads>(dst, q_head + m0 * p.q_stride[2], p.q_stride[2], p.len_q - m0,
+    load_rows_async<QTile, kThreads>(dst, q_head + m0 * p.q_stride[2], p.q_stride[2],
+                                     (kVarlen ? seq.len_q : p.len_q) - m0,
                                      static_cast<int>(p.head_dim), q_head);
     load_rows_async<QTile, kThreads>(dst + QTile::kBytes, do_head + m0 * p.dout_stride[2], p.dout_stride[2],
-                                     p.len_q - m0, static_cast<int>(p.head_dim_v), do_head);
-    const int64_t row0 = (b * p.heads_q + hq) * p.len_q + m0;
+                                     (kVarlen ? seq.len_q : p.len_q) - m0, static_cast<int>(p.head_dim_v), do_head);
+    const int64_t row0 = lse_index<kVarlen>(p, seq.q_row0, b, hq, m0);
     for (int r = tid; r < kBlockM; r += kThreads) {
-      const bool valid = m0 + r < p.len_q;
+      const bool valid = m0 + r < (kVarlen ? seq.len_q : p.len_q);
       backward_row(p, row0 + r, valid, stage_lse(s)[r], stage_sum(s)[r]);
       stage_delta(s)[r] = valid ? p.delta[row0 + r] : 0.f;
     }
@@ -127,8 +142,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
 
   // this warp's 16 keys; fragment rows g and g + 8 are keys j0 + g, j0 + g + 8
   const int64_t j0 = n0 + warp * 16;
-  const int64_t warp_rows_lo = band.rows_lo(j0, p.len_q);
-  const int64_t warp_rows_hi = band.rows_hi(min(j0 + 16, p.len_k), p.len_q);
+  const int64_t warp_rows_lo = band.rows_lo(j0, (kVarlen ? seq.len_q : p.len_q));
+  const int64_t warp_rows_hi =
+      band.rows_hi(min(j0 + 16, (kVarlen ? seq.len_k : p.len_k)), (kVarlen ? seq.len_q : p.len_q));
   const float inv_keep = rules.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
   const typename KTile::Lane k_lane = lane_a<KTile>(sK, warp * 16, lane);
   const typename KTile::Lane v_lane = lane_a<KTile>(sV, warp * 16, lane);
@@ -153,9 +169,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
 
     const int hq = hkv * group + static_cast<int>(iter / n_mblocks);
     const int64_t m0 = m_first + (iter % n_mblocks) * kBlockM;
-    const int64_t m_end = min(m0 + kBlockM, p.len_q);
-    if (j0 >= p.len_k || max(warp_rows_lo, m0) >= min(warp_rows_hi, m_end)) continue;
-    const bool edge = j0 + 16 > p.len_k || !band.tile_full(m0, m_end, j0, j0 + 16);
+    const int64_t m_end = min(m0 + kBlockM, (kVarlen ? seq.len_q : p.len_q));
+    if (j0 >= (kVarlen ? seq.len_k : p.len_k) || max(warp_rows_lo, m0) >= min(warp_rows_hi, m_end)) continue;
+    const bool edge = j0 + 16 > (kVarlen ? seq.len_k : p.len_k) || !band.tile_full(m0, m_end, j0, j0 + 16);
     const bool check = rules.checked(edge);
     const uint32_t q_off = it * Cfg::kStageBytes, do_off = q_off + QTile::kBytes;
     const float* const s_lse = stage_lse(it);
@@ -279,9 +295,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t j = j0 + (lane >> 2) + 8 * h;
-    if (j >= p.len_k) continue;
-    T* const dk_row = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1] + j * p.dk_stride[2];
-    T* const dv_row = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1] + j * p.dv_stride[2];
+    if (j >= (kVarlen ? seq.len_k : p.len_k)) continue;
+    const int64_t row = kVarlen ? seq.k_row0 + j : j;
+    T* const dk_row = static_cast<T*>(p.dk) + b * p.dk_stride[0] + hkv * p.dk_stride[1] + row * p.dk_stride[2];
+    T* const dv_row = static_cast<T*>(p.dv) + b * p.dv_stride[0] + hkv * p.dv_stride[1] + row * p.dv_stride[2];
     if constexpr (kDoDK) store_acc_row(dk_row, acc_dk, h, lane, p.head_dim, p.scale);
     if constexpr (kDoDV) store_acc_row(dv_row, acc_dv, h, lane, p.head_dim_v, 1.f);
   }
@@ -296,6 +313,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
   constexpr int kNT = kBlockN / 8;
   constexpr int kDT = kD / 8;
   constexpr uint32_t kStageBytes = 2 * KTile::kBytes;  // K then V
+  constexpr bool kVarlen = IsVarlen<Cfg>::value;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t sQ = smem_addr(smem_raw);
@@ -309,26 +327,36 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
   const int hkv = hq / static_cast<int>(p.heads_q / p.heads_kv);
   // the last query blocks meet the most keys under a causal band: start them first
   const int64_t m0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;
-  const int64_t m_end = min(m0 + kBlockM, p.len_q);
-  using Rules = ScoreRules<kFeatures>;
-  const Rules rules(p);
+  const SeqSpan<kVarlen> seq(p, b);
+  if (kVarlen && m0 >= (kVarlen ? seq.len_q : p.len_q)) return;  // the grid is sized for the longest sequence
+  const int64_t m_end = min(m0 + kBlockM, (kVarlen ? seq.len_q : p.len_q));
+  using Rules = ScoreRules<kFeatures, kVarlen>;
+  static_assert(!kVarlen || kFeatures == kPlain, "the varlen variant is instantiated plain only");
+  const Rules rules(p, seq);
   const Band& band = rules.band;
 
   int64_t key_first, n_blocks;
   band.key_blocks(m0, m_end, kBlockN, key_first, n_blocks);
 
-  const T* const q_head = static_cast<const T*>(p.q) + b * p.q_stride[0] + hq * p.q_stride[1];
-  const T* const do_head = static_cast<const T*>(p.dout) + b * p.dout_stride[0] + hq * p.dout_stride[1];
-  load_rows_async<QTile, kThreads>(sQ, q_head + m0 * p.q_stride[2], p.q_stride[2], p.len_q - m0,
+  const T* const q_head =
+      static_cast<const T*>(p.q) + b * p.q_stride[0] + seq.q_row0 * p.q_stride[2] + hq * p.q_stride[1];
+  const T* const do_head =
+      static_cast<const T*>(p.dout) + b * p.dout_stride[0] + seq.q_row0 * p.dout_stride[2] +
+      hq * p.dout_stride[1];
+  load_rows_async<QTile, kThreads>(sQ, q_head + m0 * p.q_stride[2], p.q_stride[2], (kVarlen ? seq.len_q : p.len_q) - m0,
                                    static_cast<int>(p.head_dim), q_head);
-  load_rows_async<QTile, kThreads>(sdO, do_head + m0 * p.dout_stride[2], p.dout_stride[2], p.len_q - m0,
+  load_rows_async<QTile, kThreads>(sdO, do_head + m0 * p.dout_stride[2], p.dout_stride[2],
+                                   (kVarlen ? seq.len_q : p.len_q) - m0,
                                    static_cast<int>(p.head_dim_v), do_head);
   cp_async_commit();
 
-  const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
-  const T* const v_head = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
+  const T* const k_head = static_cast<const T*>(p.k) + (kVarlen ? seq.k_row0 * p.k_stride[2] : b * p.k_stride[0]) +
+                          hkv * p.k_stride[1];
+  const T* const v_head = static_cast<const T*>(p.v) + (kVarlen ? seq.k_row0 * p.v_stride[2] : b * p.v_stride[0]) +
+                          hkv * p.v_stride[1];
   auto load_kv = [&](int64_t blk, int stage) {
-    load_kv_block<KTile, kThreads>(sKV + stage * kStageBytes, p, k_head, v_head, key_first + blk * kBlockN);
+    load_seq_kv_block<KTile, kThreads, kVarlen, false>(sKV + stage * kStageBytes, p, k_head, v_head,
+                                                       key_first + blk * kBlockN, seq.len_k, b);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -338,14 +366,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
 
   // this thread's query rows i = wm0 + g (+ 8), their log2 LSE and delta
   const int64_t wm0 = m0 + warp * 16;
-  const int64_t wm_end = min(wm0 + 16, p.len_q);
-  const int64_t row_base = (b * p.heads_q + hq) * p.len_q;
+  const int64_t wm_end = min(wm0 + 16, (kVarlen ? seq.len_q : p.len_q));
+  const int64_t row_base = lse_index<kVarlen>(p, seq.q_row0, b, hq, 0);
   float row_lse[2], row_sum[2], row_delta[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t i = wm0 + (lane >> 2) + 8 * h;
-    backward_row(p, row_base + i, i < p.len_q, row_lse[h], row_sum[h]);
-    row_delta[h] = i < p.len_q ? p.delta[row_base + i] : 0.f;
+    backward_row(p, row_base + i, i < (kVarlen ? seq.len_q : p.len_q), row_lse[h], row_sum[h]);
+    row_delta[h] = i < (kVarlen ? seq.len_q : p.len_q) ? p.delta[row_base + i] : 0.f;
   }
   const bool warp_has_rows = wm_end > wm0;
   const int64_t warp_key_lo = warp_has_rows ? band.lo(wm0) : 0;
@@ -373,8 +401,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
     cp_async_commit();
 
     const int64_t key0 = key_first + blk * kBlockN;
-    if (!warp_has_rows || key0 >= p.len_k || key0 + kBlockN <= warp_key_lo || key0 >= warp_key_hi) continue;
-    const bool edge = key0 + kBlockN > p.len_k || !band.tile_full(wm0, wm_end, key0, key0 + kBlockN);
+    if (!warp_has_rows || key0 >= (kVarlen ? seq.len_k : p.len_k) || key0 + kBlockN <= warp_key_lo ||
+        key0 >= warp_key_hi)
+      continue;
+    const bool edge =
+        key0 + kBlockN > (kVarlen ? seq.len_k : p.len_k) || !band.tile_full(wm0, wm_end, key0, key0 + kBlockN);
     const bool check = rules.checked(edge);
     const uint32_t k_off = it * kStageBytes, v_off = k_off + KTile::kBytes;
 
@@ -455,8 +486,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t i = wm0 + (lane >> 2) + 8 * h;
-    if (i >= p.len_q) continue;
-    T* const dq_row = static_cast<T*>(p.dq) + b * p.dq_stride[0] + hq * p.dq_stride[1] + i * p.dq_stride[2];
+    if (i >= (kVarlen ? seq.len_q : p.len_q)) continue;
+    const int64_t row = kVarlen ? seq.q_row0 + i : i;
+    T* const dq_row = static_cast<T*>(p.dq) + b * p.dq_stride[0] + hq * p.dq_stride[1] + row * p.dq_stride[2];
     store_acc_row(dq_row, acc_dq, h, lane, p.head_dim, p.scale);
   }
 }

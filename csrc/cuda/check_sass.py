@@ -49,7 +49,8 @@ def is_sm90_kernel(name: str) -> bool:
 #   * the Hopper dK/dV pass at head dim 128: its consumers hold dK, dV (64 registers each), S^T
 #     and dP^T (32 each) and their fragments, a few more than their 240 registers; more with
 #     masks/dropout, as does the Hopper forward at head dim 128 with masks/dropout;
-#   * the split-KV decode forward at head dim 256 (two warps, 255 registers each);
+#   * the split-KV decode forward at head dim 256 (two warps, 255 registers each), and its
+#     varlen variant (the per-sequence lengths and the page lookups cost a few more registers);
 #   * the masked/dropout sm80 dK/dV pass at head dim 128, compiled for sm_90a;
 #   * the score-modifier variant of the head-dim-256 decode forward (as its plain one) and of the
 #     head-dim-64 dK/dV pass on sm_90a (S^T, dP^T/dS^T, dK, dV: 128 accumulator registers).
@@ -76,6 +77,11 @@ ALLOWED_SPILLS = {
         # log2 sum (s_sum) joined it: 72 bytes (fp16 and bf16) in the merged build, CUDA 13.0;
         # only modifier calls at head dim 64 run it, and its cost is unmeasured (no GPU)
         ("sm_80", "bwd_kv_kernel<BwdKVConfig<64, 8, 64, 2>, {t}, 2, true, true>", 80),
+        # the plain head-dim-256 decode forward's varlen variant (packed/paged decode): 40 bytes on
+        # sm_80, 32 on sm_90a with CUDA 13.0 (fp16, nvcc on the instantiation file, also after the
+        # merge with the modifiers/huge-LSE work)
+        ("sm_80", "fwd_kernel<Varlen<FwdConfig<256, 2, 1, 2, 32, 2> >, {t}, 0, true>", 48),
+        ("sm_90a", "fwd_kernel<Varlen<FwdConfig<256, 2, 1, 2, 32, 2> >, {t}, 0, true>", 48),
     )
 }
 

@@ -154,7 +154,9 @@ int decode_num_splits(const AttnParams& p, int sm_count) {
 // holds them, which may be larger than the sm80 one. The Hopper kernels have no score-modifier
 // variant: softcap, sinks and ALiBi run the sm80 kernels' kModified variant, also on Hopper.
 Sm90Launcher hopper_launcher(const AttnParams& p, bool backward) {
-  if (!wgmma_enabled() || current_device_arch() != 90 || has_modifiers(p)) return nullptr;
+  // packed batches (cu_seqlens) run the sm80 kernels' varlen variants
+  if (!wgmma_enabled() || current_device_arch() != 90 || has_modifiers(p) || p.cu_seqlens_q != nullptr)
+    return nullptr;
   const int bucket = smallest_bucket(std::max(p.head_dim, p.head_dim_v), p.dtype, true);
   if (bucket == 0) return nullptr;
   const Launchers l = find(bucket, p.dtype);

@@ -13,6 +13,10 @@
 // kFeatures (score.cuh) selects the plain, masked or modified variant; in the modified one the
 // softcap and ALiBi enter the score and each head's sink joins the denominator once, where a row
 // is finished (never in a split's partial).
+//
+// Its varlen variant (Cfg wrapped in Varlen<>, varlen.cuh) serves packed and paged batches, both
+// paths: a CTA works on one sequence, with that sequence's lengths and bottom-right band. It is
+// instantiated plain only (packed calls have no mask, dropout or modifier).
 #pragma once
 
 #include <cmath>
@@ -20,6 +24,7 @@
 #include "kernel_traits.cuh"
 #include "launch.h"
 #include "score.cuh"
+#include "varlen.cuh"
 
 namespace attnkern {
 namespace cuda {
@@ -56,25 +61,31 @@ struct RowMap {
   }
 };
 
-// Writes one finished row: the final output (unsplit) or a split's partial output.
-template <typename T>
+// Writes one finished row: the final output (unsplit) or a split's partial output. Packed
+// (kVarlen): query i of the sequence is row q_row0 + i, LSE and partials are (Hq, total_q).
+template <typename T, bool kVarlen = false>
 struct RowWriter {
   const AttnParams& p;
   const FwdSplit& split;
   int split_idx;
   int64_t b;
+  int64_t q_row0 = 0;
 
-  __device__ __forceinline__ int64_t row_index(int hq, int64_t i) const { return (b * p.heads_q + hq) * p.len_q + i; }
+  // lse_index (varlen.cuh) and the row counts written out: see SeqSpan on why
+  __device__ __forceinline__ int64_t row_index(int hq, int64_t i) const {
+    return kVarlen ? hq * p.total_q + q_row0 + i : (b * p.heads_q + hq) * p.len_q + i;
+  }
 
   // columns col, col + 1 (col even, < head_dim_v) of row (hq, i)
   __device__ __forceinline__ void out2(int hq, int64_t i, int col, float v0, float v1) const {
     if (split.num_splits > 1) {
-      const int64_t rows = p.batch * p.heads_q * p.len_q;
+      const int64_t rows = kVarlen ? p.heads_q * p.total_q : p.batch * p.heads_q * p.len_q;
       float2* dst =
           reinterpret_cast<float2*>(split.o_partial + ((split_idx * rows + row_index(hq, i)) * p.head_dim_v + col));
       *dst = make_float2(v0, v1);
     } else {
-      T* dst = static_cast<T*>(p.o) + b * p.o_stride[0] + hq * p.o_stride[1] + i * p.o_stride[2] + col;
+      T* dst = static_cast<T*>(p.o) + b * p.o_stride[0] + hq * p.o_stride[1] +
+               (kVarlen ? q_row0 + i : i) * p.o_stride[2] + col;
       *reinterpret_cast<uint32_t*>(dst) = Elem<T>::pack(v0, v1);
     }
   }
@@ -85,7 +96,8 @@ struct RowWriter {
   // a huge max has lost log(l) and would weigh the splits wrongly
   __device__ __forceinline__ void stats(int hq, int64_t i, float m2, float l) const {
     if (split.num_splits > 1) {
-      float* const dst = split.lse_partial + 2 * (split_idx * (p.batch * p.heads_q * p.len_q) + row_index(hq, i));
+      const int64_t rows = kVarlen ? p.heads_q * p.total_q : p.batch * p.heads_q * p.len_q;
+      float* const dst = split.lse_partial + 2 * (split_idx * rows + row_index(hq, i));
       dst[0] = m2;
       dst[1] = l;
     } else {
@@ -104,6 +116,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   constexpr int kNT = kWarpN / 8;                      // n-tiles of a warp's S
   constexpr int kDT = kD / 8;                          // n-tiles of a warp's O
   constexpr uint32_t kStageBytes = 2 * KTile::kBytes;  // K then V
+  constexpr bool kVarlen = IsVarlen<Cfg>::value;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const uint32_t sQ = smem_addr(smem_raw);
@@ -114,21 +127,26 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   const int row_warp = warp / Cfg::kKeySplit, key_slice = warp % Cfg::kKeySplit;
   const int64_t b = blockIdx.z;
   const int group = static_cast<int>(p.heads_q / p.heads_kv);
+  const SeqSpan<kVarlen> seq(p, b);
 
   int split_idx, hkv;
   RowMap<kPacked> rows;
   if (kPacked) {
     split_idx = blockIdx.x % split.num_splits;
     hkv = blockIdx.y;
-    rows = {p.len_q, static_cast<int64_t>(blockIdx.x / split.num_splits) * kBlockM, group * p.len_q, hkv * group};
+    rows = {(kVarlen ? seq.len_q : p.len_q), static_cast<int64_t>(blockIdx.x / split.num_splits) * kBlockM,
+            group * (kVarlen ? seq.len_q : p.len_q), hkv * group};
   } else {
     split_idx = 0;
     hkv = blockIdx.y / group;
     // the last query blocks meet the most keys under a causal band: start them first
-    rows = {p.len_q, static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM, p.len_q, static_cast<int>(blockIdx.y)};
+    rows = {(kVarlen ? seq.len_q : p.len_q), static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM,
+            (kVarlen ? seq.len_q : p.len_q), static_cast<int>(blockIdx.y)};
   }
-  using Rules = ScoreRules<kFeatures>;
-  const Rules rules(p);
+  if (kVarlen && !rows.valid(0)) return;  // the grid is sized for the longest sequence
+  using Rules = ScoreRules<kFeatures, kVarlen>;
+  static_assert(!kVarlen || kFeatures == kPlain, "the varlen variant is instantiated plain only");
+  const Rules rules(p, seq);
   const Band& band = rules.band;
 
   // key blocks [blk_begin, blk_end) of kBlockN keys starting at key_first: those meeting the
@@ -145,7 +163,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
 
   // ---- loads: Q once, K/V blocks through the ring
-  const T* const q_batch = static_cast<const T*>(p.q) + b * p.q_stride[0];
+  const T* const q_batch = static_cast<const T*>(p.q) + b * p.q_stride[0] + seq.q_row0 * p.q_stride[2];
   if constexpr (kPacked) {
     load_tile_async<QTile, kThreads>(
         sQ,
@@ -155,14 +173,18 @@ __global__ void __launch_bounds__(Cfg::kThreads)
         static_cast<int>(p.head_dim), q_batch);
   } else {
     load_rows_async<QTile, kThreads>(sQ, q_batch + rows.hq0 * p.q_stride[1] + rows.row0 * p.q_stride[2], p.q_stride[2],
-                                     p.len_q - rows.row0, static_cast<int>(p.head_dim), q_batch);
+                                     (kVarlen ? seq.len_q : p.len_q) - rows.row0, static_cast<int>(p.head_dim),
+                                     q_batch);
   }
   cp_async_commit();
 
-  const T* const k_head = static_cast<const T*>(p.k) + b * p.k_stride[0] + hkv * p.k_stride[1];
-  const T* const v_head = static_cast<const T*>(p.v) + b * p.v_stride[0] + hkv * p.v_stride[1];
+  const T* const k_head = static_cast<const T*>(p.k) + (kVarlen ? seq.k_row0 * p.k_stride[2] : b * p.k_stride[0]) +
+                          hkv * p.k_stride[1];
+  const T* const v_head = static_cast<const T*>(p.v) + (kVarlen ? seq.k_row0 * p.v_stride[2] : b * p.v_stride[0]) +
+                          hkv * p.v_stride[1];
   auto load_kv = [&](int64_t blk, int stage) {
-    load_kv_block<KTile, kThreads>(sKV + stage * kStageBytes, p, k_head, v_head, key_first + blk * kBlockN);
+    load_seq_kv_block<KTile, kThreads, kVarlen>(sKV + stage * kStageBytes, p, k_head, v_head,
+                                                key_first + blk * kBlockN, seq.len_k, b);
   };
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -188,7 +210,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = local_row(mt, h);
-      row_q[mt][h] = rows.valid(r) ? rows.query(r) : p.len_q;  // len_q: a padding row, no keys
+      row_q[mt][h] = rows.valid(r) ? rows.query(r) : (kVarlen ? seq.len_q : p.len_q);  // len_q: a padding row, no keys
       row_hq[mt][h] = rows.head(r);
       // (a padding row of a packed tile may name a head past the last: no slope read for it)
       if constexpr (Rules::kModifiers) row_slope[mt][h] = rows.valid(r) ? rules.slope_log2(b, row_hq[mt][h]) : 0.f;
@@ -218,8 +240,11 @@ __global__ void __launch_bounds__(Cfg::kThreads)
     cp_async_commit();
 
     const int64_t key0 = key_first + blk * kBlockN + slice;
-    if (!warp_has_rows || key0 >= p.len_k || key0 + kWarpN <= warp_key_lo || key0 >= warp_key_hi) continue;
-    const bool edge = key0 + kWarpN > p.len_k || !band.tile_full(warp_lo, warp_hi, key0, key0 + kWarpN);
+    if (!warp_has_rows || key0 >= (kVarlen ? seq.len_k : p.len_k) || key0 + kWarpN <= warp_key_lo ||
+        key0 >= warp_key_hi)
+      continue;
+    const bool edge =
+        key0 + kWarpN > (kVarlen ? seq.len_k : p.len_k) || !band.tile_full(warp_lo, warp_hi, key0, key0 + kWarpN);
     const uint32_t stage_off = (it % kStages) * kStageBytes;
 
     // S = Q K^T over this warp's rows and key slice
@@ -330,7 +355,7 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   // ---- epilogue: O / l (times 1/(1-p) under dropout), LSE = ln(sum) + max; empty rows 0, -inf
   cp_async_wait<0>();  // nothing may be in flight into shared memory past this point
   const float keep_scale = rules.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
-  const RowWriter<T> out{p, split, split_idx, b};
+  const RowWriter<T, kVarlen> out{p, split, split_idx, b, seq.q_row0};
   const int dv = static_cast<int>(p.head_dim_v);
   if constexpr (Cfg::kKeySplit == 1) {
 #pragma unroll

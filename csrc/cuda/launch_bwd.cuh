@@ -1,7 +1,10 @@
 // Backward launcher for one (head-dim bucket, dtype): delta, then the dK/dV pass (two passes,
 // dK and dV, for head dims whose accumulators do not fit together), then the dQ pass, all on one
-// stream. Instantiated by instantiations/bwd_*.cu.
+// stream; packed (varlen) batches run the passes' varlen variants. Instantiated by
+// instantiations/bwd_*.cu.
 #pragma once
+
+#include <type_traits>
 
 #include "bwd_kernel.cuh"
 #include "launch_kernel.cuh"
@@ -9,10 +12,10 @@
 namespace attnkern {
 namespace cuda {
 
-template <int kD, typename T, int kFeatures>
+template <int kD, typename T, int kFeatures, bool kVarlen = false>
 cudaError_t run_bwd_passes(const AttnParams& p, cudaStream_t stream) {
-  using KV = typename BwdTraits<kD>::KV;
-  using Q = typename BwdTraits<kD>::Q;
+  using KV = std::conditional_t<kVarlen, Varlen<typename BwdTraits<kD>::KV>, typename BwdTraits<kD>::KV>;
+  using Q = std::conditional_t<kVarlen, Varlen<typename BwdTraits<kD>::Q>, typename BwdTraits<kD>::Q>;
   const unsigned batch = static_cast<unsigned>(p.batch);
   const dim3 kv_grid(static_cast<unsigned>((p.len_k + KV::kBlockN - 1) / KV::kBlockN),
                      static_cast<unsigned>(p.heads_kv), batch);
@@ -39,6 +42,14 @@ cudaError_t launch_delta(const AttnParams& p, cudaStream_t stream) {
 
 template <int kD, typename T>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
+  if (p.cu_seqlens_q != nullptr) {  // packed: delta over the (Hq, total_q) rows as one batch entry
+    if (has_features(p) || has_modifiers(p)) return cudaErrorNotSupported;  // plain only (the bindings refuse them)
+    AttnParams rows = p;
+    rows.batch = 1;
+    rows.len_q = p.total_q;
+    const cudaError_t err = launch_delta<T>(rows, stream);
+    return err != cudaSuccess ? err : run_bwd_passes<kD, T, kPlain, true>(p, stream);
+  }
   const cudaError_t err = launch_delta<T>(p, stream);
   if (err != cudaSuccess) return err;
   return with_feature_variant(p, [&](auto variant) {

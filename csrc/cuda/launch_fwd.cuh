@@ -1,7 +1,9 @@
 // Forward launcher for one (head-dim bucket, dtype): picks the decode or the prefill kernel, the
-// feature variant (score.cuh: plain, masked, modified) and the grid. Instantiated by
-// instantiations/fwd_*.cu.
+// feature variant (score.cuh: plain, masked, modified), the dense or the packed (varlen) variant,
+// and the grid. Instantiated by instantiations/fwd_*.cu.
 #pragma once
+
+#include <type_traits>
 
 #include "fwd_kernel.cuh"
 #include "launch_kernel.cuh"
@@ -9,26 +11,34 @@
 namespace attnkern {
 namespace cuda {
 
-// the decode path (packed rows, split-KV), for kFeatures kPlain or kModified
-template <int kD, typename T, int kFeatures>
+// the decode path (packed rows, split-KV), for kFeatures kPlain or kModified; kVarlen: plain only
+template <int kD, typename T, int kFeatures, bool kVarlen = false>
 cudaError_t run_fwd_decode(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
-  using Cfg = typename DecodeTraits<kD>::Cfg;
+  using Dense = typename DecodeTraits<kD>::Cfg;
+  using Cfg = std::conditional_t<kVarlen, Varlen<Dense>, Dense>;
   const int64_t rows = (p.heads_q / p.heads_kv) * p.len_q;
   const dim3 grid(static_cast<unsigned>((rows + Cfg::kBlockM - 1) / Cfg::kBlockM * split.num_splits),
                   static_cast<unsigned>(p.heads_kv), static_cast<unsigned>(p.batch));
   const cudaError_t err =
       launch_kernel(fwd_kernel<Cfg, T, kFeatures, true>, grid, Cfg::kThreads, Cfg::kSmemBytes, stream, p, split);
   if (err != cudaSuccess || split.num_splits == 1) return err;
-  const int64_t out_rows = p.batch * p.heads_q * p.len_q;
+  AttnParams merged = p;  // packed: the (Hq, total_q) rows merge as one batch entry of total_q queries
+  if (kVarlen) {
+    merged.batch = 1;
+    merged.len_q = p.total_q;
+  }
+  const int64_t out_rows = merged.batch * merged.heads_q * merged.len_q;
   const dim3 merge_grid(static_cast<unsigned>((out_rows + 3) / 4));
-  if (p.sinks != nullptr) return launch_kernel(merge_splits_kernel<T, true>, merge_grid, 128, 0, stream, p, split);
-  return launch_kernel(merge_splits_kernel<T, false>, merge_grid, 128, 0, stream, p, split);
+  if (!kVarlen && p.sinks != nullptr)
+    return launch_kernel(merge_splits_kernel<T, true>, merge_grid, 128, 0, stream, merged, split);
+  return launch_kernel(merge_splits_kernel<T, false>, merge_grid, 128, 0, stream, merged, split);
 }
 
-// the prefill path (never split), for one feature variant
-template <int kD, typename T, int kFeatures>
+// the prefill path (never split), for one feature variant; kVarlen: plain only
+template <int kD, typename T, int kFeatures, bool kVarlen = false>
 cudaError_t run_fwd_prefill(const AttnParams& p, cudaStream_t stream) {
-  using Cfg = typename FwdTraits<kD>::Cfg;
+  using Dense = typename FwdTraits<kD>::Cfg;
+  using Cfg = std::conditional_t<kVarlen, Varlen<Dense>, Dense>;
   const dim3 grid(static_cast<unsigned>((p.len_q + Cfg::kBlockM - 1) / Cfg::kBlockM), static_cast<unsigned>(p.heads_q),
                   static_cast<unsigned>(p.batch));
   const FwdSplit whole;
@@ -37,6 +47,11 @@ cudaError_t run_fwd_prefill(const AttnParams& p, cudaStream_t stream) {
 
 template <int kD, typename T>
 cudaError_t run_fwd(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
+  if (p.cu_seqlens_q != nullptr) {  // packed: no mask, dropout or modifier (the bindings refuse them)
+    if (has_features(p) || has_modifiers(p)) return cudaErrorNotSupported;
+    if (takes_decode_path(p)) return run_fwd_decode<kD, T, kPlain, true>(p, split, stream);
+    return run_fwd_prefill<kD, T, kPlain, true>(p, stream);
+  }
   if (takes_decode_path(p)) {  // no mask or dropout there
     if (has_modifiers(p)) return run_fwd_decode<kD, T, kModified>(p, split, stream);
     return run_fwd_decode<kD, T, kPlain>(p, split, stream);

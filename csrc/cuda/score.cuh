@@ -64,20 +64,43 @@ __host__ __device__ __forceinline__ RowTotal row_total(float m, float l, float s
   return {keys / total, (top + log2f(total)) * kLn2};
 }
 
-template <int kFeatures>
+// kVarlen: the rules of one sequence of a packed batch (its lengths and band, from a SeqSpan of
+// varlen.cuh); the dense rules read the lengths from p.
+template <int kFeatures, bool kVarlen = false>
 struct ScoreRules {
   static constexpr bool kModifiers = kFeatures == kModified;
   const AttnParams& p;  // a __grid_constant__ kernel parameter: read in place, not copied
   Band band;
   float scale_log2;
   float cap_in = 0.f, cap_log2 = 0.f;  // kModified with a softcap: scale / softcap, softcap * log2e
+  int64_t seq_len_q = 0;               // kVarlen: the sequence's query count (band.len_k its key count)
 
   __device__ explicit ScoreRules(const AttnParams& params)
       : p(params), band(make_band(params)), scale_log2(params.scale * kLog2e) {
+    init_softcap();
+  }
+  template <class Seq>
+  __device__ ScoreRules(const AttnParams& params, const Seq& seq)
+      : p(params),
+        band(make_band(params, kVarlen ? seq.len_q : params.len_q, kVarlen ? seq.len_k : params.len_k)),
+        scale_log2(params.scale * kLog2e),
+        seq_len_q(kVarlen ? seq.len_q : 0) {
+    init_softcap();
+  }
+  __device__ __forceinline__ void init_softcap() {
     if (softcapped()) {
-      cap_in = params.scale / params.softcap;
-      cap_log2 = params.softcap * kLog2e;
+      cap_in = p.scale / p.softcap;
+      cap_log2 = p.softcap * kLog2e;
     }
+  }
+
+  __device__ __forceinline__ int64_t len_q() const {
+    if constexpr (kVarlen) return seq_len_q;
+    return p.len_q;
+  }
+  __device__ __forceinline__ int64_t len_k() const {
+    if constexpr (kVarlen) return band.len_k;
+    return p.len_k;
   }
 
   __device__ __forceinline__ bool has_mask() const { return kFeatures != kPlain && p.mask_kind != MaskKind::kNone; }
@@ -100,7 +123,7 @@ struct ScoreRules {
   // columns [lo, hi) are allowed (csrc/mask.h Band::lo/hi, which also stop at len_k); a padding
   // row i >= len_q gets an empty window, so it never reads the mask.
   __device__ __forceinline__ void query_window(int64_t i, int64_t key0, int n, int& lo, int& hi) const {
-    if (i >= p.len_q) {
+    if (i >= len_q()) {
       lo = hi = 0;
       return;
     }
@@ -109,12 +132,12 @@ struct ScoreRules {
   }
   // Transposed: for key j and the tile's queries q0 .. q0 + n - 1, the queries whose band holds j.
   __device__ __forceinline__ void key_window(int64_t j, int64_t q0, int n, int& lo, int& hi) const {
-    if (j >= p.len_k) {
+    if (j >= len_k()) {
       lo = hi = 0;
       return;
     }
-    lo = static_cast<int>(max(int64_t{0}, min(int64_t{n}, band.rows_lo(j, p.len_q) - q0)));
-    hi = static_cast<int>(max(int64_t{0}, min(int64_t{n}, band.rows_hi(j + 1, p.len_q) - q0)));
+    lo = static_cast<int>(max(int64_t{0}, min(int64_t{n}, band.rows_lo(j, len_q()) - q0)));
+    hi = static_cast<int>(max(int64_t{0}, min(int64_t{n}, band.rows_hi(j + 1, len_q()) - q0)));
   }
   // Whether tile elements need the window test: tiles crossing the band's edge, and every tile
   // when a mask is read (its reads must stay inside the window's bounds).

@@ -17,6 +17,7 @@
 #include "../launch_bwd_sm90.cuh"
 #include "../launch_fwd_sm90.cuh"
 #include "../torch_ops.h"
+#include "../varlen_ops.h"
 #include "runtime.h"
 #include "selftest_sm90.h"
 
@@ -110,7 +111,75 @@ void poison_outputs(const AttnParams& p) {
   }
 }
 
+// Packed calls (p.cu_seqlens_q set): the rows of each sequence, the keys it reads (pages too),
+// and NaN over exactly what the kernels must write (rows of no sequence, keys past seqused_k
+// were written by the op before the launch and must stay as they are)
+struct PackedSeq {
+  int64_t q0, len_q, k0, len_k;
+};
+std::vector<PackedSeq> packed_seqs(const AttnParams& p) {
+  std::vector<PackedSeq> seqs;
+  for (int64_t b = 0; b < p.batch; ++b) {
+    const int64_t k0 = p.cu_seqlens_k[b];
+    const int64_t len_k = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seqlens_k[b + 1] - k0;
+    seqs.push_back({p.cu_seqlens_q[b], p.cu_seqlens_q[b + 1] - p.cu_seqlens_q[b], k0, len_k});
+  }
+  return seqs;
+}
+
+void allow_packed_reads(const AttnParams& p) {
+  std::vector<emu::Range>& r = emu::state().readable;
+  r.clear();
+  const int64_t rows_q = p.cu_seqlens_q[p.batch];
+  if (rows_q > 0) {
+    r.push_back(span(p.q, p.q_stride, {1, p.heads_q, rows_q}, p.head_dim, 2));
+    if (p.dout != nullptr) r.push_back(span(p.dout, p.dout_stride, {1, p.heads_q, rows_q}, p.head_dim_v, 2));
+  }
+  const std::vector<PackedSeq> seqs = packed_seqs(p);
+  // key rows [row0, row0 + rows) of a pack, or of page `page`
+  auto allow_keys = [&](int64_t page, int64_t row0, int64_t rows) {
+    const int64_t ks[3] = {0, p.k_stride[1], p.k_stride[2]}, vs[3] = {0, p.v_stride[1], p.v_stride[2]};
+    const uint16_t* k = static_cast<const uint16_t*>(p.k) + page * p.k_stride[0] + row0 * p.k_stride[2];
+    const uint16_t* v = static_cast<const uint16_t*>(p.v) + page * p.v_stride[0] + row0 * p.v_stride[2];
+    r.push_back(span(k, ks, {1, p.heads_kv, rows}, p.head_dim, 2));
+    r.push_back(span(v, vs, {1, p.heads_kv, rows}, p.head_dim_v, 2));
+  };
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (p.block_table == nullptr) {
+      if (seqs[b].len_k > 0) allow_keys(0, seqs[b].k0, seqs[b].len_k);
+      continue;
+    }
+    // every page the sequence's keys occupy, whole (its rows past len_k lie inside the page)
+    for (int64_t j = 0; j < (seqs[b].len_k + p.page_size - 1) / p.page_size; ++j)
+      allow_keys(p.block_table[b * p.block_table_stride + j], 0, p.page_size);
+  }
+}
+
+void poison_packed_outputs(const AttnParams& p) {
+  const int64_t ev8 = (p.head_dim_v + 7) / 8 * 8, e8 = (p.head_dim + 7) / 8 * 8;
+  const int64_t lse_stride[3] = {0, p.total_q, 1};
+  auto rows_of = [](void* base, const int64_t* strides, int64_t row0) -> void* {
+    return base == nullptr ? nullptr : static_cast<uint16_t*>(base) + row0 * strides[2];
+  };
+  for (const PackedSeq& s : packed_seqs(p)) {
+    if (p.dout == nullptr) {
+      poison_rows<uint16_t>(rows_of(p.o, p.o_stride, s.q0), p.o_stride, 1, p.heads_q, s.len_q, ev8);
+      poison_rows<uint32_t>(p.lse + s.q0, lse_stride, 1, p.heads_q, s.len_q, 1);
+    } else {
+      poison_rows<uint16_t>(rows_of(p.dq, p.dq_stride, s.q0), p.dq_stride, 1, p.heads_q, s.len_q, e8);
+      poison_rows<uint16_t>(rows_of(p.dk, p.dk_stride, s.k0), p.dk_stride, 1, p.heads_kv, s.len_k, e8);
+      poison_rows<uint16_t>(rows_of(p.dv, p.dv_stride, s.k0), p.dv_stride, 1, p.heads_kv, s.len_k, ev8);
+    }
+  }
+  if (p.dout != nullptr) poison_rows<uint32_t>(p.delta, lse_stride, 1, p.heads_q, p.total_q, 1);
+}
+
 void before_launch(const AttnParams& p) {
+  if (p.cu_seqlens_q != nullptr) {
+    allow_packed_reads(p);
+    poison_packed_outputs(p);
+    return;
+  }
   allow_reads(p);
   poison_outputs(p);
 }
@@ -165,6 +234,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
                                {1, nullptr, &check_launch, &before_launch});
 }
 
+std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                              const std::optional<at::Tensor>& seqused_k,
+                                              const std::optional<at::Tensor>& block_table, double scale,
+                                              int64_t window_left, int64_t window_right, int sm_count,
+                                              double dropout_p) {
+  cuda_ops::refuse_unserved("emulated attnkern::varlen_fwd", 0.0, false, false, dropout_p);
+  return cuda_ops::varlen_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, window_left,
+                                     window_right, {sm_count, nullptr, &check_launch, &before_launch},
+                                     "emulated attnkern::varlen_fwd");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k, double scale, int64_t window_left,
+    int64_t window_right, double dropout_p) {
+  cuda_ops::refuse_unserved("emulated attnkern::varlen_bwd", 0.0, false, false, dropout_p);
+  return cuda_ops::varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                                      scale, window_left, window_right, {1, nullptr, &check_launch, &before_launch},
+                                      "emulated attnkern::varlen_bwd");
+}
+
 }  // namespace
 }  // namespace attnkern
 
@@ -181,6 +273,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lse"), py::arg("mask"), py::arg("rng_seed"), py::arg("scale"), py::arg("window_left"),
         py::arg("window_right"), py::arg("bottom_right"), py::arg("dropout_p"), py::arg("mask_needs_grad"),
         py::arg("softcap") = 0.0, py::arg("alibi_slopes") = py::none());
+  m.def("varlen_fwd", &attnkern::varlen_fwd, "attnkern::varlen_fwd through the emulated kernels' varlen variants",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("seqused_k"), py::arg("block_table"), py::arg("scale"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("sm_count"), py::arg("dropout_p") = 0.0);
+  m.def("varlen_bwd", &attnkern::varlen_bwd, "attnkern::varlen_bwd through the emulated kernels' varlen variants",
+        py::arg("grad_out"), py::arg("grad_lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"), py::arg("scale"),
+        py::arg("window_left"), py::arg("window_right"), py::arg("dropout_p") = 0.0);
   m.def("set_options", &attnkern::set_options, pybind11::arg("late_copies"), pybind11::arg("order"),
         pybind11::arg("seed"), "cp.async timing, thread order (0 up, 1 down, 2 shuffled); resets the stats");
   m.def("stats", &attnkern::stats, "counters since set_options: CTAs, barriers, instructions, ldmatrix bank conflicts");
