@@ -338,7 +338,7 @@ def _packed_triton_why_not(problem) -> Optional[str]:
 PACKED_WHY_NOT = {"cpu": _packed_cpu_why_not, "triton": _packed_triton_why_not}
 
 
-PACKED_NO_DROPOUT = {"triton": "the Triton packed kernels have no dropout yet (the CPU packed op has it)"}
+PACKED_NO_DROPOUT: dict = {}
 
 
 def choose_packed(problem, backend: str, dropout: bool = False) -> str:

@@ -133,14 +133,15 @@ def test_kernels_compile(kind, dtype, head_dim, mask, dropout, arch):
      ("fwd", dict(HAS_SEQUSED=True, PAGED=False, SPLIT=False), False, "sm90"),
      ("fwd", dict(HAS_SEQUSED=False, PAGED=True, SPLIT=True), True, "sm90"),
      ("dkdv", dict(HAS_SEQUSED=True), True, "sm90"), ("dq", dict(HAS_SEQUSED=False), False, "sm80")],
-    ids=["fwd-sm80", "fwd-sm90", "fwd-paged-split-modifiers-sm90", "dkdv-sm90", "dq-sm80"],
+    ids=["fwd-sm80", "fwd-sm90", "fwd-paged-split-modifiers-dropout-sm90", "dkdv-modifiers-dropout-sm90", "dq-sm80"],
 )
 def test_varlen_kernels_compile(kind, packed, modifiers, arch):
     """The packed/paged kernels (attnkern/triton/varlen.py) with the dense tables' smallest tiles compile
-    for sm80/sm90 within the pruner's shared-memory estimate; the unpaged ones pipeline their loads
-    (paged keys are gathered through the block table, one row per key)."""
+    for sm80/sm90 within the pruner's shared-memory estimate (the modifier cases with dropout too); the
+    unpaged ones pipeline their loads (paged keys are gathered through the block table, one row per key)."""
     config = TABLES[kind][arch][128][-1]
-    compiled = compile_kernel(kind, arch, torch.float16, 128, config, modifiers=modifiers, packed=packed)
+    compiled = compile_kernel(kind, arch, torch.float16, 128, config, dropout=modifiers, modifiers=modifiers,
+                              packed=packed)
     if packed.get("PAGED"):
         assert compiled.metadata.shared <= ARCHS[arch][1]
     else:
