@@ -335,42 +335,37 @@ def _packed_triton_why_not(problem) -> Optional[str]:
     return _triton_limits(dataclasses.replace(problem, batch=1))  # sequences run on grid dim 0: no limit
 
 
+# each row decides everything from the VarlenProblem (dropout_p included: both rows serve dropout)
 PACKED_WHY_NOT = {"cpu": _packed_cpu_why_not, "triton": _packed_triton_why_not}
 
 
-PACKED_NO_DROPOUT: dict = {}
-
-
-def choose_packed(problem, backend: str, dropout: bool = False) -> str:
+def choose_packed(problem, backend: str) -> str:
     """Backend for a packed/paged call (problem: attnkern._varlen_semantics.VarlenProblem)."""
     if backend in PACKED_NOT_SERVED:
         raise RuntimeError(f"backend={backend!r} cannot run this call: {PACKED_NOT_SERVED[backend]}")
     if backend == "math":
         return "math"
-
-    def why_not(name):
-        return (PACKED_NO_DROPOUT.get(name) if dropout else None) or PACKED_WHY_NOT[name](problem)
-
     if backend != "auto":
-        reason = why_not(backend)
+        reason = PACKED_WHY_NOT[backend](problem)
         if reason:
             raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
         return backend
     for name in PACKED_AUTO_ORDER.get(problem.device_type, ()):
-        if why_not(name) is None:
+        if PACKED_WHY_NOT[name](problem) is None:
             return name
     return "math"
 
 
 def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend: str, sinks=None,
-               alibi=None, dropout_p: float = 0.0):
+               alibi=None):
     """Forward of a packed call through the chosen backend; returns ``(out, lse (Hq, total_q))``.
     ``sinks`` fp32 (Hq,) and ``alibi`` fp32 (B, Hq) as ``_semantics.with_modifiers`` gives them."""
+    dropout_p = problem.dropout_p
     if dropout_p == 1.0:  # every weight dropped: out 0, the LSE of the undropped scores (as run())
-        out, lse = run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend, sinks,
-                              alibi)
+        out, lse = run_packed(dataclasses.replace(problem, dropout_p=0.0), q, k, v, cu_seqlens_q, cu_seqlens_k,
+                              seqused_k, block_table, backend, sinks, alibi)
         return out * 0.0, lse
-    name = choose_packed(problem, backend, dropout=dropout_p > 0.0)
+    name = choose_packed(problem, backend)
     dropout = () if dropout_p == 0.0 else (dropout_p, new_rng_seed())  # the seed drawn alike for both
     if name != "math":
         fwd = ops_varlen.varlen_fwd if name == "cpu" else ops_varlen.triton_varlen_fwd

@@ -10,6 +10,7 @@ seqused_k, cache pages not in the table) hold NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -341,6 +342,7 @@ class TestTritonVarlen:
                                 device_type="cuda")
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
         assert dispatch.choose_packed(problem, "auto") == "triton"  # any number of sequences
+        assert dispatch.choose_packed(dataclasses.replace(problem, dropout_p=0.1), "auto") == "triton"
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
         assert dispatch.choose_packed(problem, "auto") == "math"
         with pytest.raises(RuntimeError, match="compute capability 8.0"):
