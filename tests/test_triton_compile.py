@@ -86,13 +86,14 @@ def compile_kernel(kind, arch, dtype, head_dim, config, mask=None, dropout=False
                           options={"num_warps": warps, "num_stages": stages})
 
 
-def _check(compiled, kind, arch, dtype, head_dim, config, mask=None):
+def _check(compiled, kind, arch, dtype, head_dim, config, mask=None, dropout=False):
     shared = compiled.metadata.shared
     limit = ARCHS[arch][1]
     assert shared <= limit, f"{kind} {config} uses {shared} B of shared memory, {arch} has {limit}"
     args = {"Q": torch.empty(0, dtype=dtype), "Mask": torch.empty(0, dtype=torch.float32 if mask == "float" else
                                                                         torch.uint8),
-            "MASK_KIND": forward.MASK_KINDS[mask], "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
+            "MASK_KIND": forward.MASK_KINDS[mask], "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+            "HAS_DROPOUT": dropout}
     args["BLOCK_DV"] = args["BLOCK_D"]
     cfg = triton.Config({"BLOCK_M": config[0], "BLOCK_N": config[1]}, num_warps=config[2], num_stages=config[3])
     estimate = configs._smem_bytes(cfg, args, kind)
@@ -124,7 +125,7 @@ def test_kernels_compile(kind, dtype, head_dim, mask, dropout, arch):
     config = TABLES[kind][arch][head][-1]  # the smallest tiles: they fit fp32 too
     compiled = compile_kernel(kind, arch, dtype, head_dim, config, mask=mask, dropout=dropout,
                               mask_grad=mask == "float")
-    _check(compiled, kind, arch, dtype, head_dim, config, mask)
+    _check(compiled, kind, arch, dtype, head_dim, config, mask, dropout)
 
 
 @pytest.mark.parametrize(
@@ -145,7 +146,7 @@ def test_varlen_kernels_compile(kind, packed, modifiers, arch):
     if packed.get("PAGED"):
         assert compiled.metadata.shared <= ARCHS[arch][1]
     else:
-        _check(compiled, kind, arch, torch.float16, 128, config)
+        _check(compiled, kind, arch, torch.float16, 128, config, dropout=modifiers)
 
 
 def test_preprocess_compiles():
