@@ -19,6 +19,7 @@ import torch
 import attnkern
 from attnkern import dispatch, ops
 from attnkern._semantics import check_backend, normalize_torch_layout, with_modifiers
+import conftest
 from conftest import TOLERANCE, assert_close, device_backends, forced_isa_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -267,7 +268,7 @@ def test_modifier_parity_triton_interpreter():
     """The Triton kernels under TRITON_INTERPRET=1, which must be set before triton is imported:
     rerun this file's parity matrix for backend triton in a child process (see test_triton_interp.py)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "ATTNKERN_TEST_SEED": str(conftest._BASE_SEED)}  # reproducible
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, __file__),
            "-k", "test_modifier_parity and triton and not interpreter and not under_isa"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(HERE))
