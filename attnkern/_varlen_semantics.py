@@ -28,7 +28,7 @@ from typing import List, Optional
 
 import torch
 
-from ._semantics import _check_scale, _check_tensor, _is_int, normalize_window
+from ._semantics import _check_scale, _check_tensor, _is_int, check_dropout, normalize_window
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class VarlenProblem:
     softcap: float = 0.0  # 0: none
     has_sinks: bool = False
     has_alibi: bool = False
+    dropout_p: float = 0.0  # packed calls only (flash_attn_with_kvcache has none); 1.0: see dispatch.run_packed
 
     @property
     def paged(self) -> bool:
@@ -184,7 +185,8 @@ def check_packed_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, paged: b
 
 
 def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                     window_size, block_table=None, seqused_k=None) -> VarlenProblem:
+                     window_size, block_table=None, seqused_k=None, dropout_p=0.0) -> VarlenProblem:
+    dropout_p = check_dropout(dropout_p)
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         _check_tensor(t, name)
     if not (q.dtype == k.dtype == v.dtype):
@@ -211,7 +213,7 @@ def normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return VarlenProblem(
         batch=batch, heads_q=heads_q, heads_kv=heads_kv, total_q=q.shape[0], head_dim=q.shape[-1],
         head_dim_v=v.shape[-1], scale=scale, window_left=left, window_right=right, page_size=page_size,
-        dtype=q.dtype, device_type=q.device.type,
+        dtype=q.dtype, device_type=q.device.type, dropout_p=dropout_p,
     )
 
 

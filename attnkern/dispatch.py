@@ -334,8 +334,8 @@ def _packed_triton_why_not(problem) -> Optional[str]:
 
 def _packed_cuda_why_not(problem) -> Optional[str]:
     """csrc/cuda/varlen_ops.h: the dense CUDA row (availability, device, dtype, the compiled head-dim
-    buckets); the varlen variants are compiled plain, so no score modifiers (nor dropout:
-    PACKED_NO_DROPOUT). Emulator-verified, not yet run on a GPU."""
+    buckets); the varlen variants are compiled plain, so no score modifiers and no dropout.
+    Emulator-verified, not yet run on a GPU."""
     reason = CAPABILITIES["cuda"].why_not_shape(problem) or _cuda_extra(problem)
     if reason:
         return reason
@@ -343,47 +343,41 @@ def _packed_cuda_why_not(problem) -> Optional[str]:
         return "the C++ extension has no attnkern::varlen_fwd (rebuild it)"
     if problem.softcap or problem.has_sinks or problem.has_alibi:
         return "the CUDA varlen kernels do not serve softcap, sinks or ALiBi yet"
+    if problem.dropout_p > 0.0:
+        return (f"the CUDA varlen kernels have no dropout yet (dropout_p={problem.dropout_p}; "
+                "the CPU and Triton packed ops have it)")
     return None
 
 
+# each row decides everything from the VarlenProblem (dropout_p included)
 PACKED_WHY_NOT = {"cpu": _packed_cpu_why_not, "triton": _packed_triton_why_not, "cuda": _packed_cuda_why_not}
 
 
-PACKED_NO_DROPOUT = {
-    "triton": "the Triton packed kernels have no dropout yet (the CPU packed op has it)",
-    "cuda": "the CUDA varlen kernels have no dropout yet (dropout_p > 0; the CPU packed op has it)",
-}
-
-
-def packed_why_not(name: str, problem, dropout: bool = False) -> Optional[str]:
-    """Why backend ``name`` (not math) cannot run this packed/paged call (None: it can)."""
-    return (PACKED_NO_DROPOUT.get(name) if dropout else None) or PACKED_WHY_NOT[name](problem)
-
-
-def choose_packed(problem, backend: str, dropout: bool = False) -> str:
+def choose_packed(problem, backend: str) -> str:
     """Backend for a packed/paged call (problem: attnkern._varlen_semantics.VarlenProblem)."""
     if backend == "math":
         return "math"
     if backend != "auto":
-        reason = packed_why_not(backend, problem, dropout)
+        reason = PACKED_WHY_NOT[backend](problem)
         if reason:
             raise RuntimeError(f"backend={backend!r} cannot run this call: {reason}")
         return backend
     for name in PACKED_AUTO_ORDER.get(problem.device_type, ()):
-        if packed_why_not(name, problem, dropout) is None:
+        if PACKED_WHY_NOT[name](problem) is None:
             return name
     return "math"
 
 
 def run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend: str, sinks=None,
-               alibi=None, dropout_p: float = 0.0):
+               alibi=None):
     """Forward of a packed call through the chosen backend; returns ``(out, lse (Hq, total_q))``.
     ``sinks`` fp32 (Hq,) and ``alibi`` fp32 (B, Hq) as ``_semantics.with_modifiers`` gives them."""
+    dropout_p = problem.dropout_p
     if dropout_p == 1.0:  # every weight dropped: out 0, the LSE of the undropped scores (as run())
-        out, lse = run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend, sinks,
-                              alibi)
+        out, lse = run_packed(dataclasses.replace(problem, dropout_p=0.0), q, k, v, cu_seqlens_q, cu_seqlens_k,
+                              seqused_k, block_table, backend, sinks, alibi)
         return out * 0.0, lse
-    name = choose_packed(problem, backend, dropout=dropout_p > 0.0)
+    name = choose_packed(problem, backend)
     dropout = () if dropout_p == 0.0 else (dropout_p, new_rng_seed())  # the seed drawn alike for both
     if name != "math":
         # attnkern::varlen_fwd dispatches on the device: the CPU kernels or the CUDA varlen variants

@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from . import dispatch
-from ._semantics import check_backend, check_dropout, with_modifiers
+from ._semantics import check_backend, with_modifiers
 from ._varlen_semantics import VarlenProblem, check_bool, normalize_kvcache, normalize_varlen
 
 Tensor = torch.Tensor
@@ -22,15 +22,14 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
             window_size, softcap, alibi_slopes, deterministic, return_attn_probs, block_table, seqused_k, return_lse,
             backend, s_aux):
     backend = check_backend(backend)
-    dropout_p = check_dropout(dropout_p)
     check_bool(deterministic, "deterministic")  # always deterministic
     check_bool(return_attn_probs, "return_attn_probs")
     check_bool(return_lse, "return_lse")
     problem = normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                               causal, window_size, block_table, seqused_k)
+                               causal, window_size, block_table, seqused_k, dropout_p)
     problem, sinks, alibi = with_modifiers(problem, q, softcap, s_aux, alibi_slopes, "s_aux")
     out, lse = dispatch.run_packed(problem, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, backend,
-                                   sinks, alibi, dropout_p)
+                                   sinks, alibi)
     if return_attn_probs:
         # flash-attn returns (out, lse, S_dmask); attnkern never materialises the probabilities
         return out, lse, None

@@ -205,7 +205,8 @@ def forced_isa_env(isa: str) -> dict:
     if isa == "avx512" and default in ("avx512_bf16", "amx_bf16"):
         pytest.skip(f"avx512 differs from this machine's default {default} only in its bf16 block products, "
                     "which tests/test_cpu_isa.py forces")
-    env = {**os.environ, "ATTNKERN_CPU_ISA": isa}
+    # the child runs with this run's seed, so the seed in this run's header reproduces its failures too
+    env = {**os.environ, "ATTNKERN_CPU_ISA": isa, "ATTNKERN_TEST_SEED": str(_BASE_SEED)}
     probe = subprocess.run([sys.executable, "-c", "import attnkern.ops as o; print(o._C.cpu_isa())"], env=env,
                            capture_output=True, text=True)
     if probe.returncode != 0:

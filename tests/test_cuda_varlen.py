@@ -263,15 +263,16 @@ def test_packed_dispatch_row_for_cuda():
         window_right=0, page_size=0, dtype=torch.bfloat16, device_type="cuda",
     )
     # what the varlen variants do not serve, on any machine: dropout and the score modifiers
-    assert "dropout_p" in dispatch.packed_why_not("cuda", problem, dropout=True)
-    assert dispatch.choose_packed(problem, "auto", dropout=True) == "math"
+    dropped = dataclasses.replace(problem, dropout_p=0.25)
+    assert "dropout_p" in dispatch.PACKED_WHY_NOT["cuda"](dropped)
+    assert dispatch.choose_packed(dropped, "auto") != "cuda"  # Triton (on a GPU) or math
     with pytest.raises(RuntimeError, match="backend='cuda' cannot run this call.*dropout"):
-        dispatch.choose_packed(problem, "cuda", dropout=True)
+        dispatch.choose_packed(dropped, "cuda")
     for modifier in (dict(softcap=5.0), dict(has_sinks=True), dict(has_alibi=True)):
         modified = dataclasses.replace(problem, **modifier)
-        assert dispatch.packed_why_not("cuda", modified)
+        assert dispatch.PACKED_WHY_NOT["cuda"](modified)
         assert dispatch.choose_packed(modified, "auto") != "cuda"
-    reason = dispatch.packed_why_not("cuda", problem)
+    reason = dispatch.PACKED_WHY_NOT["cuda"](problem)
     if ops._C_cuda is None or not torch.cuda.is_available():
         assert reason  # no extension or no device here
         with pytest.raises(RuntimeError, match="backend='cuda' cannot run this call"):
@@ -279,8 +280,8 @@ def test_packed_dispatch_row_for_cuda():
         assert dispatch.choose_packed(problem, "auto") != "cuda"
         return
     assert reason is None
-    assert "softcap" in dispatch.packed_why_not("cuda", dataclasses.replace(problem, softcap=5.0))
-    assert "float16 and bfloat16" in dispatch.packed_why_not("cuda", dataclasses.replace(problem, dtype=torch.float32))
+    assert "softcap" in dispatch.PACKED_WHY_NOT["cuda"](dataclasses.replace(problem, softcap=5.0))
+    assert "float16 and bfloat16" in dispatch.PACKED_WHY_NOT["cuda"](dataclasses.replace(problem, dtype=torch.float32))
     # Triton leads on CUDA tensors (as for dense calls); the CUDA kernels serve where it cannot
     assert dispatch.choose_packed(problem, "auto") in ("triton", "cuda")
 

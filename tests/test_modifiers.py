@@ -19,6 +19,7 @@ import torch
 import attnkern
 from attnkern import dispatch, ops
 from attnkern._semantics import check_backend, normalize_torch_layout, with_modifiers
+import conftest
 from conftest import TOLERANCE, assert_close, device_backends, forced_isa_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -113,6 +114,25 @@ def _forward_backward(case: ModCase, inputs, dtype, device: str, backend: str, s
     return out, lse, grads
 
 
+def sink_grad_terms(inputs, ref_out, ref_lse):
+    """The magnitudes of the terms whose signed sum is each head's sink gradient (attnkern.ops.sink_grad:
+    d sink_h = -sum_{b,i} exp(sink_h - lse) * (rowsum(dO * O) - dLSE)), from the float64 reference."""
+    sinks, grad_out, grad_lse = inputs[4], inputs[6], inputs[7]
+    delta = (grad_out * ref_out.detach()).sum(-1) - grad_lse
+    return (torch.exp(sinks.view(1, -1, 1) - ref_lse.detach()) * delta).abs().sum(dim=(0, 2))
+
+
+def assert_sum_close(got, ref, terms, dtype, what):
+    """A signed sum over every row (B * L terms): its rounding error grows with the sum of the terms'
+    magnitudes, not with the sum, so the error is measured against the larger of the two. In fp16
+    the terms carry O and dO rounded to 2^-11 and often cancel to a tenth of their magnitude; the
+    float64 formula on fp16-rounded O and dO alone then reached 0.53 of the tolerance measured
+    against the sum (the kernels 0.99: a flaky test, not a kernel error)."""
+    err = (got.detach().double() - ref.detach().double()).norm().item()
+    scale = max(ref.detach().double().norm().item(), terms.norm().item())
+    assert err <= TOLERANCE[dtype] * scale, f"{what}: error {err:.3e} > tolerance {TOLERANCE[dtype]:.1e} x {scale:.3e}"
+
+
 @pytest.mark.parametrize("backend", device_backends("cpu"))
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_modifier_parity(case, backend, seed):
@@ -130,7 +150,10 @@ def test_modifier_parity(case, backend, seed):
     names = ["dq", "dk", "dv"] + (["dmask"] if case.mask == "float" else []) + (["dsinks"] if case.sinks else [])
     assert len(grads) == len(names)
     for g, r, name in zip(grads, ref_grads, names):
-        assert_close(g, r, tol_dtype, f"{case.id} {name}")
+        if name == "dsinks":
+            assert_sum_close(g, r, sink_grad_terms(inputs, ref_out, ref_lse), tol_dtype, f"{case.id} {name}")
+        else:
+            assert_close(g, r, tol_dtype, f"{case.id} {name}")
     if case.id == "all-emptyrows":
         empty = ref_out.abs().sum(-1) == 0
         assert empty.any(), "the case must have rows that see no key"
@@ -252,7 +275,7 @@ def test_modifier_parity_triton_interpreter():
     """The Triton kernels under TRITON_INTERPRET=1, which must be set before triton is imported:
     rerun this file's parity matrix for backend triton in a child process (see test_triton_interp.py)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "ATTNKERN_TEST_SEED": str(conftest._BASE_SEED)}  # reproducible
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, __file__),
            "-k", "test_modifier_parity and triton and not interpreter and not under_isa"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(HERE))

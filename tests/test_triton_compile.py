@@ -86,13 +86,14 @@ def compile_kernel(kind, arch, dtype, head_dim, config, mask=None, dropout=False
                           options={"num_warps": warps, "num_stages": stages})
 
 
-def _check(compiled, kind, arch, dtype, head_dim, config, mask=None):
+def _check(compiled, kind, arch, dtype, head_dim, config, mask=None, dropout=False):
     shared = compiled.metadata.shared
     limit = ARCHS[arch][1]
     assert shared <= limit, f"{kind} {config} uses {shared} B of shared memory, {arch} has {limit}"
     args = {"Q": torch.empty(0, dtype=dtype), "Mask": torch.empty(0, dtype=torch.float32 if mask == "float" else
                                                                         torch.uint8),
-            "MASK_KIND": forward.MASK_KINDS[mask], "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
+            "MASK_KIND": forward.MASK_KINDS[mask], "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+            "HAS_DROPOUT": dropout}
     args["BLOCK_DV"] = args["BLOCK_D"]
     cfg = triton.Config({"BLOCK_M": config[0], "BLOCK_N": config[1]}, num_warps=config[2], num_stages=config[3])
     estimate = configs._smem_bytes(cfg, args, kind)
@@ -124,7 +125,7 @@ def test_kernels_compile(kind, dtype, head_dim, mask, dropout, arch):
     config = TABLES[kind][arch][head][-1]  # the smallest tiles: they fit fp32 too
     compiled = compile_kernel(kind, arch, dtype, head_dim, config, mask=mask, dropout=dropout,
                               mask_grad=mask == "float")
-    _check(compiled, kind, arch, dtype, head_dim, config, mask)
+    _check(compiled, kind, arch, dtype, head_dim, config, mask, dropout)
 
 
 @pytest.mark.parametrize(
@@ -133,18 +134,19 @@ def test_kernels_compile(kind, dtype, head_dim, mask, dropout, arch):
      ("fwd", dict(HAS_SEQUSED=True, PAGED=False, SPLIT=False), False, "sm90"),
      ("fwd", dict(HAS_SEQUSED=False, PAGED=True, SPLIT=True), True, "sm90"),
      ("dkdv", dict(HAS_SEQUSED=True), True, "sm90"), ("dq", dict(HAS_SEQUSED=False), False, "sm80")],
-    ids=["fwd-sm80", "fwd-sm90", "fwd-paged-split-modifiers-sm90", "dkdv-sm90", "dq-sm80"],
+    ids=["fwd-sm80", "fwd-sm90", "fwd-paged-split-modifiers-dropout-sm90", "dkdv-modifiers-dropout-sm90", "dq-sm80"],
 )
 def test_varlen_kernels_compile(kind, packed, modifiers, arch):
     """The packed/paged kernels (attnkern/triton/varlen.py) with the dense tables' smallest tiles compile
-    for sm80/sm90 within the pruner's shared-memory estimate; the unpaged ones pipeline their loads
-    (paged keys are gathered through the block table, one row per key)."""
+    for sm80/sm90 within the pruner's shared-memory estimate (the modifier cases with dropout too); the
+    unpaged ones pipeline their loads (paged keys are gathered through the block table, one row per key)."""
     config = TABLES[kind][arch][128][-1]
-    compiled = compile_kernel(kind, arch, torch.float16, 128, config, modifiers=modifiers, packed=packed)
+    compiled = compile_kernel(kind, arch, torch.float16, 128, config, dropout=modifiers, modifiers=modifiers,
+                              packed=packed)
     if packed.get("PAGED"):
         assert compiled.metadata.shared <= ARCHS[arch][1]
     else:
-        _check(compiled, kind, arch, torch.float16, 128, config)
+        _check(compiled, kind, arch, torch.float16, 128, config, dropout=modifiers)
 
 
 def test_preprocess_compiles():

@@ -10,6 +10,7 @@ seqused_k, cache pages not in the table) hold NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -21,7 +22,7 @@ import attnkern  # noqa: E402
 import conftest  # noqa: E402
 from attnkern import dispatch, ops_varlen, reference_varlen  # noqa: E402
 from attnkern._varlen_semantics import VarlenProblem  # noqa: E402
-from conftest import TOLERANCE, assert_close  # noqa: E402
+from conftest import TOLERANCE, assert_close, rel_err  # noqa: E402
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 BACKEND = "triton"
@@ -60,6 +61,27 @@ def packed(lengths_q, lengths_k, heads_q, heads_kv, e, ev, dtype, extra):
     if extra:
         k[-extra:], v[-extra:] = float("nan"), float("nan")
     return q, k, v
+
+
+def paged_copy(k, v, lengths_k, page):
+    """K/V of packed sequences copied into shuffled pages of ``page`` rows (pages no sequence owns
+    and unused tails hold NaN) and the block table (unused entries invalid)."""
+    heads_kv, e, ev = k.shape[1], k.shape[2], v.shape[2]
+    blocks = [-(-n // page) for n in lengths_k]
+    num = sum(blocks) + 2
+    perm = torch.randperm(num).tolist()
+    kp = torch.full((num, page, heads_kv, e), float("nan"), dtype=k.dtype)
+    vp = torch.full((num, page, heads_kv, ev), float("nan"), dtype=v.dtype)
+    table = torch.full((len(lengths_k), max(blocks) + 1), -5, dtype=torch.int32)
+    start = 0
+    for b, n in enumerate(lengths_k):
+        for j in range(blocks[b]):
+            p = perm.pop()
+            rows = slice(start + j * page, start + min(n, (j + 1) * page))
+            kp[p, : rows.stop - rows.start], vp[p, : rows.stop - rows.start] = k[rows], v[rows]
+            table[b, j] = p
+        start += n
+    return kp, vp, table
 
 
 def reference(inputs, cq, ck, scale, window, grad_out, grad_lse, seqused=None, softcap=0.0, sinks=None,
@@ -192,20 +214,7 @@ class TestTritonVarlen:
             monkeypatch.setattr(launch_varlen, "INTERPRETER_SMS", sms)
         lq, lk = [3, 1, 20], [70, 0, 37]
         q, k, v = packed(lq, lk, 2, 1, 16, 16, torch.float32, 0)
-        blocks = [-(-n // page) for n in lk]
-        num = sum(blocks) + 2
-        perm = torch.randperm(num).tolist()
-        kp = torch.full((num, page, 1, 16), float("nan"))
-        vp = torch.full((num, page, 1, 16), float("nan"))
-        table = torch.full((3, max(blocks) + 1), -5, dtype=torch.int32)  # unused entries invalid
-        start = 0
-        for b, n in enumerate(lk):
-            for j in range(blocks[b]):
-                p = perm.pop()
-                rows = slice(start + j * page, start + min(n, (j + 1) * page))
-                kp[p, : rows.stop - rows.start], vp[p, : rows.stop - rows.start] = k[rows], v[rows]
-                table[b, j] = p
-            start += n
+        kp, vp, table = paged_copy(k, v, lk, page)
         s_aux = torch.randn(2)
         splits = launch_varlen.num_splits(lq, lk, 2, launch_varlen.INTERPRETER_SMS, 16, 16)
         assert splits == (3 if sms else 1)
@@ -214,6 +223,52 @@ class TestTritonVarlen:
         ref_out, ref_lse, _ = reference((q, k, v, s_aux), cu(lq), cu(lk), 0.25, (-1, 0), None, None, sinks=True)
         assert_close(out, ref_out, torch.float32, f"paged, page {page}")
         check_lse(lse, ref_lse, torch.float32)
+
+    def test_dropout_matches_reference(self, seed):
+        """dropout_p: the same torch seed gives the reference's Philox pattern (sequence b: the dense
+        pattern of a batch of one keyed by seed + b, rows and keys counted within the sequence),
+        forward and backward; GQA, a zero-length sequence, rows past the sequences."""
+        lq, lk = [21, 0, 9, 1], [24, 5, 9, 40]
+        q, k, v = packed(lq, lk, 2, 1, 16, 16, torch.float32, 2)
+        cq, ck = cu(lq), cu(lk)
+        g = torch.randn(q.shape[0], 2, 16, dtype=torch.float64)
+
+        def run(tensors, backend, p, grads=True):
+            tensors = [t.detach().requires_grad_(grads) for t in tensors]
+            torch.manual_seed(seed)  # the dropout seed is drawn from torch's generator
+            out = attnkern.flash_attn_varlen_func(*tensors, cq, ck, 21, 40, p, causal=True, backend=backend)
+            return out, torch.autograd.grad(out, tensors, g.to(out.dtype)) if grads else None
+
+        out, grads = run((q, k, v), BACKEND, 0.3)
+        ref, ref_grads = run((q.double(), k.double(), v.double()), "math", 0.3)
+        assert_close(out, ref, torch.float32, "out")
+        assert out[int(cq[-1]):].eq(0).all(), "rows past cu_seqlens_q[-1]: out 0"
+        for name, a, b in zip("qkv", grads, ref_grads):
+            assert_close(a, torch.nan_to_num(b, nan=0.0), torch.float32, f"d{name}")
+        assert torch.equal(out, run((q, k, v), BACKEND, 0.3, False)[0]), "the same seed must give the same pattern"
+        undropped = run((q.double(), k.double(), v.double()), "math", 0.0, False)[0]
+        assert rel_err(undropped, ref) > 0.1, "the dropout must matter, or this test could not tell"
+
+    def test_dropout_seed_carry_paged_split(self, monkeypatch, seed):
+        """Sequence seeds ``seed + b`` carry into the high word and wrap at 2**64 (seed -2: sequences
+        0..3 use 2**64 - 2, 2**64 - 1, 0, 1), fp16, paged keys with the key blocks split over programs."""
+        from attnkern.triton import launch_varlen
+
+        monkeypatch.setattr(launch_varlen, "INTERPRETER_SMS", 1000)
+        lq, lk = [2, 1, 3, 1], [45, 20, 33, 50]
+        q, k, v = packed(lq, lk, 2, 1, 16, 16, torch.float16, 0)
+        kp, vp, table = paged_copy(k, v, lk, 8)
+        assert launch_varlen.num_splits(lq, lk, 2, 1000, 16, 16) > 1
+        rng_seed = torch.tensor([-2], dtype=torch.int64)
+        out, lse = ops_varlen.triton_varlen_fwd(q, kp, vp, cu(lq), cu(lk), None, table, 0.25, -1, 0, 0.0, None,
+                                                None, 0.4, rng_seed)
+        ref_out, ref_lse = reference_varlen.varlen_attention(q.double(), k.double(), v.double(), cu(lq), cu(lk),
+                                                             0.25, -1, 0, dropout_p=0.4, seed=2**64 - 2)
+        assert_close(out, ref_out, torch.float16, "out")
+        check_lse(lse, ref_lse, torch.float16)  # dropout acts after the softmax: the LSE is the undropped one
+        undropped, _ = reference_varlen.varlen_attention(q.double(), k.double(), v.double(), cu(lq), cu(lk), 0.25,
+                                                         -1, 0)
+        assert rel_err(undropped, ref_out) > 0.1, "the dropout must matter, or this test could not tell"
 
     @pytest.mark.parametrize(
         "name,paged", [("rotary-batch-idx", None), ("rotary-neox-window", 5), ("decode-split-sinks", 7)])
@@ -289,6 +344,7 @@ class TestTritonVarlen:
                                 device_type="cuda")
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
         assert dispatch.choose_packed(problem, "auto") == "triton"  # any number of sequences
+        assert dispatch.choose_packed(dataclasses.replace(problem, dropout_p=0.1), "auto") == "triton"
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
         assert dispatch.choose_packed(problem, "auto") == "math"
         with pytest.raises(RuntimeError, match="compute capability 8.0"):
@@ -312,6 +368,10 @@ class TestTritonVarlen:
             op(q, k, v, cu(lq), cu(lq), torch.tensor([5, 8], dtype=torch.int32), None, 0.25, -1, -1)
         with pytest.raises(ValueError, match="multiple of k/v heads"):
             op(torch.randn(12, 3, 16), k, v, cu(lq), cu(lq), None, None, 0.25, -1, -1)
+        with pytest.raises(ValueError, match="rng_seed must be a CPU int64 tensor"):
+            op(q, k, v, cu(lq), cu(lq), None, None, 0.25, -1, -1, 0.0, None, None, 0.5)
+        with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+            op(q, k, v, cu(lq), cu(lq), None, None, 0.25, -1, -1, 0.0, None, None, 1.0, torch.tensor([1]))
         with pytest.raises(ValueError, match="head dims"):
             op(*(torch.randn(12, 1, 300) for _ in range(3)), cu(lq), cu(lq), None, None, 0.25, -1, -1)
         kp = k.view(3, 4, 2, 16)

@@ -240,23 +240,42 @@ def paged_copy(k, lengths, page, extra_blocks=3):
     return pages, table
 
 
-@pytest.mark.parametrize("page", [1, 5, 16, 128, 256])
-def test_paged_varlen_matches_packed(page, seed):
-    lq, lk = [3, 40, 1], [300, 41, 130]
-    q, k, v = packed(lq, lk, 4, 2, 32, 32, torch.float32)
-    kp, table = paged_copy(k, lk, page)
-    vp, _ = paged_copy(v, lk, page)
-    # the same pages for v: copy v's pages into k's arrangement
-    vp = torch.empty_like(kp) * float("nan")
+def paged_pair(k, v, lengths, page):
+    """k and v in the same shuffled pages (paged_copy's arrangement of k) and the block table."""
+    kp, table = paged_copy(k, lengths, page)
+    vp = torch.empty(*kp.shape[:-1], v.shape[-1], dtype=v.dtype) * float("nan")
     start = 0
-    for b, n in enumerate(lk):
+    for b, n in enumerate(lengths):
         for j in range(-(-n // page)):
             rows = v[start + j * page: start + min(n, (j + 1) * page)]
             vp[int(table[b, j]), : rows.shape[0]] = rows
         start += n
+    return kp, vp, table
+
+
+@pytest.mark.parametrize("page", [1, 5, 16, 128, 256])
+def test_paged_varlen_matches_packed(page, seed):
+    lq, lk = [3, 40, 1], [300, 41, 130]
+    q, k, v = packed(lq, lk, 4, 2, 32, 32, torch.float32)
+    kp, vp, table = paged_pair(k, v, lk, page)
     out = attnkern.flash_attn_varlen_func(q, kp, vp, cu(lq), cu(lk), 40, 300, causal=True, block_table=table)
     ref, _, _ = reference_fwd_bwd(q, k, v, cu(lq), cu(lk), 32 ** -0.5, (-1, 0))
     assert_close(out, ref, torch.float32, f"paged, page {page}")
+
+
+@pytest.mark.parametrize("page", [None, 5, 160], ids=["packed", "page5", "page160"])
+def test_far_apart_key_rows_match_reference(page, seed):
+    """fp32 K/V rows 4 KiB or more apart (Hkv * D = 4 * 256 floats here) are copied before the block
+    products instead of read in place (csrc/cpu/kernels_impl.inc key_rows): packed, paged with every
+    key block across pages, paged with blocks inside a page."""
+    lq, lk = [2, 5], [150, 131]
+    q, k, v = packed(lq, lk, 8, 4, 256, 256, torch.float32)
+    assert k.stride(0) * k.element_size() >= 4096
+    keys, values, table = (k, v, None) if page is None else paged_pair(k, v, lk, page)
+    out = attnkern.flash_attn_varlen_func(q, keys, values, cu(lq), cu(lk), 5, 150, causal=True, block_table=table,
+                                          backend="cpu")
+    ref, _, _ = reference_fwd_bwd(q, k, v, cu(lq), cu(lk), 256 ** -0.5, (-1, 0))
+    assert_close(out, ref, torch.float32, f"far-apart rows, page {page}")
 
 
 def make_cache(batch_cache, seqlen, heads_kv, e, ev, dtype):

@@ -62,6 +62,14 @@ def _check_dtypes_devices(op, q, k, v) -> None:
     _check_device(q, op)
 
 
+def _check_dropout(dropout_p, rng_seed) -> None:
+    if not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0 and (rng_seed is None or rng_seed.numel() < 1 or rng_seed.dtype != torch.int64
+                          or rng_seed.device.type != "cpu"):
+        raise ValueError("rng_seed must be a CPU int64 tensor with at least one element when dropout_p > 0")
+
+
 def _check_inputs(op, q, k, v, mask, rng_seed, scale, window_left, window_right, dropout_p) -> Optional[str]:
     """Validate the forward arguments; return the mask kind (None, "bool" or "float")."""
     for t, name, want in ((q, "q", "(B, Hq, L, E)"), (k, "k", "(B, Hkv, S, E)"), (v, "v", "(B, Hkv, S, Ev)")):
@@ -86,13 +94,9 @@ def _check_inputs(op, q, k, v, mask, rng_seed, scale, window_left, window_right,
                          f"got {Hq} heads, batch {B}")
     if window_left < -1 or window_right < -1:
         raise ValueError(f"window_left/window_right must be >= -1, got ({window_left}, {window_right})")
-    if not (0.0 <= dropout_p < 1.0):
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
-    if dropout_p > 0 and (rng_seed is None or rng_seed.numel() < 1 or rng_seed.dtype != torch.int64
-                          or rng_seed.device.type != "cpu"):
-        raise ValueError("rng_seed must be a CPU int64 tensor with at least one element when dropout_p > 0")
+    _check_dropout(dropout_p, rng_seed)
     if mask is None:
         return None
     if tuple(mask.shape) != (B, Hq, L, S):

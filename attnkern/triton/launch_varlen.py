@@ -26,8 +26,8 @@ from .._varlen_semantics import check_block_table, check_packed_shapes, packed_l
 from ..dispatch import CAPABILITIES, TRITON_MAX_GRID_DIM
 from ..dispatch import _triton_interpreting as _interpreting
 from . import configs
-from .launch import (LOG2E, _band_args, _check_dtypes_devices, _head_blocks, _launch, _modifier_args,
-                     _unit_last_stride)
+from .launch import (LOG2E, _band_args, _check_dropout, _check_dtypes_devices, _dropout_args, _head_blocks, _launch,
+                     _modifier_args, _unit_last_stride)
 
 MAX_SPLITS = 64
 # under TRITON_INTERPRET=1 there are no SMs: a small count sends small decode tests down the split path
@@ -43,7 +43,7 @@ def _kernels():
 
 
 def _check_packed(op, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, window_left,
-                  window_right):
+                  window_right, dropout_p, rng_seed):
     """Tensor and value checks; returns ``(cq, ck, len_q, len_k)`` (see packed_lengths)."""
     paged = block_table is not None
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
@@ -61,6 +61,7 @@ def _check_packed(op, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_tabl
         raise ValueError(f"window_left/window_right must be >= -1, got ({window_left}, {window_right})")
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
+    _check_dropout(dropout_p, rng_seed)
     lengths = packed_lengths(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, paged)
     if paged:
         check_block_table(block_table, batch, q.device, k.shape[0], k.shape[1], lengths[3])
@@ -109,22 +110,15 @@ def _shared_args(q, k, v, window_left, window_right, batch, len_q, len_k, paged)
     return shape_args, key_args, meta
 
 
-def _refuse_dropout(op, dropout_p):
-    if dropout_p != 0.0:
-        raise NotImplementedError(f"attnkern::{op}: the Triton packed kernels have no dropout yet "
-                                  f"(dropout_p={dropout_p}); the CPU packed op has it")
-
-
 def _strides2(t):
     return t.stride(0), t.stride(1)
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, window_left, window_right,
             softcap=0.0, sinks=None, alibi_slopes=None, dropout_p=0.0, rng_seed=None):
-    _refuse_dropout("triton_varlen_fwd", dropout_p)
     paged = block_table is not None
     cq, _, len_q, len_k = _check_packed("triton_varlen_fwd", q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                                        block_table, scale, window_left, window_right)
+                                        block_table, scale, window_left, window_right, dropout_p, rng_seed)
     batch = len(len_q)
     sinks_arg, alibi_arg, softcap2, mod_meta = _modifier_args(q, softcap, sinks, alibi_slopes, batch)
     total_q, heads_q, _ = q.shape
@@ -164,8 +158,9 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, 
         varlen.varlen_fwd_kernel, "fwd", q.device, lambda c: (end // c["BLOCK_M"] + batch, heads_q, splits),
         qc, kc, vc, out_t, lse_t, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), seqused, table,
         *_strides2(qc), *k_strides, *v_strides, *o_strides, *split_strides, table.stride(0),
-        *shape_args, page_size, splits, scale * LOG2E, sinks_arg, alibi_arg, softcap2, *key_args,
-        HAS_SINKS=sinks is not None and splits == 1, HAS_SEQUSED=seqused_k is not None, PAGED=paged,
+        *shape_args, page_size, splits, scale * LOG2E, *_dropout_args(rng_seed, dropout_p), sinks_arg, alibi_arg,
+        softcap2, *key_args, HAS_DROPOUT=dropout_p > 0, HAS_SINKS=sinks is not None and splits == 1,
+        HAS_SEQUSED=seqused_k is not None, PAGED=paged,
         SPLIT=splits > 1, **mod_meta, **meta,
     )
     if splits > 1:
@@ -177,7 +172,6 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, 
 
 def backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, window_left,
              window_right, softcap=0.0, alibi_slopes=None, dropout_p=0.0, rng_seed=None):
-    _refuse_dropout("triton_varlen_bwd", dropout_p)
     # the dense Triton backward's rare path for rows with a huge LSE (csrc/mask.h
     # backward_row_stats) has no packed variant yet: refuse rather than return wrong gradients
     if bool(((lse.abs() > HUGE_LSE) & lse.isfinite()).any()):
@@ -186,7 +180,7 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             "log(sum) in an fp32 LSE); the Triton packed backward has no rare path for them yet, "
             "backend='cpu' has")
     cq, ck, len_q, len_k = _check_packed("triton_varlen_bwd", q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, None,
-                                         scale, window_left, window_right)
+                                         scale, window_left, window_right, dropout_p, rng_seed)
     batch = len(len_q)
     _, alibi_arg, softcap2, mod_meta = _modifier_args(q, softcap, None, alibi_slopes, batch)
     total_q, heads_q, _ = q.shape
@@ -224,9 +218,9 @@ def backward(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     seqused = seqused_k.contiguous() if seqused_k is not None else cu_k
     common = (*_strides2(qc), *_strides2(kc), *_strides2(vc), *_strides2(doc))
-    scalars = (*shape_args, scale, scale * LOG2E, alibi_arg, softcap2, *key_args)
-    flags = dict(HAS_SEQUSED=seqused_k is not None, SOFTCAP=mod_meta["SOFTCAP"], HAS_ALIBI=mod_meta["HAS_ALIBI"],
-                 **meta)
+    scalars = (*shape_args, scale, scale * LOG2E, *_dropout_args(rng_seed, dropout_p), alibi_arg, softcap2, *key_args)
+    flags = dict(HAS_SEQUSED=seqused_k is not None, HAS_DROPOUT=dropout_p > 0, SOFTCAP=mod_meta["SOFTCAP"],
+                 HAS_ALIBI=mod_meta["HAS_ALIBI"], **meta)
     _launch(
         varlen.varlen_dkdv_kernel, "dkdv", q.device, lambda c: (ck[-1] // c["BLOCK_N"] + batch, heads_kv),
         qc, kc, vc, doc, lse_c, delta, dk, dv, cu_q, cu_k, seqused, *common, *_strides2(dk), *_strides2(dv),

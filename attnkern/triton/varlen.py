@@ -17,6 +17,11 @@ Inside a sequence everything is the dense kernels' code (``_fwd_blocks``, ``_dkd
 lookup per key, any page size) and can split a query tile's key blocks over ``grid[2]``
 programs (``SPLIT``): each writes its normalised partial output and LSE, which the launcher
 merges (attnkern/triton/launch_varlen.py).
+
+Dropout (HAS_DROPOUT) is the dense kernels' Philox stream on sequence b as a batch of one
+keyed by ``seed + b`` (attnkern/_varlen_semantics.py): counter ``(j >> 2, i, h, 0)`` with i, j
+the row and key *within* the sequence, so the mask does not depend on where the sequence sits
+in the packed tensors, on paging, or on the split.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from .forward import LOG2E, MASK_NONE, _fwd_blocks, finish_rows, load_tile
 
 # integer arguments Triton must not specialise on (value 1, divisibility by 16), as in forward.py
 BWD_UNSPECIALIZED = ["batch", "search_steps", "total_q", "heads_q", "group", "head_dim", "head_dim_v", "left", "right",
-                     "band_kind", "len_q_bucket", "len_k_bucket"]
+                     "seed_lo", "seed_hi", "drop_threshold", "band_kind", "len_q_bucket", "len_k_bucket"]
 FWD_UNSPECIALIZED = BWD_UNSPECIALIZED + ["page_size", "num_splits"]
 
 
@@ -63,6 +68,15 @@ def sequence_keys(CuK, SeqUsedK, b, HAS_SEQUSED: tl.constexpr):
 
 
 @triton.jit
+def sequence_seed(seed_lo, seed_hi, b):
+    """Sequence b's 64-bit dropout seed ``seed + b`` as the Philox key words (lo, hi), carry included."""
+    b32 = b.to(tl.uint32)
+    lo = seed_lo.to(tl.uint32) + b32
+    hi = seed_hi.to(tl.uint32) + (lo < b32).to(tl.uint32)  # unsigned wrap-around: the sum is below b
+    return lo, hi
+
+
+@triton.jit
 def _alibi_slope2(Alibi, head_index, HAS_ALIBI: tl.constexpr):
     slope2 = 0.0
     if HAS_ALIBI:
@@ -83,11 +97,13 @@ def varlen_fwd_kernel(
     stride_qm, stride_qh, stride_kn, stride_kh, stride_kp, stride_vn, stride_vh, stride_vp,
     stride_om, stride_oh, stride_os, stride_ls, stride_bt,
     batch, search_steps, total_q, heads_q, group, head_dim, head_dim_v, left, right, page_size, num_splits,
-    qk_scale, Sinks, Alibi, softcap2,  # score modifiers: (Hq,) fp32, (B, Hq) fp32, softcap * log2(e)
+    qk_scale, seed_lo, seed_hi, drop_threshold, drop_scale,
+    Sinks, Alibi, softcap2,  # score modifiers: (Hq,) fp32, (B, Hq) fp32, softcap * log2(e)
     band_kind, len_q_bucket, len_k_bucket,  # autotune keys only
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-    MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
-    HAS_ALIBI: tl.constexpr, HAS_SEQUSED: tl.constexpr, PAGED: tl.constexpr, SPLIT: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SEQUSED: tl.constexpr, PAGED: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # last tiles first: under a causal band they have the most keys (as the dense kernel)
@@ -115,8 +131,8 @@ def varlen_fwd_kernel(
         k_base += k_start.to(tl.int64) * stride_kn
         v_base += k_start.to(tl.int64) * stride_vn
     page_row = BlockTable + b.to(tl.int64) * stride_bt
-    head_index = b * heads_q + h
-    slope2 = _alibi_slope2(Alibi, head_index, HAS_ALIBI)
+    slope2 = _alibi_slope2(Alibi, b * heads_q + h, HAS_ALIBI)
+    seq_lo, seq_hi = sequence_seed(seed_lo, seed_hi, b)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -134,12 +150,13 @@ def varlen_fwd_kernel(
             n_lo, n_hi = _split_bounds(n_lo, n_hi, chunk_lo, chunk_hi)
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, k_base, v_base, q_base, rows, m0, n_lo, n_hi, stride_kn, stride_vn, 0, 0, len_q,
-            len_k, offset, left, right, qk_scale, head_index, 0, 0, 0, head_dim, head_dim_v, softcap2, slope2,
-            page_row, page_size, stride_kp, stride_vp, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N, segment != 1,
-            MASK_NONE, False, DOT_PRECISION, SOFTCAP, HAS_ALIBI, PAGED)
+            len_k, offset, left, right, qk_scale, h, seq_lo, seq_hi, drop_threshold, head_dim, head_dim_v, softcap2,
+            slope2, page_row, page_size, stride_kp, stride_vp, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N,
+            segment != 1, MASK_NONE, HAS_DROPOUT, DOT_PRECISION, SOFTCAP, HAS_ALIBI, PAGED)
 
-    # split partials carry no sink (HAS_SINKS is off with SPLIT): the merge adds it once
-    out, lse = finish_rows(acc, l_i, m_i, Sinks, h, 1.0, HAS_SINKS)
+    # split partials carry no sink (HAS_SINKS is off with SPLIT): the merge adds it once; their
+    # l counts dropped weights too, so the LSE-weighted merge of acc * drop_scale / l is exact
+    out, lse = finish_rows(acc, l_i, m_i, Sinks, h, drop_scale, HAS_SINKS)
     o_base = Out + split.to(tl.int64) * stride_os + (q_start + m0).to(tl.int64) * stride_om + h.to(tl.int64) * stride_oh
     tl.store(o_base + (rows - m0)[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
@@ -153,11 +170,11 @@ def varlen_dkdv_kernel(
     stride_qm, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_dom, stride_doh,
     stride_dkn, stride_dkh, stride_dvn, stride_dvh,
     batch, search_steps, total_q, heads_q, group, head_dim, head_dim_v, left, right,
-    scale, qk_scale, Alibi, softcap2,
+    scale, qk_scale, seed_lo, seed_hi, drop_threshold, drop_scale, Alibi, softcap2,
     band_kind, len_q_bucket, len_k_bucket,  # autotune keys only
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-    MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SEQUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SEQUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # one key tile of one K/V head per program, virtual tiles over the keys packed by cu_seqlens_k
     h_kv = tl.program_id(1)
@@ -180,20 +197,21 @@ def varlen_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     start, full_lo, full_hi, end = query_block_range(n0, len_q, len_k, offset, left, right, BLOCK_M, BLOCK_N)
+    seq_lo, seq_hi = sequence_seed(seed_lo, seed_hi, b)
     for g in range(group):  # the query heads sharing this K/V head, in a fixed order
         h = h_kv * group + g
         q_base = Q + q_start.to(tl.int64) * stride_qm + h.to(tl.int64) * stride_qh
         do_base = dOut + q_start.to(tl.int64) * stride_dom + h.to(tl.int64) * stride_doh
         row_base = h.to(tl.int64) * total_q + q_start  # lse and delta are (Hq, total_q)
-        head_index = b * heads_q + h
-        slope2 = _alibi_slope2(Alibi, head_index, HAS_ALIBI)
+        slope2 = _alibi_slope2(Alibi, b * heads_q + h, HAS_ALIBI)
         for segment in tl.static_range(3):
             m_lo, m_hi = segment_bounds(segment, start, full_lo, full_hi, end)
             dk, dv = _dkdv_blocks(
                 dk, dv, k, v, q_base, do_base, Q, Lse, Delta, Lse, row_base, cols, n0, m_lo, m_hi, stride_qm,
-                stride_dom, 0, 0, len_q, len_k, offset, left, right, qk_scale, head_index, 0, 0, 0, 1.0, head_dim,
-                head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_M, BLOCK_N, segment != 1,
-                MASK_NONE, False, DOT_PRECISION, SOFTCAP, HAS_ALIBI, False)  # no huge-LSE rare path (see launcher)
+                stride_dom, 0, 0, len_q, len_k, offset, left, right, qk_scale, h, seq_lo, seq_hi, drop_threshold,
+                drop_scale, head_dim, head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_M,
+                BLOCK_N, segment != 1, MASK_NONE, HAS_DROPOUT, DOT_PRECISION, SOFTCAP, HAS_ALIBI,
+                False)  # no huge-LSE rare path (see launcher)
 
     dk_base = dK + k_row * stride_dkn + h_kv.to(tl.int64) * stride_dkh
     dv_base = dV + k_row * stride_dvn + h_kv.to(tl.int64) * stride_dvh
@@ -207,11 +225,11 @@ def varlen_dq_kernel(
     stride_qm, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh,
     batch, search_steps, total_q, heads_q, group, head_dim, head_dim_v, left, right,
-    scale, qk_scale, Alibi, softcap2,
+    scale, qk_scale, seed_lo, seed_hi, drop_threshold, drop_scale, Alibi, softcap2,
     band_kind, len_q_bucket, len_k_bucket,  # autotune keys only
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, PAD_D: tl.constexpr, PAD_DV: tl.constexpr,
-    MASK_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SEQUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, HAS_SEQUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tile = tl.num_programs(0) - 1 - tl.program_id(0)
     h = tl.program_id(1)
@@ -237,8 +255,8 @@ def varlen_dq_kernel(
     lse2, log2_sum, delta = _load_row_stats(Lse, Delta, Lse, h.to(tl.int64) * total_q + q_start, rows, len_q, False)
     k_base = K + k_start.to(tl.int64) * stride_kn + h_kv.to(tl.int64) * stride_kh
     v_base = V + k_start.to(tl.int64) * stride_vn + h_kv.to(tl.int64) * stride_vh
-    head_index = b * heads_q + h
-    slope2 = _alibi_slope2(Alibi, head_index, HAS_ALIBI)
+    slope2 = _alibi_slope2(Alibi, b * heads_q + h, HAS_ALIBI)
+    seq_lo, seq_hi = sequence_seed(seed_lo, seed_hi, b)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     start, full_lo, full_hi, end = key_block_range(m0, len_q, len_k, offset, left, right, BLOCK_M, BLOCK_N)
@@ -246,9 +264,9 @@ def varlen_dq_kernel(
         n_lo, n_hi = segment_bounds(segment, start, full_lo, full_hi, end)
         dq = _dq_blocks(
             dq, q, do, lse2, log2_sum, delta, k_base, v_base, Q, Delta, rows, m0, n_lo, n_hi, stride_kn, stride_vn,
-            0, 0, len_q, len_k, offset, left, right, qk_scale, head_index, 0, 0, 0, 1.0, head_dim, head_dim_v,
-            softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N, segment != 1, MASK_NONE, False, False,
-            DOT_PRECISION, SOFTCAP, HAS_ALIBI, False)
+            0, 0, len_q, len_k, offset, left, right, qk_scale, h, seq_lo, seq_hi, drop_threshold, drop_scale,
+            head_dim, head_dim_v, softcap2, slope2, BLOCK_D, BLOCK_DV, PAD_D, PAD_DV, BLOCK_N, segment != 1,
+            MASK_NONE, HAS_DROPOUT, False, DOT_PRECISION, SOFTCAP, HAS_ALIBI, False)
 
     dq_base = dQ + q_row * stride_dqm + h.to(tl.int64) * stride_dqh
     tl.store(dq_base + (rows - m0)[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty),
