@@ -75,6 +75,7 @@ def device_info(device: str) -> dict:
         info.update(name=cpu_name(), cpus=os.cpu_count(),
                     attnkern_isa=ops._C.cpu_isa() if ops._C is not None else None,
                     attnkern_amx=ops._C.cpu_amx() if ops._C is not None else None,
+                    attnkern_fp32_amx_terms=ops._C.cpu_fp32_amx_terms() if ops._C is not None else None,
                     attnkern_parallel=ops._C.cpu_parallel() if ops._C is not None else None)
         if hasattr(os, "getloadavg"):  # other work on a shared machine shows here
             info["loadavg_1m"] = round(os.getloadavg()[0], 2)
