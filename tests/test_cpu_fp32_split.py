@@ -108,3 +108,23 @@ def test_parity_subset_under_split():
                          text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_non_finite_inputs_stay_non_finite(where, value, seed):
+    """An Inf or NaN input never turns finite on the split: wherever the FMA path's output is
+    non-finite, the split's is too (Inf may become NaN: the Inf meets zero pieces, README)."""
+    x = [torch.randn(1, 2, 40, 64) for _ in range(3)]
+    x["qkv".index(where)][0, 1, 5, 3] = value
+    outs = []
+    for terms in (0, SPLIT_TERMS):
+        ops._C._set_cpu_fp32_amx_terms(terms)
+        try:
+            outs.append(attnkern.scaled_dot_product_attention(*x, backend="cpu"))
+        finally:
+            ops._C._set_cpu_fp32_amx_terms(-1)
+    fma, split = outs
+    assert (~torch.isfinite(fma)).any()
+    assert not (~torch.isfinite(fma) & torch.isfinite(split)).any()
+    assert torch.isfinite(split[:, 0]).all()  # the other head is untouched
