@@ -99,7 +99,7 @@ def cpu_fp32_line() -> str:
     terms = ops._C.cpu_fp32_amx_terms()
     if terms:
         return (f"fp32 forward block products: AMX tiles, three-way bf16 split, {terms} terms (head dims multiple of "
-                "32 (q/k) and 16 (v); ATTNKERN_CPU_FP32_AMX={terms})")
+                f"32 (q/k) and 16 (v); ATTNKERN_CPU_FP32_AMX={terms})")
     note = "; ATTNKERN_CPU_FP32_AMX=6 puts the forward's on AMX tiles" if ops._C.cpu_isa() == "amx_bf16" else ""
     return f"fp32 block products: fp32 multiply-adds ({ops._C.cpu_isa()} kernels){note}"
 

@@ -85,10 +85,13 @@ def test_split_runs_only_where_it_applies(seed):
 
 
 def test_environment_switch_and_bad_values():
-    code = "import attnkern.ops as o; print(o._C.cpu_fp32_amx_terms())"
+    code = ("import attnkern.ops as o; from attnkern.__main__ import cpu_fp32_line; "
+            "print(o._C.cpu_fp32_amx_terms()); print(cpu_fp32_line())")
     on = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATTNKERN_CPU_FP32_AMX": "9"},
                         capture_output=True, text=True)
-    assert on.returncode == 0 and on.stdout.strip() == "9", on.stderr
+    assert on.returncode == 0, on.stderr
+    terms, line = on.stdout.strip().splitlines()
+    assert terms == "9" and "AMX tiles" in line and "9 terms" in line and "ATTNKERN_CPU_FP32_AMX=9" in line
     bad = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATTNKERN_CPU_FP32_AMX": "5"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "ATTNKERN_CPU_FP32_AMX=5" in bad.stderr
