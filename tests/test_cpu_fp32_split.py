@@ -19,8 +19,9 @@ from attnkern import ops
 pytestmark = pytest.mark.skipif(ops._C is None or ops._C.cpu_isa() != "amx_bf16",
                                 reason="the fp32 split runs in the amx_bf16 kernel variant (CPUs with AMX-BF16)")
 
-# relative RMS error of the fp32 forward against float64: the FMA path measures 2e-7 to 4e-7 on
-# these inputs (benchmarks/quiet/cpu-fp32-split-accuracy-*.json), bf16x3 about 1e-5
+# relative RMS error of the fp32 forward against float64 on the accuracy benchmark's inputs
+# (benchmarks/quiet/cpu-fp32-split-accuracy-*.json): FMA path 0.3e-6 to 1.2e-6, 6-term split 0.15e-6
+# to 0.4e-6, bf16x3 5e-6 to 1.4e-5
 FP32_LEVEL = 1.5e-6
 SPLIT_TERMS = 6  # the count ATTNKERN_CPU_FP32_AMX documents, chosen by that measurement
 
