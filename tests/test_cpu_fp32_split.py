@@ -53,8 +53,8 @@ def test_split_forward_is_fp32_accurate(case, seed):
     b, h, length, keys, d, causal, mult = case
     q = torch.randn(b, length, h, d) * mult
     k, v = torch.randn(b, keys, h, d), torch.randn(b, keys, h, d)
-    ref, ref_lse = attnkern.flash_attn_func(q.double(), k.double(), v.double(), causal=causal,
-                                                         backend="math", return_lse=True)
+    ref, ref_lse = attnkern.flash_attn_func(q.double(), k.double(), v.double(), causal=causal, backend="math",
+                                            return_lse=True)
     before = ops._C._cpu_fp32_split_items()
     out, lse = fp32_forward(q, k, v, causal, SPLIT_TERMS)
     assert ops._C._cpu_fp32_split_items() > before, "the fp32 call did not run the split"
