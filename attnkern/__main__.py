@@ -94,6 +94,16 @@ def cpu_amx_line() -> str:
     return "AMX bf16 tiles: usable, not selected (ATTNKERN_CPU_ISA)"
 
 
+def cpu_fp32_line() -> str:
+    """Which unit runs the fp32 forward's block products: AMX tiles (the bf16 split, opt-in) or FMAs."""
+    terms = ops._C.cpu_fp32_amx_terms()
+    if terms:
+        return (f"fp32 forward block products: AMX tiles, three-way bf16 split, {terms} terms (head dims multiple of "
+                f"32 (q/k) and 16 (v); ATTNKERN_CPU_FP32_AMX={terms})")
+    note = "; ATTNKERN_CPU_FP32_AMX=6 puts the forward's on AMX tiles" if ops._C.cpu_isa() == "amx_bf16" else ""
+    return f"fp32 block products: fp32 multiply-adds ({ops._C.cpu_isa()} kernels){note}"
+
+
 def _problem(q):
     from ._semantics import normalize_torch_layout
 
@@ -105,6 +115,7 @@ def report() -> int:
     if ops._C is not None:
         print(f"  cpu backend: compiled, kernels for {ops._C.cpu_isa()}; {cpu_threads_line()}")
         print(f"    {cpu_amx_line()}")
+        print(f"    {cpu_fp32_line()}")
         if ops._C.cpu_parallel().startswith("none"):
             print("  WARNING: the CPU kernels were built without OpenMP and run single-threaded; "
                   "rebuild with a compiler that accepts -fopenmp")

@@ -151,6 +151,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const std::string why = attnkern::cpu::amx_unusable_reason();
     return why.empty() ? std::string("usable") : "unusable: " + why;
   }, "Whether the amx_bf16 kernels (bf16 block products on AMX tiles) can run in this process, and if not, why");
+  m.def("cpu_fp32_amx_terms", [] {
+    return std::string(attnkern::cpu::select_kernels().isa) == "amx_bf16" ? attnkern::cpu::fp32_amx_terms() : 0;
+  }, "bf16 cross products of the three-way split that make each fp32 forward block product on AMX tiles "
+     "(head dims multiple of 32 (q/k) and 16 (v)); 0: fp32 products on FMAs (the default, "
+     "ATTNKERN_CPU_FP32_AMX=0, or a kernel variant other than amx_bf16)");
+  m.def("_set_cpu_fp32_amx_terms", [](int terms) { attnkern::cpu::set_fp32_amx_terms(terms); },
+        "Set the fp32 split's term count in this process (0, 1, 3, 6, 9; -1: ATTNKERN_CPU_FP32_AMX's choice): "
+        "benchmarks and accuracy tests. Set it between calls, not during one");
+  m.def("_cpu_fp32_split_items", [] { return attnkern::cpu::fp32_split_items(); },
+        "Forward items that ran their fp32 block products on the AMX split since the process started");
   m.def("cpu_parallel", [] {
 #if defined(_OPENMP)
     return std::string("OpenMP ") + std::to_string(_OPENMP);

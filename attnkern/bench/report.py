@@ -75,6 +75,7 @@ def device_info(device: str) -> dict:
         info.update(name=cpu_name(), cpus=os.cpu_count(),
                     attnkern_isa=ops._C.cpu_isa() if ops._C is not None else None,
                     attnkern_amx=ops._C.cpu_amx() if ops._C is not None else None,
+                    attnkern_fp32_amx_terms=ops._C.cpu_fp32_amx_terms() if ops._C is not None else None,
                     attnkern_parallel=ops._C.cpu_parallel() if ops._C is not None else None)
         if hasattr(os, "getloadavg"):  # other work on a shared machine shows here
             info["loadavg_1m"] = round(os.getloadavg()[0], 2)
@@ -247,6 +248,8 @@ def header(doc: dict) -> str:
     dev, ver = doc["device"], doc["versions"]
     parts = [f"device: {dev.get('name')} ({dev['type']}, {dev.get('threads')} threads"
              + (f", attnkern ISA {dev['attnkern_isa']}" if dev.get("attnkern_isa") else "")
+             + (f", fp32 forward products on AMX by the {dev['attnkern_fp32_amx_terms']}-term bf16 split"
+                if dev.get("attnkern_fp32_amx_terms") else "")
              + (f", load average {dev['loadavg_1m']}" if "loadavg_1m" in dev else "") + ")",
              "versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v)]
     peaks, sizes = doc.get("peak_tflops") or {}, doc.get("peak_matmul_n") or {}

@@ -84,6 +84,19 @@ void set_kernels(const char* name);
 // Why the amx_bf16 kernels cannot run in this process (one line), or "" when they can.
 const char* amx_unusable_reason();
 
+// fp32 inputs in the amx_bf16 variant: how many bf16 cross products of the three-way split
+// (gemm_amx.h, kSplitTerms) make each forward block product on AMX tiles, 0 for the AVX-512 FMA
+// path. Opt-in: ATTNKERN_CPU_FP32_AMX (read once: 0 = FMA path, the default; 6 or 9 = terms)
+// sets it for a process, set_fp32_amx_terms (0, 1, 3, 6 or 9; -1: back to the environment's
+// choice) between calls (benchmarks, accuracy tests). The FMA path stays the default because
+// the split measured slower on the one AMX CPU tried (benchmarks/bench_cpu_fp32_split.py).
+int fp32_amx_terms();
+void set_fp32_amx_terms(int terms);
+// Introspection: forward items that ran their fp32 products on the split since the process
+// started (a relaxed counter bumped once per item).
+void note_fp32_split_item();
+int64_t fp32_split_items();
+
 }  // namespace attnkern::cpu
 
 namespace attnkern::cpu {

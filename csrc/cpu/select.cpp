@@ -113,6 +113,7 @@ static const KernelTable* table_or_throw(const std::string& name) {
 }
 
 static const KernelTable* pick() {
+  fp32_amx_terms();  // reads ATTNKERN_CPU_FP32_AMX: a bad value fails here, before any kernel runs
   const char* want = std::getenv("ATTNKERN_CPU_ISA");
   if (want && std::strcmp(want, "") && std::strcmp(want, "auto")) return table_or_throw(want);
   // amx_bf16 is the avx512 variant but for bf16 inputs, whose block products run on AMX tiles:
@@ -140,5 +141,35 @@ void set_kernels(const char* name) {
   const bool reset = !name || !*name || !std::strcmp(name, "auto");
   chosen.store(reset ? nullptr : table_or_throw(name), std::memory_order_release);
 }
+
+static int terms_from_env() {
+  const char* env = std::getenv("ATTNKERN_CPU_FP32_AMX");
+  if (!env || !*env) return 0;
+  const std::string v = env;
+  if (v == "0" || v == "6" || v == "9") return std::stoi(v);
+  throw std::runtime_error("ATTNKERN_CPU_FP32_AMX=" + v +
+                           " is not a choice (0: fp32 products on AVX-512 FMAs, 6 or 9: split terms on AMX)");
+}
+
+// -1: the environment's choice
+static std::atomic<int> fp32_terms_override{-1};
+static std::atomic<int64_t> fp32_split_item_count{0};
+
+int fp32_amx_terms() {
+  const int t = fp32_terms_override.load(std::memory_order_relaxed);
+  if (t >= 0) return t;
+  static const int from_env = terms_from_env();
+  return from_env;
+}
+
+void set_fp32_amx_terms(int terms) {
+  if (terms != -1 && terms != 0 && terms != 1 && terms != 3 && terms != 6 && terms != 9)
+    throw std::runtime_error("fp32 AMX split terms must be 0, 1, 3, 6 or 9 (-1: ATTNKERN_CPU_FP32_AMX's choice), got " +
+                             std::to_string(terms));
+  fp32_terms_override.store(terms, std::memory_order_relaxed);
+}
+
+void note_fp32_split_item() { fp32_split_item_count.fetch_add(1, std::memory_order_relaxed); }
+int64_t fp32_split_items() { return fp32_split_item_count.load(std::memory_order_relaxed); }
 
 }  // namespace attnkern::cpu
