@@ -256,6 +256,10 @@ MODIFIER_CASES = {
                              torch.bfloat16),
     "alibi-rows-noncausal": ([45, 18], [30, 50], 2, 2, 32, (-1, -1), 0, 0.0, False, True, 0.0, torch.float16),
     "all-dropout-causal": ([30, 0, 19], [40, 10, 19], 4, 2, 32, (-1, 0), 2, 5.0, True, True, 0.25, torch.float16),
+    # head dim 256: dK and dV in two passes; a keyless sequence with sinks again
+    "all-d256": ([20, 13, 0], [33, 0, 5], 2, 1, 256, (-1, 0), 1, 8.0, True, True, 0.0, torch.bfloat16),
+    # every sequence L <= 16: dropout keeps the prefill kernel (the decode path has none)
+    "dropout-short-d128": ([7, 16, 3], [50, 16, 9], 4, 1, 128, (20, 0), 0, 0.0, False, False, 0.1, torch.bfloat16),
 }
 
 
