@@ -376,6 +376,11 @@ def test_emulated_varlen_decode_modifiers(emu, seed):
     torch.testing.assert_close(lse[:, 1:4], sinks[:, None].expand(hq, 3), rtol=0, atol=1e-6)
     assert out[1:4].eq(0).all()
     assert lse[:, -2:].eq(float("-inf")).all()
+    # no sequence has a key: no kernel runs, and the op writes 0 with LSE = the sink (-inf past the pack)
+    out, lse = emu.varlen_fwd(q[:5], k[:0], v[:0], cu([1, 3]), cu([0, 0]), None, None, 0.1, -1, -1, 4, 0.0, None,
+                              0.0, sinks, None)
+    assert out.eq(0).all() and torch.equal(lse[:, :4], sinks[:, None].expand(hq, 4))
+    assert lse[:, 4].eq(float("-inf")).all()
 
 
 def test_emulated_kvcache_modifiers(emu, monkeypatch, seed):
