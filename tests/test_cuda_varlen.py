@@ -465,6 +465,35 @@ def test_gpu_varlen_matches_reference(dtype, seed):
 
 @gpu
 @needs_gpu
+def test_gpu_varlen_modifiers_match_reference(seed):
+    """softcap, sinks, (H,) ALiBi and dropout on a packed batch through backend="cuda", forward and
+    backward (dq, dk, dv, d sinks); the dropout seed is the one the call draws (torch's generator)."""
+    lq, lk, hq = [37, 0, 300, 5], [37, 20, 400, 0], 8
+    q = randn(sum(lq) + 3, hq, 128, dtype=torch.bfloat16).cuda().requires_grad_(True)
+    k = randn(sum(lk), 2, 128, dtype=torch.bfloat16).cuda().requires_grad_(True)
+    v = randn(sum(lk), 2, 128, dtype=torch.bfloat16).cuda().requires_grad_(True)
+    sinks = (torch.randn(hq) * 2).cuda().requires_grad_(True)
+    alibi = (torch.rand(hq) * 0.3).cuda()
+    cq, ck = cu(lq).cuda(), cu(lk).cuda()
+    torch.manual_seed(seed)
+    seed64 = int(dispatch.new_rng_seed().item()) & 0xFFFFFFFFFFFFFFFF
+    torch.manual_seed(seed)
+    out, lse = attnkern.flash_attn_varlen_func(q, k, v, cq, ck, 300, 400, 0.1, causal=True, softcap=20.0,
+                                               alibi_slopes=alibi, s_aux=sinks, return_lse=True, backend="cuda")
+    inputs = [t.detach().double().requires_grad_(True) for t in (q, k, v, sinks)]
+    ref_out, ref_lse = reference_varlen.varlen_attention(
+        *inputs[:3], cq, ck, 128 ** -0.5, -1, 0, softcap=20.0, sinks=inputs[3],
+        alibi_slopes=alibi.double().expand(len(lq), hq), dropout_p=0.1, seed=seed64)
+    check_forward(out, lse, ref_out, ref_lse, torch.bfloat16, int(cq[-1]))
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, sinks), g)
+    refs = torch.autograd.grad(ref_out, inputs, g.double())
+    for a, r, what in zip(grads, refs, ("dq", "dk", "dv", "dsinks")):
+        assert_close(a, r, torch.bfloat16, what)
+
+
+@gpu
+@needs_gpu
 @pytest.mark.parametrize("page", [1, 16, 7, 256])
 def test_gpu_kvcache_paged_decode(page, seed):
     B, H, Hk, E, S = 4, 16, 2, 128, 1000
