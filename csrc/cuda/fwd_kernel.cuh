@@ -320,7 +320,9 @@ __global__ void __launch_bounds__(Cfg::kThreads)
             sum += x;
           }
         row_sum[mt][h] += sum;  // per-thread partial; the quad's sum is taken once at the end
-        if (rules.dropout()) {  // the sum above is of the undropped weights, as softmax needs
+        // dropout (never on the split-KV decode path, kPacked: takes_decode_path); the sum above is
+        // of the undropped weights, as softmax needs
+        if (!kPacked && rules.dropout()) {
           const uint32_t bh = rules.dropout_bh(b, hq);
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt) {
