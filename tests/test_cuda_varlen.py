@@ -398,9 +398,11 @@ def test_emulated_kvcache_modifiers(emu, monkeypatch, seed):
     ref_out, ref_lse, ref_k, _ = reference_varlen.kvcache_attention(
         q.double(), kc.double(), vc.double(), k_new.double(), v_new.double(), None, None, seqlens, None, table,
         E ** -0.5, -1, 0, True, softcap=3.0, sinks=sinks.double(), alibi_slopes=alibi.double())
+    emu.set_options(True, 0, seed)
     out, lse = attnkern.flash_attn_with_kvcache(q, kc, vc, k_new, v_new, cache_seqlens=seqlens, block_table=table,
                                                 causal=True, softcap=3.0, alibi_slopes=alibi,
                                                 return_softmax_lse=True, s_aux=sinks, backend="cpu")
+    assert emu.stats()["mma"] > 0, "the emulated kernels served the call"
     assert_close(out, ref_out, torch.float16, "out")
     assert_close(lse, ref_lse, torch.float16, "lse")
     assert_close(kc, ref_k, torch.float16, "k_cache after the append")
