@@ -112,8 +112,9 @@ void poison_outputs(const AttnParams& p) {
 }
 
 // Packed calls (p.cu_seqlens_q set): the rows of each sequence, the keys it reads (pages too),
-// and NaN over exactly what the kernels must write (rows of no sequence, keys past seqused_k
-// were written by the op before the launch and must stay as they are)
+// and NaN over exactly what the kernels must write (the op writes the rest: the backward's rows
+// of no sequence and keys past seqused_k are zeros before the launch and must stay so; the
+// forward's rows of no sequence are written after it, as the split merge writes every row)
 struct PackedSeq {
   int64_t q0, len_q, k0, len_k;
 };
