@@ -334,14 +334,9 @@ def _packed_triton_why_not(problem) -> Optional[str]:
 
 def _packed_cuda_why_not(problem) -> Optional[str]:
     """csrc/cuda/varlen_ops.h: the dense CUDA row (availability, device, dtype, the compiled head-dim
-    buckets); the varlen variants are compiled plain, so no score modifiers and no dropout.
-    Emulator-verified, not yet run on a GPU."""
-    # what the variants lack first: it holds on every machine, with or without a device
-    if problem.softcap or problem.has_sinks or problem.has_alibi:
-        return "the CUDA varlen kernels do not serve softcap, sinks or ALiBi yet"
-    if problem.dropout_p > 0.0:
-        return (f"the CUDA varlen kernels have no dropout yet (dropout_p={problem.dropout_p}; "
-                "the CPU and Triton packed ops have it)")
+    buckets). The varlen variants serve every packed call that row's kernels serve: plain, or with
+    softcap, sinks, ALiBi and dropout (the kernels' kModified variant, per sequence). Emulator-verified,
+    not yet run on a GPU."""
     reason = CAPABILITIES["cuda"].why_not_shape(problem) or _cuda_extra(problem)
     if reason:
         return reason

@@ -89,18 +89,13 @@ void fill_sequence_modifiers(std::vector<AttnParams>& seqs, const at::Tensor& q,
 void fill_sequence_dropout(std::vector<AttnParams>& seqs, double dropout_p,
                            const std::optional<at::Tensor>& rng_seed) {
   // (dropout_p = 1 drops everything: attnkern.dispatch.run_packed answers it without the kernels)
-  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  AttnParams all;
+  fill_dropout(all, dropout_p, rng_seed);
   if (dropout_p == 0.0) return;
-  TORCH_CHECK_VALUE(rng_seed.has_value() && rng_seed->defined() && rng_seed->numel() >= 1 &&
-                        rng_seed->scalar_type() == at::kLong && rng_seed->device().is_cpu(),
-                    "rng_seed must be a CPU int64 tensor with at least one element when dropout_p > 0");
-  const uint64_t seed = static_cast<uint64_t>(rng_seed->data_ptr<int64_t>()[0]);
-  const double t = dropout_p * 4294967296.0;
-  const uint32_t threshold = t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
   for (size_t b = 0; b < seqs.size(); ++b) {
-    seqs[b].dropout_p = static_cast<float>(dropout_p);
-    seqs[b].dropout_threshold = threshold;
-    seqs[b].dropout_seed = seed + b;
+    seqs[b].dropout_p = all.dropout_p;
+    seqs[b].dropout_threshold = all.dropout_threshold;
+    seqs[b].dropout_seed = all.dropout_seed + b;
   }
 }
 

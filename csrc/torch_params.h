@@ -53,6 +53,24 @@ inline void set_strides3(int64_t* dst, const at::Tensor& t) {
 // any int64 the op accepts.
 inline int64_t window_side(int64_t side, int64_t reach) { return side >= reach ? -1 : side; }
 
+inline void check_dropout_p(double dropout_p) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+}
+
+// Dropout of p: keep a weight iff its Philox word (philox.h) >= dropout_p * 2^32, the stream
+// keyed by rng_seed[0] (a CPU int64 tensor, drawn by attnkern.dispatch.new_rng_seed).
+inline void fill_dropout(AttnParams& p, double dropout_p, const std::optional<at::Tensor>& rng_seed) {
+  check_dropout_p(dropout_p);
+  p.dropout_p = static_cast<float>(dropout_p);
+  if (dropout_p == 0.0) return;
+  TORCH_CHECK_VALUE(rng_seed.has_value() && rng_seed->defined() && rng_seed->numel() >= 1 &&
+                        rng_seed->scalar_type() == at::kLong && rng_seed->device().is_cpu(),
+                    "rng_seed must be a CPU int64 tensor with at least one element when dropout_p > 0");
+  p.dropout_seed = static_cast<uint64_t>(rng_seed->data_ptr<int64_t>()[0]);
+  const double t = dropout_p * 4294967296.0;
+  p.dropout_threshold = t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
+}
+
 struct Semantics {
   double scale;
   int64_t window_left, window_right;
@@ -85,7 +103,7 @@ inline void check_and_fill_inputs(AttnParams& p, const at::Tensor& q, const at::
                     " must be a multiple of key/value heads ", Hkv);
   TORCH_CHECK_VALUE(sem.window_left >= -1 && sem.window_right >= -1,
                     "window_left/window_right must be >= -1, got (", sem.window_left, ", ", sem.window_right, ")");
-  TORCH_CHECK_VALUE(sem.dropout_p >= 0.0 && sem.dropout_p < 1.0, "dropout_p must be in [0, 1), got ", sem.dropout_p);
+  check_dropout_p(sem.dropout_p);
   TORCH_CHECK_VALUE(std::isfinite(sem.scale), "scale must be finite, got ", sem.scale);
 
   p.batch = B;
@@ -127,15 +145,7 @@ inline void check_and_fill_inputs(AttnParams& p, const at::Tensor& q, const at::
     for (int i = 0; i < 4; ++i) p.mask_stride[i] = m.stride(i);
   }
 
-  p.dropout_p = static_cast<float>(sem.dropout_p);
-  if (sem.dropout_p > 0.0) {
-    TORCH_CHECK_VALUE(rng_seed.has_value() && rng_seed->defined() && rng_seed->numel() >= 1 &&
-                          rng_seed->scalar_type() == at::kLong && rng_seed->device().is_cpu(),
-                      "rng_seed must be a CPU int64 tensor with at least one element when dropout_p > 0");
-    p.dropout_seed = static_cast<uint64_t>(rng_seed->data_ptr<int64_t>()[0]);
-    double t = sem.dropout_p * 4294967296.0;
-    p.dropout_threshold = t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
-  }
+  fill_dropout(p, sem.dropout_p, rng_seed);
 }
 
 // Score modifiers (see params.h): softcap, sinks (Hq,) and alibi_slopes (B, Hq), fp32 on the

@@ -128,12 +128,12 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd_cuda(const at::Tensor& q, const at
                                                    int64_t window_left, int64_t window_right, double softcap,
                                                    const std::optional<at::Tensor>& sinks,
                                                    const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-                                                   const std::optional<at::Tensor>& /*rng_seed*/) {
-  cuda_ops::refuse_unserved("attnkern::varlen_fwd", softcap, sinks.has_value(), alibi_slopes.has_value(), dropout_p);
+                                                   const std::optional<at::Tensor>& rng_seed) {
   check_packed_device(q, "attnkern::varlen_fwd");
   const c10::cuda::CUDAGuard guard(q.device());
   return cuda_ops::varlen_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, window_left,
-                                     window_right, current_device(q), "attnkern::varlen_fwd");
+                                     window_right, {softcap, sinks, alibi_slopes, dropout_p, rng_seed},
+                                     current_device(q), "attnkern::varlen_fwd");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
@@ -141,12 +141,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd_cuda(
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k, double scale, int64_t window_left,
     int64_t window_right, double softcap, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-    const std::optional<at::Tensor>& /*rng_seed*/) {
-  cuda_ops::refuse_unserved("attnkern::varlen_bwd", softcap, false, alibi_slopes.has_value(), dropout_p);
+    const std::optional<at::Tensor>& rng_seed) {
   check_packed_device(q, "attnkern::varlen_bwd");
   const c10::cuda::CUDAGuard guard(q.device());
   return cuda_ops::varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                                      scale, window_left, window_right, current_device(q), "attnkern::varlen_bwd");
+                                      scale, window_left, window_right,
+                                      {softcap, std::nullopt, alibi_slopes, dropout_p, rng_seed}, current_device(q),
+                                      "attnkern::varlen_bwd");
 }
 
 }  // namespace

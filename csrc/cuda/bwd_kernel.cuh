@@ -13,8 +13,8 @@
 // attnkern/ops.py sink_grad).
 //
 // The varlen variants of the two passes (Cfg wrapped in Varlen<>, varlen.cuh) take a packed
-// batch, plain only (no mask, dropout or modifier); delta runs on it as one batch entry of
-// total_q rows. Their rows' LSE, delta and rare-path statistics are (Hq, total_q) (lse_index).
+// batch, kPlain or kModified (softcap, ALiBi, dropout; packed calls have no mask); delta runs on
+// it as one batch entry of total_q rows. Their rows' LSE, delta and rare-path statistics are (Hq, total_q) (lse_index).
 #pragma once
 
 #include <cmath>
@@ -95,7 +95,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
   const SeqSpan<kVarlen> seq(p, b);
   if (kVarlen && n0 >= (kVarlen ? seq.len_k : p.len_k)) return;  // the grid is sized for the longest sequence
   using Rules = ScoreRules<kFeatures, kVarlen>;
-  static_assert(!kVarlen || kFeatures == kPlain, "the varlen variant is instantiated plain only");
   const Rules rules(p, seq);
   const Band& band = rules.band;
 
@@ -177,7 +176,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_kv_kernel(const __grid_cons
     const float* const s_lse = stage_lse(it);
     const float* const s_delta = stage_delta(it);
     const float* const s_sum = stage_sum(it);
-    const uint32_t bh = static_cast<uint32_t>(b * p.heads_q + hq);
+    const uint32_t bh = rules.dropout_bh(b, hq);
 
     // S^T = K Q^T, then P^T = exp2(S^T - lse) inside the window of each key row
     float st[kNT][4];
@@ -331,7 +330,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
   if (kVarlen && m0 >= (kVarlen ? seq.len_q : p.len_q)) return;  // the grid is sized for the longest sequence
   const int64_t m_end = min(m0 + kBlockM, (kVarlen ? seq.len_q : p.len_q));
   using Rules = ScoreRules<kFeatures, kVarlen>;
-  static_assert(!kVarlen || kFeatures == kPlain, "the varlen variant is instantiated plain only");
   const Rules rules(p, seq);
   const Band& band = rules.band;
 
@@ -378,7 +376,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) bwd_q_kernel(const __grid_const
   const bool warp_has_rows = wm_end > wm0;
   const int64_t warp_key_lo = warp_has_rows ? band.lo(wm0) : 0;
   const int64_t warp_key_hi = warp_has_rows ? band.hi(wm_end - 1) : 0;
-  const uint32_t bh = static_cast<uint32_t>(b * p.heads_q + hq);
+  const uint32_t bh = rules.dropout_bh(b, hq);
   const float inv_keep = rules.dropout() ? 1.f / (1.f - p.dropout_p) : 1.f;
   [[maybe_unused]] const float slope = rules.slope_log2(b, hq);  // ALiBi (kModified)
   float* const dmask_head = (kFeatures != kPlain && p.dmask != nullptr) ? p.dmask + row_base * p.len_k : nullptr;

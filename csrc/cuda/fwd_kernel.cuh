@@ -16,7 +16,7 @@
 //
 // Its varlen variant (Cfg wrapped in Varlen<>, varlen.cuh) serves packed and paged batches, both
 // paths: a CTA works on one sequence, with that sequence's lengths and bottom-right band. It is
-// instantiated plain only (packed calls have no mask, dropout or modifier).
+// instantiated kPlain and kModified (packed calls have no mask; their dropout takes kModified).
 #pragma once
 
 #include <cmath>
@@ -145,7 +145,6 @@ __global__ void __launch_bounds__(Cfg::kThreads)
   }
   if (kVarlen && !rows.valid(0)) return;  // the grid is sized for the longest sequence
   using Rules = ScoreRules<kFeatures, kVarlen>;
-  static_assert(!kVarlen || kFeatures == kPlain, "the varlen variant is instantiated plain only");
   const Rules rules(p, seq);
   const Band& band = rules.band;
 
@@ -321,8 +320,10 @@ __global__ void __launch_bounds__(Cfg::kThreads)
             sum += x;
           }
         row_sum[mt][h] += sum;  // per-thread partial; the quad's sum is taken once at the end
-        if (rules.dropout()) {  // the sum above is of the undropped weights, as softmax needs
-          const uint32_t bh = static_cast<uint32_t>(b * p.heads_q + hq);
+        // dropout (never on the split-KV decode path, kPacked: takes_decode_path); the sum above is
+        // of the undropped weights, as softmax needs
+        if (!kPacked && rules.dropout()) {
+          const uint32_t bh = rules.dropout_bh(b, hq);
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt) {
             bool k0, k1;

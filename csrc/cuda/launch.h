@@ -63,6 +63,9 @@ inline bool has_features(const AttnParams& p) { return p.mask_kind != MaskKind::
 // modifiers take kModified, which also serves masks and dropout. The Hopper kernels have no
 // kModified: dispatch.cu runs modifier calls on the sm80 kernels.
 inline int feature_variant(const AttnParams& p) { return has_modifiers(p) ? 2 : has_features(p) ? 1 : 0; }
+// Packed (varlen) calls have two variants, kPlain and kModified: the latter also serves their
+// dropout (packed calls have no mask), so dropout costs no third varlen instantiation per pass.
+inline bool varlen_modified(const AttnParams& p) { return has_modifiers(p) || p.dropout_p > 0.f; }
 // launch(std::integral_constant<int, V>{}) for the call's variant V: the launchers' one switch
 template <class Launch>
 cudaError_t with_feature_variant(const AttnParams& p, Launch&& launch) {

@@ -43,12 +43,14 @@ cudaError_t launch_delta(const AttnParams& p, cudaStream_t stream) {
 template <int kD, typename T>
 cudaError_t run_bwd(const AttnParams& p, cudaStream_t stream) {
   if (p.cu_seqlens_q != nullptr) {  // packed: delta over the (Hq, total_q) rows as one batch entry
-    if (has_features(p) || has_modifiers(p)) return cudaErrorNotSupported;  // plain only (the bindings refuse them)
+    if (p.mask_kind != MaskKind::kNone) return cudaErrorNotSupported;  // packed calls have no mask
     AttnParams rows = p;
     rows.batch = 1;
     rows.len_q = p.total_q;
     const cudaError_t err = launch_delta<T>(rows, stream);
-    return err != cudaSuccess ? err : run_bwd_passes<kD, T, kPlain, true>(p, stream);
+    if (err != cudaSuccess) return err;
+    if (varlen_modified(p)) return run_bwd_passes<kD, T, kModified, true>(p, stream);
+    return run_bwd_passes<kD, T, kPlain, true>(p, stream);
   }
   const cudaError_t err = launch_delta<T>(p, stream);
   if (err != cudaSuccess) return err;

@@ -11,7 +11,7 @@
 namespace attnkern {
 namespace cuda {
 
-// the decode path (packed rows, split-KV), for kFeatures kPlain or kModified; kVarlen: plain only
+// the decode path (packed rows, split-KV), for kFeatures kPlain or kModified (dense or varlen)
 template <int kD, typename T, int kFeatures, bool kVarlen = false>
 cudaError_t run_fwd_decode(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
   using Dense = typename DecodeTraits<kD>::Cfg;
@@ -29,12 +29,12 @@ cudaError_t run_fwd_decode(const AttnParams& p, const FwdSplit& split, cudaStrea
   }
   const int64_t out_rows = merged.batch * merged.heads_q * merged.len_q;
   const dim3 merge_grid(static_cast<unsigned>((out_rows + 3) / 4));
-  if (!kVarlen && p.sinks != nullptr)
+  if (p.sinks != nullptr)  // (only kModified calls have sinks)
     return launch_kernel(merge_splits_kernel<T, true>, merge_grid, 128, 0, stream, merged, split);
   return launch_kernel(merge_splits_kernel<T, false>, merge_grid, 128, 0, stream, merged, split);
 }
 
-// the prefill path (never split), for one feature variant; kVarlen: plain only
+// the prefill path (never split), for one feature variant; kVarlen: kPlain or kModified
 template <int kD, typename T, int kFeatures, bool kVarlen = false>
 cudaError_t run_fwd_prefill(const AttnParams& p, cudaStream_t stream) {
   using Dense = typename FwdTraits<kD>::Cfg;
@@ -47,9 +47,13 @@ cudaError_t run_fwd_prefill(const AttnParams& p, cudaStream_t stream) {
 
 template <int kD, typename T>
 cudaError_t run_fwd(const AttnParams& p, const FwdSplit& split, cudaStream_t stream) {
-  if (p.cu_seqlens_q != nullptr) {  // packed: no mask, dropout or modifier (the bindings refuse them)
-    if (has_features(p) || has_modifiers(p)) return cudaErrorNotSupported;
-    if (takes_decode_path(p)) return run_fwd_decode<kD, T, kPlain, true>(p, split, stream);
+  if (p.cu_seqlens_q != nullptr) {  // packed: never a mask; dropout and the modifiers take kModified
+    if (p.mask_kind != MaskKind::kNone) return cudaErrorNotSupported;
+    if (takes_decode_path(p)) {  // no dropout there
+      if (has_modifiers(p)) return run_fwd_decode<kD, T, kModified, true>(p, split, stream);
+      return run_fwd_decode<kD, T, kPlain, true>(p, split, stream);
+    }
+    if (varlen_modified(p)) return run_fwd_prefill<kD, T, kModified, true>(p, stream);
     return run_fwd_prefill<kD, T, kPlain, true>(p, stream);
   }
   if (takes_decode_path(p)) {  // no mask or dropout there

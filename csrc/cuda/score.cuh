@@ -74,6 +74,7 @@ struct ScoreRules {
   float scale_log2;
   float cap_in = 0.f, cap_log2 = 0.f;  // kModified with a softcap: scale / softcap, softcap * log2e
   int64_t seq_len_q = 0;               // kVarlen: the sequence's query count (band.len_k its key count)
+  uint64_t seq_seed = 0;               // kVarlen: the sequence's dropout seed, p.dropout_seed + b
 
   __device__ explicit ScoreRules(const AttnParams& params)
       : p(params), band(make_band(params)), scale_log2(params.scale * kLog2e) {
@@ -84,7 +85,8 @@ struct ScoreRules {
       : p(params),
         band(make_band(params, kVarlen ? seq.len_q : params.len_q, kVarlen ? seq.len_k : params.len_k)),
         scale_log2(params.scale * kLog2e),
-        seq_len_q(kVarlen ? seq.len_q : 0) {
+        seq_len_q(kVarlen ? seq.len_q : 0),
+        seq_seed(kVarlen ? params.dropout_seed + static_cast<uint64_t>(seq.index) : 0) {
     init_softcap();
   }
   __device__ __forceinline__ void init_softcap() {
@@ -189,14 +191,24 @@ struct ScoreRules {
   }
 
   // Dropout keeps (b*Hq+hq, i, j) iff word j & 3 of Philox(j >> 2, i, b*Hq+hq, 0) >= threshold.
+  // kVarlen: sequence b is a batch of one (bh = hq; i, j within the sequence) keyed by seed + b,
+  // the stream of the CPU and Triton packed kernels (attnkern/_varlen_semantics.py), so a mask
+  // depends neither on where the sequence sits in the pack nor on the backend.
+  __device__ __forceinline__ uint32_t dropout_bh(int64_t b, int hq) const {
+    return static_cast<uint32_t>(kVarlen ? hq : b * p.heads_q + hq);
+  }
+  __device__ __forceinline__ uint64_t dropout_seed() const {
+    if constexpr (kVarlen) return seq_seed;
+    return p.dropout_seed;
+  }
   __device__ __forceinline__ bool keep(uint32_t bh, int64_t i, int64_t j) const {
-    const Philox4 r = philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), bh, 0u, p.dropout_seed);
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), bh, 0u, dropout_seed());
     const uint32_t word = (j & 2) ? ((j & 1) ? r.x[3] : r.x[2]) : ((j & 1) ? r.x[1] : r.x[0]);
     return word >= p.dropout_threshold;
   }
   // the pair (i, j), (i, j + 1) for even j: one Philox call serves both
   __device__ __forceinline__ void keep_pair(uint32_t bh, int64_t i, int64_t j, bool& k0, bool& k1) const {
-    const Philox4 r = philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), bh, 0u, p.dropout_seed);
+    const Philox4 r = philox4x32_10(static_cast<uint32_t>(j >> 2), static_cast<uint32_t>(i), bh, 0u, dropout_seed());
     const bool hi = (j & 2) != 0;
     k0 = (hi ? r.x[2] : r.x[0]) >= p.dropout_threshold;
     k1 = (hi ? r.x[3] : r.x[1]) >= p.dropout_threshold;

@@ -34,9 +34,11 @@ struct IsVarlen<Varlen<Cfg>> {
 template <bool kVarlen>
 struct SeqSpan {
   int64_t len_q = 0, len_k = 0, q_row0 = 0, k_row0 = 0;
+  int64_t index = 0;  // packed: b, the sequence (its ALiBi slope row, its dropout seed p.dropout_seed + b)
 
   __device__ __forceinline__ SeqSpan(const AttnParams& p, int64_t b) {
     if constexpr (kVarlen) {
+      index = b;
       const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
       len_q = p.cu_seqlens_q[b + 1] - q0;
       len_k = p.seqused_k != nullptr ? p.seqused_k[b] : p.cu_seqlens_k[b + 1] - k0;

@@ -46,15 +46,15 @@ struct PackedOutput {
   }
 };
 
-// The packed calls the varlen variants cannot serve (they are compiled plain): score modifiers
-// and dropout. attnkern/dispatch.py's packed row routes such calls elsewhere; a direct call of
-// the op gets this error. dropout_p = 0 with an rng_seed is a call without dropout.
-inline void refuse_unserved(const char* op, double softcap, bool sinks, bool alibi_slopes, double dropout_p) {
-  TORCH_CHECK_NOT_IMPLEMENTED(softcap == 0.0 && !sinks && !alibi_slopes, op,
-                              ": the CUDA varlen kernels do not serve softcap, sinks or alibi_slopes yet");
-  TORCH_CHECK_NOT_IMPLEMENTED(dropout_p == 0.0, op, ": the CUDA varlen kernels have no dropout yet (dropout_p=",
-                              dropout_p, "); the CPU packed op has it");
-}
+// The score modifiers and dropout of a packed call, as the op receives them: sinks (Hq,) fp32
+// (forward only: the backward's saved LSE holds them), alibi_slopes (B, Hq) fp32 with B the
+// number of sequences, rng_seed a CPU int64 tensor when dropout_p > 0.
+struct PackedScoreArgs {
+  double softcap = 0.0;
+  std::optional<at::Tensor> sinks, alibi_slopes;
+  double dropout_p = 0.0;
+  std::optional<at::Tensor> rng_seed;
+};
 
 // What both directions share: the checks, the layout (host copies of the indices), the shapes,
 // inputs, index pointers and semantics of p.
@@ -63,7 +63,8 @@ inline varlen::PackedLayout fill_packed_params(AttnParams& p, const at::Tensor& 
                                                const at::Tensor& cu_seqlens_k,
                                                const std::optional<at::Tensor>& seqused_k,
                                                const std::optional<at::Tensor>& block_table, double scale,
-                                               int64_t window_left, int64_t window_right, const char* op) {
+                                               int64_t window_left, int64_t window_right,
+                                               const PackedScoreArgs& score, const char* op) {
   const bool paged = block_table.has_value() && block_table->defined();
   varlen::check_packed_tensors(q, k, v, paged);
   varlen::check_devices({{"k", &k}, {"v", &v}, {"cu_seqlens_q", &cu_seqlens_q}, {"cu_seqlens_k", &cu_seqlens_k},
@@ -100,6 +101,9 @@ inline varlen::PackedLayout fill_packed_params(AttnParams& p, const at::Tensor& 
   p.window_right = window_side(window_right, p.len_q + p.len_k);
   p.bottom_right = true;  // per sequence: query i sits at key position i + Lk_b - Lq_b
   check_kernel_limits(p, q, op);
+  // the kernels' kModified variant applies them per sequence: slope row b, dropout seed + b
+  check_and_fill_modifiers(p, q, score.softcap, score.sinks, score.alibi_slopes);
+  fill_dropout(p, score.dropout_p, score.rng_seed);
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
   p.seqused_k = seqused_k.has_value() && seqused_k->defined() ? seqused_k->data_ptr<int32_t>() : nullptr;
@@ -133,22 +137,26 @@ inline std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
     const std::optional<at::Tensor>& block_table, double scale, int64_t window_left, int64_t window_right,
-    const Device& dev, const char* op) {
+    const PackedScoreArgs& score, const Device& dev, const char* op) {
   AttnParams p;
   const varlen::PackedLayout lay = fill_packed_params(p, q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                                                      block_table, scale, window_left, window_right, op);
+                                                      block_table, scale, window_left, window_right, score, op);
   const int64_t total_q = q_in.size(0), heads = q_in.size(1);
   PackedOutput out(total_q, heads, p.head_dim_v, q_in.options(), false);
   at::Tensor lse = at::empty({heads, total_q}, q_in.options().dtype(at::kFloat));
-  // rows past cu_seqlens_q[-1] belong to no sequence: they see no key (as do all rows when no
-  // sequence has a key)
+  // Rows past cu_seqlens_q[-1] belong to no sequence: output 0, LSE -inf, written after the
+  // kernels (the split merge writes every row, with the sink in its LSE). When no sequence has a
+  // key no kernel runs: every row outputs 0, a sequence's rows with LSE = the sink if any.
   const int64_t first_idle = p.len_k == 0 ? 0 : lay.total_q;
-  out.target.narrow(0, first_idle, total_q - first_idle).zero_();
-  lse.narrow(1, first_idle, total_q - first_idle).fill_(-std::numeric_limits<float>::infinity());
-  if (first_idle == 0 || heads == 0 || p.len_q == 0) {
+  auto finish = [&] {
+    out.target.narrow(0, first_idle, total_q - first_idle).zero_();
+    lse.narrow(1, first_idle, total_q - first_idle).fill_(-std::numeric_limits<float>::infinity());
+    if (first_idle == 0 && p.sinks != nullptr)
+      lse.narrow(1, 0, lay.total_q).copy_(score.sinks->view({heads, 1}).expand({heads, lay.total_q}));
     out.finish();
-    return {out.result, lse};
-  }
+    return std::tuple<at::Tensor, at::Tensor>{out.result, lse};
+  };
+  if (first_idle == 0 || heads == 0 || p.len_q == 0) return finish();
   const at::Tensor q = packed_kernel_input(q_in), k = packed_kernel_input(k_in), v = packed_kernel_input(v_in);
   p.q = q.data_ptr();
   set_packed_strides(p.q_stride, q);
@@ -169,18 +177,18 @@ inline std::tuple<at::Tensor, at::Tensor> varlen_forward_op(
   }
   if (dev.on_launch != nullptr) dev.on_launch(p);
   dev.check(cuda::forward(p, split, dev.stream), op);
-  out.finish();
-  return {out.result, lse};
+  return finish();
 }
 
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_backward_op(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q_in,
     const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k,
-    double scale, int64_t window_left, int64_t window_right, const Device& dev, const char* op) {
+    double scale, int64_t window_left, int64_t window_right, const PackedScoreArgs& score, const Device& dev,
+    const char* op) {
   AttnParams p;
   fill_packed_params(p, q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, seqused_k, std::nullopt, scale, window_left,
-                     window_right, op);
+                     window_right, score, op);
   varlen::check_backward_tensors(q_in, v_in, out_in, grad_out, lse, grad_lse);
   varlen::check_devices({{"out", &out_in}, {"grad_out", &grad_out}, {"lse", &lse},
                          {"grad_lse", varlen::given(grad_lse)}},

@@ -112,8 +112,9 @@ void poison_outputs(const AttnParams& p) {
 }
 
 // Packed calls (p.cu_seqlens_q set): the rows of each sequence, the keys it reads (pages too),
-// and NaN over exactly what the kernels must write (rows of no sequence, keys past seqused_k
-// were written by the op before the launch and must stay as they are)
+// and NaN over exactly what the kernels must write (the op writes the rest: the backward's rows
+// of no sequence and keys past seqused_k are zeros before the launch and must stay so; the
+// forward's rows of no sequence are written after it, as the split merge writes every row)
 struct PackedSeq {
   int64_t q0, len_q, k0, len_k;
 };
@@ -239,10 +240,12 @@ std::tuple<at::Tensor, at::Tensor> varlen_fwd(const at::Tensor& q, const at::Ten
                                               const std::optional<at::Tensor>& seqused_k,
                                               const std::optional<at::Tensor>& block_table, double scale,
                                               int64_t window_left, int64_t window_right, int sm_count,
-                                              double dropout_p) {
-  cuda_ops::refuse_unserved("emulated attnkern::varlen_fwd", 0.0, false, false, dropout_p);
+                                              double dropout_p, const std::optional<at::Tensor>& rng_seed,
+                                              double softcap, const std::optional<at::Tensor>& sinks,
+                                              const std::optional<at::Tensor>& alibi_slopes) {
   return cuda_ops::varlen_forward_op(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale, window_left,
-                                     window_right, {sm_count, nullptr, &check_launch, &before_launch},
+                                     window_right, {softcap, sinks, alibi_slopes, dropout_p, rng_seed},
+                                     {sm_count, nullptr, &check_launch, &before_launch},
                                      "emulated attnkern::varlen_fwd");
 }
 
@@ -250,11 +253,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_bwd(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, const std::optional<at::Tensor>& seqused_k, double scale, int64_t window_left,
-    int64_t window_right, double dropout_p) {
-  cuda_ops::refuse_unserved("emulated attnkern::varlen_bwd", 0.0, false, false, dropout_p);
+    int64_t window_right, double dropout_p, const std::optional<at::Tensor>& rng_seed, double softcap,
+    const std::optional<at::Tensor>& alibi_slopes) {
   return cuda_ops::varlen_backward_op(grad_out, grad_lse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                                      scale, window_left, window_right, {1, nullptr, &check_launch, &before_launch},
-                                      "emulated attnkern::varlen_bwd");
+                                      scale, window_left, window_right,
+                                      {softcap, std::nullopt, alibi_slopes, dropout_p, rng_seed},
+                                      {1, nullptr, &check_launch, &before_launch}, "emulated attnkern::varlen_bwd");
 }
 
 }  // namespace
@@ -276,11 +280,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("varlen_fwd", &attnkern::varlen_fwd, "attnkern::varlen_fwd through the emulated kernels' varlen variants",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("seqused_k"), py::arg("block_table"), py::arg("scale"), py::arg("window_left"),
-        py::arg("window_right"), py::arg("sm_count"), py::arg("dropout_p") = 0.0);
+        py::arg("window_right"), py::arg("sm_count"), py::arg("dropout_p") = 0.0, py::arg("rng_seed") = py::none(),
+        py::arg("softcap") = 0.0, py::arg("sinks") = py::none(), py::arg("alibi_slopes") = py::none());
   m.def("varlen_bwd", &attnkern::varlen_bwd, "attnkern::varlen_bwd through the emulated kernels' varlen variants",
         py::arg("grad_out"), py::arg("grad_lse"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"), py::arg("scale"),
-        py::arg("window_left"), py::arg("window_right"), py::arg("dropout_p") = 0.0);
+        py::arg("window_left"), py::arg("window_right"), py::arg("dropout_p") = 0.0, py::arg("rng_seed") = py::none(),
+        py::arg("softcap") = 0.0, py::arg("alibi_slopes") = py::none());
   m.def("set_options", &attnkern::set_options, pybind11::arg("late_copies"), pybind11::arg("order"),
         pybind11::arg("seed"), "cp.async timing, thread order (0 up, 1 down, 2 shuffled); resets the stats");
   m.def("stats", &attnkern::stats, "counters since set_options: CTAs, barriers, instructions, ldmatrix bank conflicts");
