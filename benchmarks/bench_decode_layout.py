@@ -48,7 +48,10 @@ def with_env(env, fn):
                 os.environ[k] = v
 
 
-# EXPERIMENT knobs (issue 12): subject "<layout>+<label>" runs <layout> with these variables set
+# Experiment subjects "<layout>+<label>": <layout> with these variables set. The kernels read them
+# only in the experiment build of commit 428a83a (in-place threshold in bytes, software prefetch
+# of the next key block's rows with locality hint T0/T1/T2 and distance in blocks, forced key
+# splits); on any other build these subjects time the plain layout again.
 EXPERIMENTS = {
     "contiguous+inplace": {"ATTNKERN_EXP_INPLACE": str(1 << 40)},
     "contiguous+copy": {"ATTNKERN_EXP_INPLACE": "0"},

@@ -18,9 +18,6 @@ namespace attnkern::cpu {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockQNarrow = 16;
 
-// EXPERIMENT knobs (issue 12 decode), set per call by forward() / varlen_forward() from the environment
-inline int64_t g_exp_inplace = 4096, g_exp_pf = 0, g_exp_splits = 0, g_exp_pfdist = 1;
-
 // Query rows of one forward tile. Unpacked: tile row m is query row0 + m of head hq0.
 // Packed (decoding, GQA): the rows of all query heads of one kv group are numbered
 // x = g * len_q + i (head hq0 + g, query i), and tile row m is x = row0 + m, so the group's

@@ -1,7 +1,5 @@
 // CPU forward: splits (batch, row group, query tile, key split) work items over threads
 // (see ForwardPlan), then merges the key splits' partial results when there are several.
-#include <cstdlib>
-
 #include "cpu_kernels.h"
 #include "parallel.h"
 #include "tiling.h"
@@ -12,16 +10,8 @@ void forward(const AttnParams& p) {
   // no output rows: nothing to do (and heads_kv may be 0, which the group size divides by)
   if (p.batch == 0 || p.heads_q == 0 || p.len_q == 0) return;
   const KernelTable& kt = select_kernels();
-  {
-    auto env = [](const char* n, int64_t d) { const char* v = std::getenv(n); return v ? std::atoll(v) : d; };
-    g_exp_inplace = env("ATTNKERN_EXP_INPLACE", 4096);
-    g_exp_pf = env("ATTNKERN_EXP_PF", 0);
-    g_exp_splits = env("ATTNKERN_EXP_SPLITS", 0);
-    g_exp_pfdist = env("ATTNKERN_EXP_PFDIST", 1);
-  }
   ThreadTrace::get().begin_op();
-  ForwardPlan plan = forward_plan(p, at::get_num_threads());
-  if (g_exp_splits > 0) plan.splits = g_exp_splits;
+  const ForwardPlan plan = forward_plan(p, at::get_num_threads());
   const int64_t block_k = key_block_size(p);
 
   std::unique_ptr<float[], FreeDeleter> o_part, stats_part;

@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <numeric>
 
 #include "cpu_kernels.h"
@@ -56,18 +55,6 @@ void varlen_forward(const std::vector<AttnParams>& seqs) {
   // threads; the batch as a whole may
   if (unsplit_items >= 2 * threads)
     for (ForwardPlan& plan : plans) plan.splits = 1;
-  {
-    const char* v = std::getenv("ATTNKERN_EXP_SPLITS");
-    g_exp_splits = v ? std::atoll(v) : 0;
-    const char* w = std::getenv("ATTNKERN_EXP_PF");
-    g_exp_pf = w ? std::atoll(w) : 0;
-    const char* x = std::getenv("ATTNKERN_EXP_INPLACE");
-    g_exp_inplace = x ? std::atoll(x) : 4096;
-    const char* y = std::getenv("ATTNKERN_EXP_PFDIST");
-    g_exp_pfdist = y ? std::atoll(y) : 1;
-  }
-  if (g_exp_splits > 0)
-    for (ForwardPlan& plan : plans) plan.splits = g_exp_splits;
 
   // split partial results, one region per split sequence
   std::vector<int64_t> o_off(n + 1, 0), stats_off(n + 1, 0);
