@@ -34,7 +34,41 @@ import attnkern
 from attnkern.bench.report import device_info, versions
 
 
-def subjects(batch, cache_len, heads, heads_kv, dim, dtype, query_len=1):
+def with_env(env, fn):
+    """fn() with the environment variables in `env` set for the call (the kernels read them per call)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+# Experiment subjects "<layout>+<label>": <layout> with these variables set. The kernels read them
+# only in the experiment build of commit 428a83a (in-place threshold in bytes, software prefetch
+# of the next key block's rows with locality hint T0/T1/T2 and distance in blocks, forced key
+# splits); on any other build these subjects time the plain layout again.
+EXPERIMENTS = {
+    "contiguous+inplace": {"ATTNKERN_EXP_INPLACE": str(1 << 40)},
+    "contiguous+copy": {"ATTNKERN_EXP_INPLACE": "0"},
+    "contiguous+pfT0": {"ATTNKERN_EXP_PF": "1"},
+    "contiguous+pfT1": {"ATTNKERN_EXP_PF": "2"},
+    "contiguous+pfT2": {"ATTNKERN_EXP_PF": "3"},
+    "contiguous+pfT0d2": {"ATTNKERN_EXP_PF": "1", "ATTNKERN_EXP_PFDIST": "2"},
+    "contiguous+copy+pfT0": {"ATTNKERN_EXP_INPLACE": "0", "ATTNKERN_EXP_PF": "1"},
+    "contiguous+split2": {"ATTNKERN_EXP_SPLITS": "2"},
+    "contiguous+split4": {"ATTNKERN_EXP_SPLITS": "4"},
+    "paged16+pfT0": {"ATTNKERN_EXP_PF": "1"},
+    "paged256+pfT0": {"ATTNKERN_EXP_PF": "1"},
+    "head-major+pfT0": {"ATTNKERN_EXP_PF": "1"},
+}
+
+
+def subjects(batch, cache_len, heads, heads_kv, dim, dtype, query_len=1, references=False, knobs=None):
     q = torch.randn(batch, query_len, heads, dim, dtype=dtype)
     kc = torch.randn(batch, cache_len, heads_kv, dim, dtype=dtype)
     vc = torch.randn(batch, cache_len, heads_kv, dim, dtype=dtype)
@@ -57,6 +91,18 @@ def subjects(batch, cache_len, heads, heads_kv, dim, dtype, query_len=1):
         vp[table.flatten().long()] = vc.reshape(batch * per_seq, page, heads_kv, dim)
         out[f"paged{page}"] = (lambda kp=kp, vp=vp, table=table: attnkern.flash_attn_with_kvcache(
             q, kp, vp, cache_seqlens=seqlens, block_table=table))
+    if references:
+        # the same cache through torch's SDPA (transposed view, no copy) and attnkern's dense op on a
+        # contiguous (B, H, S, D) copy: how far the kvcache layout is from the dense op's rate
+        qt = q.transpose(1, 2)
+        kt, vt = kc.transpose(1, 2), vc.transpose(1, 2)
+        kd, vd = kt.contiguous(), vt.contiguous()
+        group = heads // heads_kv
+        out["sdpa-view"] = lambda: F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=group > 1).transpose(1, 2)
+        out["dense-bhsd"] = lambda: attnkern.scaled_dot_product_attention(
+            qt, kd, vd, enable_gqa=group > 1).transpose(1, 2)
+    for name, env in (knobs or {}).items():
+        out[name] = (lambda env=env, base=out[name.split("+")[0]]: with_env(env, base))
     ref = out["contiguous"]()
     for name, fn in out.items():  # every layout computes the same attention
         torch.testing.assert_close(fn(), ref, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-2, msg=name)
@@ -73,11 +119,15 @@ def main():
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--query-len", type=int, default=1, help="queries per sequence (1: decode; more: a prefill chunk)")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--references", action="store_true", help="also time SDPA on the transposed view and "
+                   "attnkern's dense op on a contiguous (B, H, S, D) copy")
+    p.add_argument("--experiments", action="store_true")
+    p.add_argument("--label", help="recorded in the JSON, e.g. 'loaded machine (load avg 4, 2 threads)'")
     p.add_argument("--json")
     args = p.parse_args()
     torch.manual_seed(0)
     fns = subjects(args.batch, args.cache_len, args.heads, args.kv_heads, args.dim, getattr(torch, args.dtype),
-                   args.query_len)
+                   args.query_len, args.references, EXPERIMENTS if args.experiments else None)
     times = {name: [] for name in fns}
     load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
@@ -86,7 +136,10 @@ def main():
             fn()
             times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["contiguous"])
-    rows = [dict(subject=n, median_ms=statistics.median(t) * 1e3, vs_contiguous=statistics.median(t) / base,
+    # min_ms too: on a loaded machine a call's time is its work plus whatever waits for a descheduled
+    # thread (multiples of the scheduler's tick); the fastest round is the closest to the work alone
+    rows = [dict(subject=n, median_ms=statistics.median(t) * 1e3, min_ms=min(t) * 1e3,
+                 vs_contiguous=statistics.median(t) / base,
                  ratio_per_round=statistics.median(a / b for a, b in zip(t, times["contiguous"])))
             for n, t in times.items()]
     info = device_info("cpu")
@@ -95,12 +148,12 @@ def main():
             f"cache={args.cache_len} H={args.heads}/{args.kv_heads} D={args.dim} {args.dtype}")
     print(case)
     for r in rows:
-        print(f"  {r['subject']:16s} {r['median_ms']:8.2f} ms  {r['vs_contiguous']:.2f}x  "
+        print(f"  {r['subject']:16s} {r['median_ms']:8.2f} ms (min {r['min_ms']:6.2f})  {r['vs_contiguous']:.2f}x  "
               f"(per-round ratio {r['ratio_per_round']:.2f}x)")
     print(f"threads {info['threads']}, load average (1 min) {load_before:.1f} -> {info.get('loadavg_1m')}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=info, versions=versions(), case=case, rounds=args.rounds, rows=rows), f, indent=1)
+            json.dump(dict(label=args.label, device=info, versions=versions(), case=case, rounds=args.rounds, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

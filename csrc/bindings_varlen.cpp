@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "cpu/varlen.h"
@@ -47,14 +48,21 @@ AttnParams sequence_params(const PackedLayout& lay, int64_t b, const at::Tensor&
   p.dtype = dtype_of(q, "q");
   p.q = packed_rows(q, lay.q_start[b], p.q_stride);
   if (paged) {
-    p.k = k.data_ptr();
-    p.v = v.data_ptr();
-    p.block_table = block_table->data_ptr<int32_t>() + b * block_table->stride(0);
-    p.page_size = k.size(1);
-    for (auto [dst, t] : {std::pair{p.k_stride, &k}, std::pair{p.v_stride, &v}}) {
+    // every key in the sequence's first page (a contiguous cache passed as one page per
+    // sequence, or pages longer than the sequence): that page is read as a dense (1, page, Hkv, D)
+    // K/V, by the dense kernels' paths (bf16 on AMX or vdpbf16ps, which skip paged K/V)
+    const bool one_page = p.len_k > 0 && p.len_k <= k.size(1);
+    const int32_t* table = block_table->data_ptr<int32_t>() + b * block_table->stride(0);
+    const int64_t first = one_page ? table[0] : 0;
+    for (auto [ptr, dst, t] : {std::tuple{&p.k, p.k_stride, &k}, std::tuple{&p.v, p.v_stride, &v}}) {
+      *ptr = static_cast<char*>(t->data_ptr()) + first * t->stride(0) * t->element_size();
       dst[0] = t->stride(0);
       dst[1] = t->stride(2);
       dst[2] = t->stride(1);
+    }
+    if (!one_page) {
+      p.block_table = table;
+      p.page_size = k.size(1);
     }
   } else {
     p.k = packed_rows(k, lay.k_start[b], p.k_stride);

@@ -361,6 +361,31 @@ def test_kvcache_decode_bf16_int_seqlens(B, H, Hk, S, seed):
     assert_close(lse, ref_lse, torch.float32, "decode lse")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_kvcache_pages_longer_than_sequences(dtype, seed):
+    """A sequence whose keys all lie in its first page is read as one dense page (bindings_varlen.cpp
+    sequence_params; bf16 then takes the dense products, AMX or vdpbf16ps where the CPU has them),
+    next to one that still crosses pages; pages shuffled. fp32 rows Hk * D * 4 = 2 KiB apart are
+    copied before the block products (kernels_impl.inc key_rows)."""
+    B, H, Hk, E, page = 3, 16, 8, 64, 160
+    seqlens = torch.tensor([150, 37, 300], dtype=torch.int32)
+    kc, vc = make_cache(B, 2 * page, Hk, E, E, dtype)
+    table = torch.randperm(2 * B + 1)[: 2 * B].view(B, 2).to(torch.int32)
+    kp = torch.full((2 * B + 1, page, Hk, E), float("nan"), dtype=dtype)
+    vp = kp.clone()
+    for b in range(B):
+        for j in range(2):
+            kp[table[b, j]], vp[table[b, j]] = kc[b, j * page: (j + 1) * page], vc[b, j * page: (j + 1) * page]
+    q = torch.randn(B, 1, H, E, dtype=torch.float64).to(dtype)
+    out, lse = attnkern.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, block_table=table,
+                                                return_softmax_lse=True, backend="cpu")
+    ref, ref_lse, _, _ = reference_varlen.kvcache_attention(q.double(), kp.double(), vp.double(),
+                                                            cache_seqlens=seqlens, block_table=table,
+                                                            scale=E ** -0.5)
+    assert_close(out, ref, dtype, "pages longer than sequences")
+    assert_close(lse, ref_lse, torch.float32, "lse")
+
+
 @pytest.mark.parametrize("paged", [None, 5], ids=["contiguous", "page5"])
 def test_kvcache_modifiers_match_reference(paged, seed):
     B, Lq, Lnew, H, Hk, E, S = 3, 3, 2, 4, 2, 16, 40
