@@ -16,10 +16,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(HERE, "benchmarks"))
+from plain_path_ratio import run_child  # noqa: E402
 
 # (label, Hq, Hkv, L, D, window, softcap, reps per child)
 CASES = [
@@ -55,11 +56,7 @@ print(json.dumps({"file": attnkern.__file__, "threads": torch.get_num_threads(),
 
 
 def child(root: str) -> dict:
-    run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES)], env={**os.environ, "PYTHONPATH": root},
-                         cwd=root, capture_output=True, text=True, check=True)
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["file"].startswith(root), f"imported {result['file']}, not the checkout {root}"
-    return result
+    return run_child(root, CHILD, json.dumps(CASES))
 
 
 def main() -> None:
