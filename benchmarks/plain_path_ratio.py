@@ -51,13 +51,19 @@ print(json.dumps({"file": attnkern.__file__, "threads": torch.get_num_threads(),
 """
 
 
-def child(root: str, reps: int) -> dict:
+def run_child(root: str, code: str, *args: str) -> dict:
+    """Runs `code` in a child process that imports the checkout `root`'s attnkern; the child's last
+    line of output is a JSON object whose "file" is the attnkern it imported."""
     env = {**os.environ, "PYTHONPATH": root}
-    run = subprocess.run([sys.executable, "-c", CHILD, json.dumps(CASES), str(reps)], env=env, cwd=root,
-                         capture_output=True, text=True, check=True)
+    run = subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=root, capture_output=True, text=True,
+                         check=True)
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["file"].startswith(root), f"imported {result['file']}, not the checkout {root}"
     return result
+
+
+def child(root: str, reps: int) -> dict:
+    return run_child(root, CHILD, json.dumps(CASES), str(reps))
 
 
 def main() -> None:
