@@ -386,6 +386,35 @@ def test_kvcache_pages_longer_than_sequences(dtype, seed):
     assert_close(lse, ref_lse, torch.float32, "lse")
 
 
+@pytest.mark.parametrize("page", [7, 16, 48], ids=["page7", "page16", "page48"])
+def test_kvcache_paged_bf16_matches_reference(page, seed):
+    """bf16 paged caches whose key blocks cross pages (gathered run by run) or lie in one page, on
+    the bf16 products (AMX where the CPU has it: kernels_impl.inc amx_paged_rows), GQA, a decode
+    step and a 3-query chunk, unused page slots NaN, pages shuffled; tails of every length."""
+    B, H, Hk, E, Ev = 3, 4, 2, 64, 32
+    seqlens = torch.tensor([301, 130, 45], dtype=torch.int32)
+    blocks = -(-int(seqlens.max()) // page)
+    table = torch.randperm(B * blocks + 2)[: B * blocks].view(B, blocks).to(torch.int32)
+    kc, vc = make_cache(B, blocks * page, Hk, E, Ev, torch.bfloat16)
+    kp = torch.full((B * blocks + 2, page, Hk, E), float("nan"), dtype=torch.bfloat16)
+    vp = torch.full((B * blocks + 2, page, Hk, Ev), float("nan"), dtype=torch.bfloat16)
+    for b in range(B):
+        for j in range(blocks):
+            kp[table[b, j]], vp[table[b, j]] = kc[b, j * page: (j + 1) * page], vc[b, j * page: (j + 1) * page]
+            if (j + 1) * page > seqlens[b]:  # slots past the sequence's end: never read
+                kp[table[b, j], max(0, int(seqlens[b]) - j * page):] = float("nan")
+                vp[table[b, j], max(0, int(seqlens[b]) - j * page):] = float("nan")
+    for lq in (1, 3):
+        q = torch.randn(B, lq, H, E, dtype=torch.float64).bfloat16()
+        out, lse = attnkern.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=seqlens, block_table=table, causal=True,
+                                                    return_softmax_lse=True, backend="cpu")
+        ref, ref_lse, _, _ = reference_varlen.kvcache_attention(q.double(), kp.double(), vp.double(),
+                                                                cache_seqlens=seqlens, block_table=table,
+                                                                scale=E ** -0.5, window_right=0)
+        assert_close(out, ref, torch.bfloat16, f"paged bf16, page {page}, {lq} queries")
+        assert_close(lse, ref_lse, torch.float32, "lse")
+
+
 @pytest.mark.parametrize("paged", [None, 5], ids=["contiguous", "page5"])
 def test_kvcache_modifiers_match_reference(paged, seed):
     B, Lq, Lnew, H, Hk, E, S = 3, 3, 2, 4, 2, 16, 40
