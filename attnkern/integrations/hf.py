@@ -366,14 +366,16 @@ def _make_attention_function(backend: str):
 #   padding, sum(L_b^2) / (B * S^2), is at most UNPAD_MAX_WORK;
 # * "leftpad" (decoding, L < S, left padding): the kvcache op reads Hugging Face's cache in place
 #   with cache_leftpad = the padding count of each row -- only with DECODE_VIA_KVCACHE.
-# Both switches come from benchmarks/bench_hf_paths.py (benchmarks/packed/hf-paths-loaded-*.json:
-# three runs, 2 threads, loaded machine, load avg 10-13, so noisy): unpadding took 0.44-0.64x
-# the mask route's time at work ratios 0.07-0.10, was mixed at 0.37-0.46 (0.69-1.5x forward
-# + backward, 0.91-1.09x forward) and lost from 0.5 up (1.3-1.56x at 0.74-1.0: the gathers,
-# the scatter and the varlen kernels cost more than the padding saves); decoding through
-# the kvcache op took 0.98-1.31x the dense op at S = 4096 and 1.08-3.2x at S = 512, so
-# decoding stays on the dense op on CPU.
-UNPAD_MAX_WORK = 0.3
+# Both switches come from benchmarks/bench_hf_paths.py. The quiet run (stop 12,
+# benchmarks/packed/hf-paths-quiet.json: B=8, S=1024, H=8/2, D=64, causal, 2 threads, load
+# average ~1.9 = the run's own two threads) set UNPAD_MAX_WORK: unpadding took 0.55-0.78x the
+# mask route's time at work ratios 0.46-0.59 (forward and forward + backward), 1.02-1.06x at
+# 0.865 and 1.13-1.24x with no padding (the gathers, the scatter and the varlen kernels cost
+# more than the padding saves); hence 0.6. (The earlier loaded runs, hf-paths-loaded-*.json at
+# load avg 10-13, had put the crossover near 0.4.) Decoding through the kvcache op took
+# 0.98-1.31x the dense op at S = 4096 and 1.08-3.2x at S = 512 in the loaded runs, so decoding
+# stays on the dense op on CPU.
+UNPAD_MAX_WORK = 0.6
 DECODE_VIA_KVCACHE = False
 
 
