@@ -64,13 +64,11 @@ CASES = [
             causal=True, softcap=1.0, dtype=torch.bfloat16),
     ModCase("all-bf16-tiles-window", batch=1, len_q=100, len_k=130, head_dim=32, head_dim_v=32, window=(40, 10),
             mask="float", softcap=1.5, sinks=True, alibi="head", dtype=torch.bfloat16),
-    # Gemma-2-like on AMX at a small size: the backward's 128-query tiles (with tails) and the
-    # forward's once-per-call V pairs, read where a key block starts on a pair: the last tile's
-    # block [256, 333) reads them past the last key, where they are zero; blocks ending before the
-    # last key off a 32-key boundary pack their own
+    # Gemma-2-like on AMX at a small size (head dim 256: two 128-column halves of every tile row,
+    # key blocks with tails, a bottom-right window)
     ModCase("softcap-bf16-gemma-window", batch=1, heads_q=4, heads_kv=2, len_q=300, len_k=333, head_dim=256,
             head_dim_v=256, window=(161, 0), bottom_right=True, softcap=2.0, dtype=torch.bfloat16),
-    # the window starts the later tiles' key blocks on odd keys (29, 93): packed per tile
+    # the window starts the later tiles' key blocks on odd keys (29, 93): V pairs straddle them
     ModCase("softcap-bf16-odd-window", batch=1, heads_q=2, heads_kv=2, len_q=200, len_k=201, head_dim=256,
             head_dim_v=256, window=(99, 0), softcap=3.0, dtype=torch.bfloat16),
 ]

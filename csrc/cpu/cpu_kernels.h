@@ -42,9 +42,6 @@ struct ForwardItem {
   int64_t rows, block_q, block_k;
   int64_t split, splits;
   float *o_part, *stats_part;
-  // V of the whole call in bf16 pair rows (KernelTable::forward_pack_v), or null: the item packs
-  // each V block it meets itself
-  const uint32_t* v_pairs = nullptr;
 };
 
 struct KernelTable {
@@ -68,11 +65,6 @@ struct KernelTable {
   // dq[b, h, :, :] = scale * sum over `parts` partial fp32 accumulators (stride part_stride)
   void (*backward_write_dq)(const AttnParams& p, int64_t b, int64_t h, const float* dq_acc, int64_t parts,
                             int64_t part_stride);
-  // Bytes of V packed once per call for the forward's P.V products (0: this ISA's forward packs
-  // each V block per query tile, or cannot use such a copy), and the packing of kv head (b, hkv)
-  // into its part of that buffer (forward.cpp does both when several query tiles share a block).
-  size_t (*forward_v_pairs_bytes)(const AttnParams& p);
-  void (*forward_pack_v)(const AttnParams& p, int64_t b, int64_t hkv, uint32_t* v_pairs);
 };
 
 // nullptr where the file was not compiled for that ISA (non-x86 builds)
