@@ -64,10 +64,10 @@ struct Tiles {
   Tiles& operator=(const Tiles&) = delete;
 };
 
-// One 16*MT x 16*NT block of C over the whole reduction (MT, NT in {1, 2}).
+// The C tiles (0-3) of one 16*MT x 16*NT block of C (MT, NT in {1, 2}): loaded from C when
+// accumulating, else zeroed; stored back to C.
 template <int MT, int NT>
-static inline __attribute__((always_inline)) void block(int64_t K, const char* A, int64_t lda, const char* B,
-                                                        int64_t ldb, float* C, int64_t ldc, bool accum) {
+static inline __attribute__((always_inline)) void load_c(float* C, int64_t ldc, bool accum) {
   const int64_t ldc_b = ldc * 4;
   float* c1 = C + 16 * ldc;  // second row of C tiles
   if (accum) {
@@ -81,6 +81,21 @@ static inline __attribute__((always_inline)) void block(int64_t K, const char* A
     if constexpr (MT == 2) _tile_zero(2);
     if constexpr (MT == 2 && NT == 2) _tile_zero(3);
   }
+}
+template <int MT, int NT>
+static inline __attribute__((always_inline)) void store_c(float* C, int64_t ldc) {
+  const int64_t ldc_b = ldc * 4;
+  float* c1 = C + 16 * ldc;
+  _tile_stored(0, C, ldc_b);
+  if constexpr (NT == 2) _tile_stored(1, C + 16, ldc_b);
+  if constexpr (MT == 2) _tile_stored(2, c1, ldc_b);
+  if constexpr (MT == 2 && NT == 2) _tile_stored(3, c1 + 16, ldc_b);
+}
+
+// The C tiles += A . B over the whole reduction K (A tiles 4-5, B tiles 6-7)
+template <int MT, int NT>
+static inline __attribute__((always_inline)) void reduce(int64_t K, const char* A, int64_t lda, const char* B,
+                                                         int64_t ldb) {
   for (int64_t k = 0; k < K; k += 32) {
     const char* a = A + 2 * k;
     const char* b = B + (k / 2) * ldb;
@@ -93,10 +108,15 @@ static inline __attribute__((always_inline)) void block(int64_t K, const char* A
     if constexpr (MT == 2) _tile_dpbf16ps(2, 5, 6);
     if constexpr (MT == 2 && NT == 2) _tile_dpbf16ps(3, 5, 7);
   }
-  _tile_stored(0, C, ldc_b);
-  if constexpr (NT == 2) _tile_stored(1, C + 16, ldc_b);
-  if constexpr (MT == 2) _tile_stored(2, c1, ldc_b);
-  if constexpr (MT == 2 && NT == 2) _tile_stored(3, c1 + 16, ldc_b);
+}
+
+// One 16*MT x 16*NT block of C over the whole reduction
+template <int MT, int NT>
+static inline __attribute__((always_inline)) void block(int64_t K, const char* A, int64_t lda, const char* B,
+                                                        int64_t ldb, float* C, int64_t ldc, bool accum) {
+  load_c<MT, NT>(C, ldc, accum);
+  reduce<MT, NT>(K, A, lda, B, ldb);
+  store_c<MT, NT>(C, ldc);
 }
 
 // C (M x N) = or += A (M x K) . B (K/2 x N pairs); a Tiles object must be alive on this thread
@@ -232,45 +252,16 @@ static inline __attribute__((always_inline)) void store_split32(const Split3& lo
     _mm512_storeu_si512(dst + i * piece, _mm512_inserti64x4(_mm512_castsi256_si512(lo.piece[i]), hi.piece[i], 1));
 }
 
-// One 16*MT x 16*NT block of C over the whole reduction, summed over the last `terms` entries
-// of kSplitTerms: block() with the C tiles kept in registers across all terms.
+// block() summed over the last `terms` entries of kSplitTerms (A's pieces a_piece bytes apart,
+// B's b_piece), the C tiles kept in registers across all terms
 template <int MT, int NT>
 static inline __attribute__((always_inline)) void block_split(int64_t K, const char* A, int64_t a_piece, int64_t lda,
                                                               const char* B, int64_t b_piece, int64_t ldb, float* C,
                                                               int64_t ldc, bool accum, int terms) {
-  const int64_t ldc_b = ldc * 4;
-  float* c1 = C + 16 * ldc;
-  if (accum) {
-    _tile_loadd(0, C, ldc_b);
-    if constexpr (NT == 2) _tile_loadd(1, C + 16, ldc_b);
-    if constexpr (MT == 2) _tile_loadd(2, c1, ldc_b);
-    if constexpr (MT == 2 && NT == 2) _tile_loadd(3, c1 + 16, ldc_b);
-  } else {
-    _tile_zero(0);
-    if constexpr (NT == 2) _tile_zero(1);
-    if constexpr (MT == 2) _tile_zero(2);
-    if constexpr (MT == 2 && NT == 2) _tile_zero(3);
-  }
-  for (int t = kSplitTermsMax - terms; t < kSplitTermsMax; ++t) {
-    const char* at = A + kSplitTerms[t][0] * a_piece;
-    const char* bt = B + kSplitTerms[t][1] * b_piece;
-    for (int64_t k = 0; k < K; k += 32) {
-      const char* a = at + 2 * k;
-      const char* b = bt + (k / 2) * ldb;
-      _tile_loadd(4, a, lda);
-      if constexpr (MT == 2) _tile_loadd(5, a + 16 * lda, lda);
-      _tile_loadd(6, b, ldb);
-      if constexpr (NT == 2) _tile_loadd(7, b + 64, ldb);
-      _tile_dpbf16ps(0, 4, 6);
-      if constexpr (NT == 2) _tile_dpbf16ps(1, 4, 7);
-      if constexpr (MT == 2) _tile_dpbf16ps(2, 5, 6);
-      if constexpr (MT == 2 && NT == 2) _tile_dpbf16ps(3, 5, 7);
-    }
-  }
-  _tile_stored(0, C, ldc_b);
-  if constexpr (NT == 2) _tile_stored(1, C + 16, ldc_b);
-  if constexpr (MT == 2) _tile_stored(2, c1, ldc_b);
-  if constexpr (MT == 2 && NT == 2) _tile_stored(3, c1 + 16, ldc_b);
+  load_c<MT, NT>(C, ldc, accum);
+  for (int t = kSplitTermsMax - terms; t < kSplitTermsMax; ++t)
+    reduce<MT, NT>(K, A + kSplitTerms[t][0] * a_piece, lda, B + kSplitTerms[t][1] * b_piece, ldb);
+  store_c<MT, NT>(C, ldc);
 }
 
 // gemm() on split operands: A's pieces a_piece bf16 elements apart, B's b_piece uint32 pairs
