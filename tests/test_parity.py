@@ -118,6 +118,26 @@ def test_head_dims(head_dim, dtype, backend, seed):
     run_case(Case(head_dim=head_dim, len_q=45, len_k=70, causal=head_dim % 2 == 0, id=""), dtype, backend, seed)
 
 
+# Long key ranges: the CPU backward walks keys in superblocks of four 128-key blocks on its fp32
+# and conversion paths (csrc/cpu/kernels_impl.inc backward_sub_blocks), sharing each query tile's
+# packed operands; these cases span several superblocks, a tail block, query tiles that only some
+# blocks of a superblock reach (causal, window), key parts (B * Hkv = 2: the dQ accumulators are
+# split by keys), and the per-block dropout and mask-gradient addressing.
+SUPERBLOCK_CASES = [
+    Case(batch=2, heads_q=4, heads_kv=4, len_q=1100, len_k=1100, causal=True, id="causal-1100"),
+    Case(batch=1, heads_q=4, heads_kv=2, len_q=700, len_k=1300, window=(150, 40), bottom_right=True,
+         id="window-br-parts"),
+    Case(batch=2, heads_q=4, heads_kv=4, len_q=640, len_k=700, dropout_p=0.2, causal=True, id="dropout-causal"),
+    Case(batch=2, heads_q=2, heads_kv=1, len_q=200, len_k=1100, mask="float", id="mask-float-grad"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", SUPERBLOCK_CASES, ids=lambda c: c.id)
+def test_backward_key_superblocks(case, dtype, seed):
+    run_case(case, dtype, "cpu", seed, mask_grad=case.mask is not None)
+
+
 @pytest.mark.parametrize("backend", device_backends("cpu"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", ["full", "bcast"])
