@@ -14,6 +14,7 @@ import attnkern
 from conftest import (
     Case,
     assert_close,
+    assert_lse_close,
     case_attention,
     device_backends,
     make_inputs,
@@ -136,6 +137,39 @@ SUPERBLOCK_CASES = [
 @pytest.mark.parametrize("case", SUPERBLOCK_CASES, ids=lambda c: c.id)
 def test_backward_key_superblocks(case, dtype, seed):
     run_case(case, dtype, "cpu", seed, mask_grad=case.mask is not None)
+
+
+# Score maxima that jump from key block to key block, by more and by less than the CPU forward's
+# lazy-rescale threshold (2^8, csrc/cpu/kernels_impl.inc kLazyRescale): the keys of block j carry a
+# component c_j along a direction every query leans into, so a row's block max passes its running
+# max by more than 8 (log2) at blocks 1 and 4, by less at 2, 5 and 6, and falls at 3; the last
+# block's 4 keys jump by over 128 (log2), where weights against a stale max would overflow fp32.
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_running_max_jumps_between_key_blocks(causal, dtype, backend, seed):
+    B, L, S, H, D = 2, 90, 900, 3, 64
+    steps = torch.tensor([0.0, 14.0, 15.0, 3.0, 30.0, 31.0, 31.5, 300.0])  # per 128-key block
+    u = torch.nn.functional.normalize(torch.randn(D, dtype=torch.float64), dim=0)
+    q = torch.randn(B, L, H, D, dtype=torch.float64)
+    q = q - (q @ u)[..., None] * u + 4.0 * u  # (no noise along u: a block's scores stay within a few units)
+    c = steps[(torch.arange(S) // 128).clamp(max=len(steps) - 1)].double()
+    k = torch.randn(B, S, H, D, dtype=torch.float64) + c[None, :, None, None] * u
+    v = torch.randn(B, S, H, D, dtype=torch.float64)
+    q, k, v = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+    out, lse = attnkern.flash_attn_func(q, k, v, causal=causal, return_lse=True, backend=backend)
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    want, want_lse = attnkern.flash_attn_func(q64, k64, v64, causal=causal, return_lse=True, backend="math")
+    assert_close(out, want, dtype, "out")
+    assert_lse_close(lse, want_lse, torch.float32 if dtype == torch.float32 else dtype)
+    if dtype == torch.float32:
+        # (in 16 bits, dq is ill-conditioned here: the keys' huge common component cancels in
+        # sum_j dS_ij k_j only up to the rounding of the stored output, in every flash backward)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        want_grads = torch.autograd.grad(want, (q64, k64, v64), grad_out.double())
+        for name, g, r in zip(("dq", "dk", "dv"), grads, want_grads):
+            assert_close(g, r, dtype, name)
 
 
 @pytest.mark.parametrize("backend", device_backends("cpu"))
