@@ -183,6 +183,15 @@ def test_work_items_for_a_many_core_server(threads):
     assert ops._C.cpu_work_plan(1, 8, 8, 2048, 2048, 64, -1, 0, 2)["forward_key_splits"] == 1
 
 
+def test_backward_splits_keys_only_when_kv_heads_do_not_share_out_evenly():
+    """Key parts of the backward cost dq accumulators; the (batch, kv head) items carry equal
+    work, so the plan splits keys only when the threads cannot share those items out evenly."""
+    def items(b, hkv, threads, hq=8):
+        return ops._C.cpu_work_plan(b, hq, hkv, 4096, 4096, 64, -1, 0, threads)["backward_items"]
+    assert items(1, 4, 2) == 4 and items(2, 2, 4) == 4 and items(1, 8, 8) == 8
+    assert items(1, 1, 2) > 2 and items(1, 3, 2, hq=6) > 3 and items(1, 8, 64) >= 64
+
+
 def test_backward_accumulator_memory_is_bounded_in_the_thread_count():
     """The backward's dq accumulators (one per key chunk) must not grow with the thread count
     (issue: 1 GiB at 32 threads for B=1, Hq=8, Hkv=1, L=S=8192). Computed from the plan; the
