@@ -59,11 +59,11 @@ int64_t backward_dq_parts(const AttnParams& p, int64_t threads) {
   const int64_t accumulator_bytes = std::max<int64_t>(1, p.batch * p.heads_q * p.len_q * p.head_dim * 4);
   const int64_t by_memory = std::max<int64_t>(1, kDqAccumulatorBudget / accumulator_bytes);
   // The (batch, kv head) items all carry the same work: when the threads can share them out
-  // evenly, key parts only add dq accumulators to zero and to sum. Measured on 2 threads (same
-  // process, alternating, 2026-11-30): one part instead of two made the Gemma-2-like bf16
-  // forward+backward (4 kv heads) 1.09-1.12x as fast, causal fp32 L=1024/4096 with 2 kv heads
-  // 1.10x, with 4 kv heads 1.00-1.02x; with 1 kv head the parts stay (two were 0.87-0.90x of
-  // the eight this rule gives: a causal band gives the first part most of the work).
+  // evenly, key parts only add dq accumulators to zero and to sum: the Gemma-2-like bf16
+  // forward+backward (4 kv heads, 2 threads) now takes one 32 MiB accumulator instead of two, at
+  // the same speed (0.99x and 1.02x in two same-process random-order runs of 9 rounds,
+  // 2026-11-30). With fewer pairs than threads the parts stay: a causal band gives the first part
+  // most of the work, so they are needed for balance.
   if (pairs >= threads && pairs % threads == 0) return 1;
   return parts_for_threads(pairs, threads, std::min(key_blocks, by_memory));
 }
