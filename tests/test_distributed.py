@@ -13,11 +13,13 @@ gradient is checked in every case).
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import os
 import tempfile
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -49,7 +51,12 @@ LAUNCH_DEADLINE_S = 300  # a hang guard; the whole file takes far less
 # launching ranks
 
 
+def _result_path(store_dir, rank):
+    return os.path.join(store_dir, f"rank{rank}.pt")
+
+
 def _entry(rank, world, store_dir, fn, seed):
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal prints its Python stacks
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=world)
     try:
@@ -57,27 +64,56 @@ def _entry(rank, world, store_dir, fn, seed):
             result = fn(rank, world, seed)
         except Exception:  # noqa: BLE001 - reported to the parent as data
             result = {"crash": traceback.format_exc()}
-        torch.save(result, os.path.join(store_dir, f"rank{rank}.pt"))
+        path = _result_path(store_dir, rank)
+        torch.save(result, path + ".part")
+        os.replace(path + ".part", path)  # a result file exists only whole
+        # No rank tears its connections down while a peer may still be talking to it; once
+        # past this barrier, every rank's result is on disk (see launch).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def launch(fn, world, seed):
-    """Run ``fn(rank, world, seed)`` on ``world`` gloo ranks; return each rank's result."""
+    """Run ``fn(rank, world, seed)`` on ``world`` gloo ranks; return each rank's result.
+
+    A rank that dies before every rank saved its result fails the launch. One that dies after
+    (in gloo's teardown: ``destroy_process_group`` or interpreter exit, past the final barrier)
+    is reported as a warning: the results the tests check are complete by then. (CI once saw a
+    world-4 rank abort with "terminate called without an active exception", where is not known;
+    40 local launches under load did not repeat it. Ranks now print their stacks on a signal.)"""
     with tempfile.TemporaryDirectory() as store_dir:
+        paths = [_result_path(store_dir, r) for r in range(world)]
         ctx = mp.start_processes(_entry, args=(world, store_dir, fn, seed), nprocs=world, join=False,
                                  start_method="spawn")
         deadline = time.monotonic() + LAUNCH_DEADLINE_S
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-                pytest.fail(f"{world} ranks did not finish within {LAUNCH_DEADLINE_S} s (hang?)")
-        results = [torch.load(os.path.join(store_dir, f"rank{r}.pt")) for r in range(world)]
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            p.kill()
+                    pytest.fail(f"{world} ranks did not finish within {LAUNCH_DEADLINE_S} s (hang?)")
+        except mp.ProcessExitedException as exc:
+            if not all(os.path.exists(path) for path in paths):
+                raise
+            warnings.warn(f"rank {exc.error_index} died in teardown, after every rank saved its result: {exc}")
+        results = [torch.load(path) for path in paths]
     for r, res in enumerate(results):
         assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
     return results
+
+
+def _abort_on_rank_1(rank, world, seed):
+    if rank == 1:
+        os.abort()  # dies before saving, while rank 0 waits in the final barrier
+    return {}
+
+
+def test_launch_fails_when_a_rank_dies_before_saving():
+    """The teardown allowance in launch must not hide a rank killed mid-work."""
+    with pytest.raises(mp.ProcessExitedException, match="process 1 terminated with signal SIGABRT"):
+        launch(_abort_on_rank_1, 2, 0)
 
 
 @functools.lru_cache(maxsize=None)

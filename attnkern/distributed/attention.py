@@ -89,7 +89,7 @@ def ring_hops(world: int, local_len: int, layout: str, left: int, right: int) ->
         return 0, 0
     best = (world - 1, 0)
     for fwd in range(world):
-        back = max((world - d for d in needed if d > fwd), default=0)
+        back = max([0] + [world - d for d in needed if d > fwd])  # dynamo 2.11 rejects max(genexpr, default=)
         if fwd + back < sum(best):
             best = (fwd, back)
     return best
@@ -402,6 +402,11 @@ class _ContextParallelAttention(torch.autograd.Function):
             extra = (q_full, acc_out.to(q.dtype), acc_lse)
             acc_out, acc_lse = _to_sequence_shards(plan, extra[1]), _to_sequence_shards(plan, acc_lse)
         out = acc_out.to(q.dtype)
+        if torch.compiler.is_compiling():
+            # Dynamo of torch 2.11 gives zero input gradients when an autograd.Function returns a
+            # tensor it created and then wrote in place (acc_out, acc_lse); copies avoid that
+            # (tests/test_distributed.py, compiled vs eager, failed on 2.11 and passes with them).
+            out, acc_lse = out.clone(), acc_lse.clone()
         ctx.plan = plan
         ctx.dtypes = (k.dtype, v.dtype)
         ctx.n_extra = len(extra)
