@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence, Tuple
 
@@ -283,15 +284,40 @@ def _plain_tensor(t: torch.Tensor) -> bool:
     )
 
 
+def broadcast_shapes(*shapes) -> Tuple:
+    """``torch.broadcast_shapes``, in plain Python when every size is an int: torch's imports
+    torch.fx's symbolic shapes and sympy on first use, about 0.35-0.8 s of every process's first
+    attention call (cProfile, 2026-11-30). Under torch.compile, and for symbolic sizes, torch's
+    (Dynamo traces it natively; Dynamo of torch 2.11 rejects this function's Python). Raises
+    RuntimeError when the shapes do not broadcast, as torch's does."""
+    if torch.compiler.is_compiling() or not all(type(n) is int for shape in shapes for n in shape):
+        return tuple(torch.broadcast_shapes(*shapes))
+    rank = max((len(shape) for shape in shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for i, n in enumerate(shape, rank - len(shape)):
+            if n != 1 and out[i] not in (1, n):
+                raise RuntimeError(f"shapes {[tuple(x) for x in shapes]} do not broadcast")
+            out[i] = n if n != 1 else out[i]
+    return tuple(out)
+
+
+def is_causal_bias(attn_mask) -> bool:
+    """Whether ``attn_mask`` is torch's ``CausalBias``. Such an object can only exist once
+    ``torch.nn.attention.bias`` is imported, so the module is looked up, never imported: importing
+    it pulls in torch._dynamo, which made every process's first attention call 1.1-1.8 s slower
+    (cProfile of a first call, 2026-11-30)."""
+    bias = sys.modules.get("torch.nn.attention.bias")
+    return bias is not None and isinstance(attn_mask, bias.CausalBias)
+
+
 def causal_bias_alignment(attn_mask) -> Optional[bool]:
     """For torch's ``CausalBias`` (``torch.nn.attention.bias.causal_upper_left/lower_right``):
     False for upper-left (torch's ``is_causal``), True for lower-right (bottom-right) alignment;
     None for anything else. Its tensor data is not the mask, so it must never be read as one."""
-    from torch.nn.attention.bias import CausalBias, CausalVariant
-
-    if not isinstance(attn_mask, CausalBias):
+    if not is_causal_bias(attn_mask):
         return None
-    return attn_mask.variant == CausalVariant.LOWER_RIGHT
+    return attn_mask.variant == sys.modules["torch.nn.attention.bias"].CausalVariant.LOWER_RIGHT
 
 
 def _check_mask(attn_mask, query: torch.Tensor, len_k: int, batch_shape, heads_q: int):
@@ -320,7 +346,7 @@ def _check_mask(attn_mask, query: torch.Tensor, len_k: int, batch_shape, heads_q
     len_q = query.shape[-2]
     target = tuple(query.shape[:-1]) + (len_k,)
     try:
-        expanded = attn_mask.expand(torch.broadcast_shapes(attn_mask.shape, target))
+        expanded = attn_mask.expand(broadcast_shapes(attn_mask.shape, target))
     except RuntimeError:
         expanded = None
     if expanded is None or tuple(expanded.shape) != target:
@@ -330,6 +356,10 @@ def _check_mask(attn_mask, query: torch.Tensor, len_k: int, batch_shape, heads_q
     batch = math.prod(batch_shape)
     mask4 = expanded.reshape(batch, heads_q, len_q, len_k)  # a view unless leading dims cannot merge
     return mask4, kind
+
+
+def _expand(t: torch.Tensor, shape: Tuple) -> torch.Tensor:
+    return t if tuple(t.shape) == shape else t.expand(shape)
 
 
 def normalize_torch_layout(
@@ -350,7 +380,9 @@ def normalize_torch_layout(
     # broadcasts too; key/value with one head against many query heads is GQA with one group.
     out_rank = max(query.dim(), key.dim(), value.dim())
     rank = max(3, out_rank)
-    query, key, value = (t.reshape((1,) * (rank - t.dim()) + tuple(t.shape)) for t in (query, key, value))
+    # (no-op reshapes and expands are skipped: a decoding-sized call spends its time here)
+    query, key, value = (t if t.dim() == rank else t.reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+                         for t in (query, key, value))
     heads_q, len_q, head_dim = query.shape[-3:]
     heads_kv, len_k, head_dim_k = key.shape[-3:]
     if head_dim_k != head_dim:
@@ -372,15 +404,15 @@ def normalize_torch_layout(
                 f"query has {heads_q} heads but key/value have {heads_kv} (dim -3); pass enable_gqa=True for GQA"
             )
     try:
-        batch_shape = tuple(torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3]))
+        batch_shape = broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
     except RuntimeError:
         raise ValueError(
             f"batch dims do not broadcast: query {tuple(query.shape[:-3])}, key {tuple(key.shape[:-3])}, "
             f"value {tuple(value.shape[:-3])}"
         ) from None
-    query = query.expand(batch_shape + (heads_q, len_q, head_dim))
-    key = key.expand(batch_shape + (heads_kv, len_k, head_dim))
-    value = value.expand(batch_shape + (heads_kv, len_k, value.shape[-1]))
+    query, key, value = (_expand(t, batch_shape + shape) for t, shape in (
+        (query, (heads_q, len_q, head_dim)), (key, (heads_kv, len_k, head_dim)),
+        (value, (heads_kv, len_k, value.shape[-1]))))
     q, k, v, mask, problem, out_shape = _finish(
         query, key, value, attn_mask, dropout_p, is_causal, scale, window_size, bottom_right, batch_shape
     )
@@ -417,9 +449,7 @@ def _finish(query, key, value, attn_mask, dropout_p, is_causal, scale, window_si
     p = check_dropout(dropout_p)
     scale = _check_scale(scale, head_dim)
     batch = math.prod(batch_shape)
-    q = query.reshape(batch, heads_q, len_q, head_dim)
-    k = key.reshape(batch, heads_kv, len_k, head_dim)
-    v = value.reshape(batch, heads_kv, len_k, head_dim_v)
+    q, k, v = (t if t.dim() == 4 else t.reshape(batch, *t.shape[-3:]) for t in (query, key, value))
     mask, mask_kind = _check_mask(attn_mask, query, len_k, batch_shape, heads_q)
     problem = Problem(
         batch=batch,

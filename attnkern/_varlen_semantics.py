@@ -24,7 +24,7 @@ where reading values would break the graph).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -231,6 +231,7 @@ class KVCacheCall:
     window_left: int
     window_right: int
     scale: float
+    host_lens: Optional[Tuple[int, ...]] = None  # cache_seqlens read to the host (None under torch.compile)
 
 
 def normalize_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
@@ -329,4 +330,5 @@ def normalize_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
         if block_table is not None:
             check_block_table(block_table, B, q.device, k_cache.shape[0], k_cache.shape[1], [n + len_new for n in lens])
     return KVCacheCall(batch=B, len_q=Lq, len_new=len_new, cache_seqlens=seqlens, cache_rows=rows, leftpad=leftpad,
-                       rotary_dim=rotary_dim, window_left=left, window_right=right, scale=scale)
+                       rotary_dim=rotary_dim, window_left=left, window_right=right, scale=scale,
+                       host_lens=None if _compiling() else tuple(lens))

@@ -295,6 +295,8 @@ KV_CASES = {
     "rotary-neox-noncausal": dict(B=2, Lq=3, Lnew=3, H=2, Hk=1, causal=False, rotary=True, interleaved=False),
     "batch-idx-no-append": dict(B=2, Lq=2, Lnew=0, H=2, Hk=2, causal=False, batch_idx=True),
     "window": dict(B=2, Lq=4, Lnew=4, H=2, Hk=2, causal=True, window=(9, -1)),
+    # more sequences than the per-sequence slice append takes (varlen.py): the index_put_ route
+    "decode-batch6": dict(B=6, Lq=1, Lnew=2, H=4, Hk=2, causal=True),
 }
 
 

@@ -39,6 +39,7 @@ tracing (and guarded), and the counters do not move.
 from __future__ import annotations
 
 import collections
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode, _get_current_function_mode
 
 from .. import dispatch
-from .._semantics import causal_bias_alignment, check_backend, normalize_torch_layout
+from .._semantics import causal_bias_alignment, check_backend, is_causal_bias, normalize_torch_layout
 from ._attend import checked_window
 
 # what F.scaled_dot_product_attention is bound to when torch is imported, and what early
@@ -201,10 +202,8 @@ def scaled_dot_product_attention(
 def _call_torch(fn, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """torch's own F.sdpa. A CausalBias mask takes its own path (CausalBias._dispatch): its
     __torch_function__ recognises only F.scaled_dot_product_attention, which is attnkern's now."""
-    from torch.nn.attention.bias import CausalBias
-
-    if isinstance(attn_mask, CausalBias):
-        fn = CausalBias._dispatch
+    if is_causal_bias(attn_mask):
+        fn = sys.modules["torch.nn.attention.bias"].CausalBias._dispatch
     state = _state()
     state.passthrough += 1
     try:
