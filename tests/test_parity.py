@@ -63,6 +63,12 @@ DECODE_CASES = [
     Case(batch=1, heads_q=8, heads_kv=1, len_q=3, len_k=1537, causal=True, bottom_right=True, id="L3-mqa-split-br"),
     Case(batch=1, heads_q=8, heads_kv=1, len_q=16, len_k=1029, window=(100, 5), bottom_right=True, id="L16-mqa-win"),
     Case(batch=2, heads_q=4, heads_kv=4, len_q=1, len_k=77, id="L1-mha"),
+    # items of at most 8 rows run query-major (kernels_impl.inc decode_tile): a band per row
+    Case(batch=2, heads_q=8, heads_kv=2, len_q=2, len_k=190, window=(30, 0), bottom_right=True, id="L2-gqa-win-br"),
+    Case(batch=1, heads_q=2, heads_kv=2, len_q=7, len_k=140, causal=True, mask="bool", id="L7-mha-causal-mask"),
+    # groups of 17-32 rows take 32-row tiles (tiling.h forward_block_q): unpacked, and packed across heads
+    Case(batch=2, heads_q=4, heads_kv=4, len_q=29, len_k=200, window=(40, 3), mask="float", id="L29-mha-win-mask"),
+    Case(batch=1, heads_q=8, heads_kv=2, len_q=5, len_k=333, causal=True, bottom_right=True, id="L5-gqa4-causal-br"),
     Case(batch=1, heads_q=4, heads_kv=2, len_q=9, len_k=133, causal=True, bottom_right=True, id="L9-gqa2-unpacked"),
     Case(batch=1, heads_q=32, heads_kv=8, len_q=3, len_k=301, mask="bool", id="L3-gqa-mask-bool"),
     Case(batch=1, heads_q=32, heads_kv=8, len_q=1, len_k=301, mask="float-bcast", id="L1-gqa-mask-float-bcast"),

@@ -17,6 +17,7 @@ namespace attnkern::cpu {
 // statistics are whole vectors. The forward uses the narrow tile for short queries.
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockQNarrow = 16;
+constexpr int64_t kBlockQMid = 32;  // groups of 17-32 rows: half the padding of a 64-row tile
 
 // Query rows of one forward tile. Unpacked: tile row m is query row0 + m of head hq0.
 // Packed (decoding, GQA): the rows of all query heads of one kv group are numbered
@@ -46,7 +47,7 @@ struct ForwardItem {
 
 struct KernelTable {
   const char* isa;
-  // Forward of one item (block_q kBlockQ or kBlockQNarrow).
+  // Forward of one item (block_q kBlockQ, kBlockQMid or kBlockQNarrow).
   void (*forward_item)(const AttnParams& p, const ForwardItem& item, float* scratch);
   size_t (*forward_scratch_floats)(const AttnParams& p, int64_t block_q, int64_t block_k);
   // o, lse (and row_stats when set) of head (b, h) from `splits` partial results (ForwardItem),

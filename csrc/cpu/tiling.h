@@ -16,7 +16,9 @@ namespace attnkern::cpu {
 inline int64_t key_block_size(const AttnParams&) { return 128; }
 
 // Query rows per forward tile for `rows` rows: narrow tiles for decoding-sized queries.
-inline int64_t forward_block_q(int64_t rows) { return rows <= kBlockQNarrow ? kBlockQNarrow : kBlockQ; }
+inline int64_t forward_block_q(int64_t rows) {
+  return rows <= kBlockQNarrow ? kBlockQNarrow : rows <= kBlockQMid ? kBlockQMid : kBlockQ;
+}
 
 // Tile columns spent on `rows` rows, padding included.
 inline int64_t padded_rows(int64_t rows) {
