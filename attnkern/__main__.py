@@ -152,7 +152,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if argv and argv[0] in ("bench", "memory"):
         from .bench import cli
 
-        return cli.main(argv)
+        try:
+            return cli.main(argv)
+        except KeyboardInterrupt:  # the JSON/CSV files are written after every case
+            print("\nattnkern: interrupted (the files hold the cases finished so far)", file=sys.stderr)
+            return 130
     if argv and argv[0] == "packed":
         from .bench import packed
 

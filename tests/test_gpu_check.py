@@ -115,7 +115,7 @@ def _check_files(out):
 @pytest.mark.timeout(300)
 def test_cpu_selftest_records_every_step(tmp_path):
     """A first run on CPU, limited to one step of each kind (GPU_CHECK_ONLY) to keep it short; tests-cpu
-    gets 3 s, so its time guard stops it (SIGINT) and the run still ends with its summary."""
+    gets 3 s, so its time guard stops it (SIGINT, then KILL) and the run still ends with its summary."""
     only = ["build", "env", "smoke-hopper", "bench-window", "tests-cpu"]
     proc = _gpu_check(tmp_path, "--phase", "first-run", "--cpu-selftest",
                       env={"GPU_CHECK_BUDGET_TESTS_CPU": "3", "GPU_CHECK_ONLY": ",".join(only)}, timeout=280)
@@ -129,7 +129,10 @@ def test_cpu_selftest_records_every_step(tmp_path):
     status = {name: s["status"] for name, s in steps.items()}
     assert status == {name: "ok" if name in only else "skipped" for name in FIRST_RUN} | {"tests-cpu": "timed_out"}
     assert all("not in GPU_CHECK_ONLY" in steps[name]["note"] for name in FIRST_RUN if name not in only)
-    assert steps["tests-cpu"]["limit_s"] == 3 and steps["tests-cpu"]["rc"] == 124
+    # 124: pytest stopped on the guard's SIGINT; 137: it was still exiting 10 s later and was
+    # killed. Both are a timed-out step; which one depends on the load (CI once saw 137; here, with
+    # the suite running alongside, a pytest interrupted 50 s into its run took 7.7 s to exit)
+    assert steps["tests-cpu"]["limit_s"] == 3 and steps["tests-cpu"]["rc"] in (124, 137)
     assert doc["env"]["torch"] and "cpu" in doc["env"]["attnkern"]["backends_cpu"]
     # the Hopper smoke tests were all collected (a renamed one would fail the step), and skip on CPU
     tests = steps["smoke-hopper"]["tests"]

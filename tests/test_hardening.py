@@ -424,6 +424,7 @@ def test_compiled_dropout_matches_eager(seed):
 # 12 and 13: the CLI refuses bad arguments and paths up front, writes as it goes, and ends
 # with one line and a non-zero status
 
+from attnkern.__main__ import main as attnkern_main  # noqa: E402
 from attnkern.bench import cli, memory as bench_memory, sweep  # noqa: E402
 
 TINY = ["--backends", "sdpa-math", "--seqlens", "16,32", "--head-dims", "8", "--budget", "0.01", "--min-reps", "2",
@@ -503,8 +504,13 @@ def test_cli_write_failure_interrupt_and_oom_rows(tmp_path, monkeypatch, capsys)
 
     monkeypatch.setattr(bench_memory, "measure_case", second_interrupts)
     out = tmp_path / "memory.json"
-    assert cli.main(["memory", "--json", str(out), "--backends", "sdpa-math", "--seqlens", "16,32", "--head-dims",
-                     "8", "--no-progress"]) == 130
+    argv = ["memory", "--json", str(out), "--backends", "sdpa-math", "--seqlens", "16,32", "--head-dims", "8",
+            "--no-progress"]
+    with pytest.raises(KeyboardInterrupt):  # a caller in the same process (pytest) sees the interrupt
+        cli.main(argv)
+    assert len(__import__("json").loads(out.read_text())["results"]) == 1
+    seen.clear()
+    assert attnkern_main(argv) == 130  # the command: a status and one line
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err
     assert len(__import__("json").loads(out.read_text())["results"]) == 1  # the finished case was written

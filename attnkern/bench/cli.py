@@ -559,11 +559,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # " -1,0": argparse takes a leading space for a value, and int() ignores it
     argv = [" " + a if _NEGATIVE_WINDOW.match(a) else a for a in argv]
     args = build_parser().parse_args(argv)
+    # A KeyboardInterrupt propagates (the `attnkern` command turns it into exit status 130): a
+    # caller in the same process, pytest included, must see it. Swallowed here, it let a pytest
+    # run under scripts/gpu_check.sh's SIGINT guard go on to the next test until it was killed.
     try:
         return _main(args)
-    except KeyboardInterrupt:
-        print("\nattnkern: interrupted (the files hold the cases finished so far)", file=sys.stderr)
-        return 130
     except OSError as exc:  # writing an output: disk full, permissions, ...
         print(f"attnkern: {exc.filename or 'output'}: {exc.strerror or exc}", file=sys.stderr)
         return 1
