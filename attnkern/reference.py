@@ -70,16 +70,30 @@ def dropout_keep_mask(seed: int, p: float, batch: int, heads: int, len_q: int, l
     return (word >= dropout_threshold(p)).view(batch, heads, len_q, len_k)
 
 
-def _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None):
+def _key_uniform_dots(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q·kᵀ summed in one order for every (query, key) pair, so that equal keys give bit-equal
+    scores. A float64 GEMM need not: MKL on an AMD EPYC (AVX2) summed some key columns in another
+    order, and keys repeated exactly differed by up to 2e-14 in their scores, which broke the
+    top-k tie rule in this oracle. Chunked over query rows to bound the (rows, S, E) products."""
+    len_q, len_k = q.shape[-2], k.shape[-2]
+    rows = max(1, (1 << 24) // max(1, q[..., :1, :1].numel() * len_k * k.shape[-1]))
+    chunks = [(q[..., i:i + rows, None, :] * k[..., None, :, :]).sum(-1) for i in range(0, len_q, rows)]
+    return torch.cat(chunks, dim=-2) if chunks else q.new_zeros(q.shape[:-1] + (len_k,))
+
+
+def _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None,
+                    exact_ties=False):
     """Scaled scores (softcap, ALiBi bias and float mask applied, in that order), the (B, Hq, L, S)
-    keys each query may see (band, bool mask, and not -inf), and v with its heads repeated for GQA."""
+    keys each query may see (band, bool mask, and not -inf), and v with its heads repeated for GQA.
+    exact_ties: equal keys give bit-equal scores (_key_uniform_dots), for top-k's tie rule."""
     batch, heads_q, len_q, _ = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
     if heads_kv != heads_q:
         group = heads_q // heads_kv
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    dots = _key_uniform_dots(q, k) if exact_ties else torch.matmul(q, k.transpose(-1, -2))
+    scores = dots * scale
     offset = len_k - len_q if bottom_right else 0
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
@@ -177,7 +191,8 @@ def topk_attention(
     differentiates the softmax over the kept keys only. indices: int64, -1 for empty slots.
     """
     len_k = k.shape[2]
-    scores, allowed, v = _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right)
+    scores, allowed, v = _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right,
+                                         exact_ties=True)
     neg_inf = torch.tensor(float("-inf"), dtype=q.dtype, device=q.device)
     ranked = torch.where(allowed, scores, neg_inf).detach()
     ordered, order = torch.sort(ranked, dim=-1, descending=True, stable=True)

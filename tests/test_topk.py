@@ -161,6 +161,13 @@ def test_bottom_right_alignment_through_the_op(seed):
     check_bottom_right_alignment(torch.ops.attnkern.topk_fwd)
 
 
+def tied_scores(q, distinct, repeats):
+    """float64 scores of q against `distinct` keys repeated `repeats` times, as nested lists: each
+    distinct key's score computed once, so repeats tie exactly (a float64 GEMM over the repeated
+    keys need not sum every column in one order; on an AMD EPYC's MKL they differed by ~1e-15)"""
+    return (q.double() @ distinct.double().transpose(-1, -2)).repeat(1, 1, 1, repeats).tolist()
+
+
 @pytest.mark.parametrize("backend", ["cpu", "math"])
 def test_exact_ties_go_to_the_lower_key_index(backend, seed):
     if backend == "cpu" and topk_module.topk_fwd is None:
@@ -168,11 +175,12 @@ def test_exact_ties_go_to_the_lower_key_index(backend, seed):
     # keys repeat with period 5, so every score appears S / 5 times exactly
     B, H, L, S, E = 1, 2, 9, 40, 16
     q = torch.randn(B, H, L, E)
-    k = torch.randn(B, H, 5, E).repeat(1, 1, S // 5, 1)
+    distinct = torch.randn(B, H, 5, E)
+    k = distinct.repeat(1, 1, S // 5, 1)
     v = torch.randn(B, H, S, E)
+    scores = tied_scores(q, distinct, S // 5)
     for top_k in (1, 3, 7, 12):
         out, idx = attnkern.topk_attention(q, k, v, top_k, return_indices=True, backend=backend)
-        scores = (q.double() @ k.double().transpose(-1, -2)).tolist()
         for b in range(B):
             for h in range(H):
                 for i in range(L):
@@ -207,9 +215,10 @@ def test_row_scan_ties_at_the_threshold(seed):
     inside the best score's group, 64 inside the third, 200 inside the ninth."""
     B, H, L, S, E = 1, 2, 6, 690, 16
     q = torch.randn(B, H, L, E)
-    k = torch.randn(B, H, 30, E).repeat(1, 1, S // 30, 1)
+    distinct = torch.randn(B, H, 30, E)
+    k = distinct.repeat(1, 1, S // 30, 1)
     v = torch.randn(B, H, S, E)
-    scores = (q.double() @ k.double().transpose(-1, -2)).tolist()
+    scores = tied_scores(q, distinct, S // 30)
     for top_k in (8, 20, 64, 200):
         out, idx = attnkern.topk_attention(q, k, v, top_k, return_indices=True, backend="cpu")
         for h in range(H):
