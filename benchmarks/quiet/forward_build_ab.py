@@ -1,9 +1,10 @@
-"""Forward of short query groups, build A (before) vs build B (after), and A again as a null
-variant: alternating child processes in a random order each round; per case the median over
-rounds of each child's median, and of the per-round ratios. Case sets: "decode" (items of at most
-8 rows: the query-major decode tiles) and "mid" (groups of 17-32 rows: the 32-row tiles).
+"""Attention calls, build A (before) vs build B (after), and A again as a null variant:
+alternating child processes in a random order each round; per case the median over rounds of
+each child's median, and of the per-round ratios. Case sets: "decode" (items of at most 8 rows:
+the query-major decode tiles), "mid" (groups of 17-32 rows: the 32-row tiles) and "targets"
+(issue 10's prefill and decode cases, forward and forward+backward, fp32 and bf16).
 Usage (from a directory that is not a checkout, so each child imports its own build):
-  python forward_build_ab.py {decode,mid} BEFORE_ROOT AFTER_ROOT ROUNDS THREADS [OUT.json]"""
+  python forward_build_ab.py {decode,mid,targets} BEFORE_ROOT AFTER_ROOT ROUNDS THREADS [OUT.json]"""
 import os, sys, subprocess, random, statistics, json, datetime
 CASE_SETS = {  # (dtype, Hq, Hkv, L, S, D, causal)
     "decode": [("float32", 8, 8, 1, 4096, 64, False), ("float32", 32, 8, 1, 4096, 128, False),
@@ -13,6 +14,9 @@ CASE_SETS = {  # (dtype, Hq, Hkv, L, S, D, causal)
     "mid": [("float32", 32, 1, 1, 4096, 128, False), ("bfloat16", 32, 1, 1, 4096, 128, False),
             ("float32", 8, 8, 32, 2048, 64, False), ("bfloat16", 8, 8, 32, 2048, 64, False),
             ("float32", 8, 2, 8, 2048, 128, False)],
+    "targets": [("float32", 8, 8, 2048, 2048, 64, False), ("bfloat16", 8, 8, 2048, 2048, 64, False),
+                ("float32", 8, 8, 1024, 1024, 64, True, "fwd+bwd"), ("bfloat16", 8, 8, 1024, 1024, 64, True, "fwd+bwd"),
+                ("bfloat16", 32, 8, 1, 8192, 128, False), ("float32", 8, 8, 8192, 8192, 64, True, "fwd", (255, 0))],
 }
 CASES = CASE_SETS[sys.argv[1]]
 A, B, rounds, threads = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -20,19 +24,28 @@ child = r'''
 import sys, json, time, statistics, torch, attnkern
 torch.set_num_threads(int(sys.argv[1]))
 out = {}
-for dt, Hq, Hkv, L, S, D, causal in json.loads(sys.argv[2]):
+for dt, Hq, Hkv, L, S, D, causal, *rest in json.loads(sys.argv[2]):
+    mode = rest[0] if rest else "fwd"
+    window = rest[1] if len(rest) > 1 else None
     torch.manual_seed(0)
-    q = torch.randn(1, Hq, L, D, dtype=getattr(torch, dt)); k, v = (torch.randn(1, Hkv, S, D, dtype=getattr(torch, dt)) for _ in range(2))
-    f = lambda: attnkern.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=causal, backend="cpu")
-    for _ in range(10): f()
+    grad = mode == "fwd+bwd"
+    q = torch.randn(1, Hq, L, D, dtype=getattr(torch, dt), requires_grad=grad)
+    k, v = (torch.randn(1, Hkv, S, D, dtype=getattr(torch, dt), requires_grad=grad) for _ in range(2))
+    call = lambda: attnkern.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=causal, backend="cpu",
+                                                         window_size=tuple(window) if window else None)
+    f = (lambda: call().backward(torch.ones_like(q))) if grad else call
+    t = time.perf_counter(); f(); f(); reps = max(1, min(10, int(0.1 / ((time.perf_counter() - t) / 2))))
     ts = []
     for _ in range(9):
         t = time.perf_counter()
-        for _ in range(10): f()
-        ts.append((time.perf_counter() - t) / 10)
-    out["%s H%d/%d L%d S%d D%d" % (dt, Hq, Hkv, L, S, D)] = statistics.median(ts)
+        for _ in range(reps): f()
+        ts.append((time.perf_counter() - t) / reps)
+    out["%s H%d/%d L%d S%d D%d%s %s%s" % (dt, Hq, Hkv, L, S, D, " causal" if causal else "", mode,
+                                          " win%s" % (tuple(window),) if window else "")] = statistics.median(ts)
 print(json.dumps(out))
 '''
+CPU = subprocess.run([sys.executable, "-c", "import platform, attnkern.ops as o; print(open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].split(chr(10))[0].strip(), '| isa', o._C.cpu_isa())"],
+                     env=dict(os.environ, PYTHONPATH=A), cwd="/", capture_output=True, text=True).stdout.strip()
 res = {"A": [], "B": [], "null": []}
 for r in range(rounds):
     for w in random.sample(["A", "B", "null"], 3):
@@ -46,8 +59,8 @@ for case in res["A"][0]:
                          speedup_medians=statistics.median(a) / statistics.median(b),
                          speedup_paired=statistics.median(x / y for x, y in zip(a, b)),
                          null_speedup=statistics.median(a) / statistics.median(n))
-    print("%-32s before %8.0f us  after %8.0f us  speedup %.2fx (paired %.2fx, null %.2fx)" % (case, summary[case]["before_us"], summary[case]["after_us"], summary[case]["speedup_medians"], summary[case]["speedup_paired"], summary[case]["null_speedup"]))
+    print("%-52s before %8.0f us  after %8.0f us  speedup %.2fx (paired %.2fx, null %.2fx)" % (case, summary[case]["before_us"], summary[case]["after_us"], summary[case]["speedup_medians"], summary[case]["speedup_paired"], summary[case]["null_speedup"]))
 print("threads", threads, "rounds", rounds, "load", os.getloadavg())
 if len(sys.argv) > 6:
     json.dump(dict(what=__doc__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(), threads=int(threads), rounds=rounds,
-                   loadavg=os.getloadavg(), cpu="Intel Xeon (2 vCPU, AVX-512/AMX), isa amx_bf16", cases=summary), open(sys.argv[6], "w"), indent=1)
+                   loadavg=os.getloadavg(), cpu=CPU, cases=summary), open(sys.argv[6], "w"), indent=1)

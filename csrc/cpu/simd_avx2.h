@@ -23,9 +23,18 @@ struct VecAVX2 {
   static ATTNKERN_VEC_INLINE VecAVX2 zero() { return {_mm256_setzero_ps()}; }
   static ATTNKERN_VEC_INLINE VecAVX2 set1(float x) { return {_mm256_set1_ps(x)}; }
   static ATTNKERN_VEC_INLINE VecAVX2 load(const float* p) { return {_mm256_loadu_ps(p)}; }
-  static ATTNKERN_VEC_INLINE VecAVX2 load(const float* p, int n) { return {_mm256_maskload_ps(p, tail_mask(n))}; }
+  // Whole vectors take the plain load and store: the kernels call these for every vector of a
+  // row, and a masked store (vmaskmovps) costs far more than a plain one on AMD's cores
+  static ATTNKERN_VEC_INLINE VecAVX2 load(const float* p, int n) {
+    return n >= kWidth ? load(p) : VecAVX2{_mm256_maskload_ps(p, tail_mask(n))};
+  }
   ATTNKERN_VEC_INLINE void store(float* p) const { _mm256_storeu_ps(p, v); }
-  ATTNKERN_VEC_INLINE void store(float* p, int n) const { _mm256_maskstore_ps(p, tail_mask(n), v); }
+  ATTNKERN_VEC_INLINE void store(float* p, int n) const {
+    if (n >= kWidth)
+      store(p);
+    else
+      _mm256_maskstore_ps(p, tail_mask(n), v);
+  }
 
   friend ATTNKERN_VEC_INLINE VecAVX2 operator+(VecAVX2 a, VecAVX2 b) { return {_mm256_add_ps(a.v, b.v)}; }
   friend ATTNKERN_VEC_INLINE VecAVX2 operator-(VecAVX2 a, VecAVX2 b) { return {_mm256_sub_ps(a.v, b.v)}; }
