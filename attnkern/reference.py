@@ -70,29 +70,41 @@ def dropout_keep_mask(seed: int, p: float, batch: int, heads: int, len_q: int, l
     return (word >= dropout_threshold(p)).view(batch, heads, len_q, len_k)
 
 
-def _key_uniform_dots(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q·kᵀ summed in one order for every (query, key) pair, so that equal keys give bit-equal
-    scores. A float64 GEMM need not: MKL on an AMD EPYC (AVX2) summed some key columns in another
-    order, and keys repeated exactly differed by up to 2e-14 in their scores, which broke the
-    top-k tie rule in this oracle. Chunked over query rows to bound the (rows, S, E) products."""
-    len_q, len_k = q.shape[-2], k.shape[-2]
-    rows = max(1, (1 << 24) // max(1, q[..., :1, :1].numel() * len_k * k.shape[-1]))
-    chunks = [(q[..., i:i + rows, None, :] * k[..., None, :, :]).sum(-1) for i in range(0, len_q, rows)]
-    return torch.cat(chunks, dim=-2) if chunks else q.new_zeros(q.shape[:-1] + (len_k,))
+def _first_equal_key(k: torch.Tensor) -> torch.Tensor:
+    """(B, H, S) int64: for each key of each (batch, head), the index of the first key whose row
+    compares equal to it (with head dim 0 each key its own: every score is 0 then)."""
+    batch, heads, len_k, head_dim = k.shape
+    first = torch.arange(len_k, device=k.device).repeat(batch, heads, 1)
+    if len_k == 0 or head_dim == 0:
+        return first
+    positions = torch.arange(len_k, device=k.device)
+    for b in range(batch):
+        for h in range(heads):
+            _, inverse = torch.unique(k[b, h], dim=0, return_inverse=True)
+            lowest = torch.full((len_k,), len_k, dtype=torch.long, device=k.device)
+            first[b, h] = lowest.scatter_reduce(0, inverse, positions, "amin")[inverse]
+    return first
 
 
 def _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_right, softcap=0.0, alibi_slopes=None,
                     exact_ties=False):
     """Scaled scores (softcap, ALiBi bias and float mask applied, in that order), the (B, Hq, L, S)
     keys each query may see (band, bool mask, and not -inf), and v with its heads repeated for GQA.
-    exact_ties: equal keys give bit-equal scores (_key_uniform_dots), for top-k's tie rule."""
+    exact_ties: equal keys give bit-equal scores (_first_equal_key), for top-k's tie rule."""
     batch, heads_q, len_q, _ = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
     if heads_kv != heads_q:
         group = heads_q // heads_kv
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
-    dots = _key_uniform_dots(q, k) if exact_ties else torch.matmul(q, k.transpose(-1, -2))
+    dots = torch.matmul(q, k.transpose(-1, -2))
+    if exact_ties:
+        # A float64 GEMM need not sum every key column in one order: MKL on an AMD EPYC (AVX2)
+        # gave keys repeated exactly scores up to 2e-14 apart, and the oracle broke exact ties by
+        # rounding. Each key takes its first equal key's value (tied + 0 exactly), and keeps its
+        # own gradient.
+        tied = dots.detach().gather(-1, _first_equal_key(k).unsqueeze(-2).expand(dots.shape))
+        dots = tied + (dots - dots.detach())
     scores = dots * scale
     offset = len_k - len_q if bottom_right else 0
     if softcap > 0:
