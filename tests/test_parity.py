@@ -118,6 +118,29 @@ def test_decode(case, dtype, backend, seed):
     run_case(case, dtype, backend, seed)
 
 
+# The CPU's query-major decode tiles (kernels_impl.inc decode_tile: items of at most 8 rows)
+# read K and V rows in place, whole, kW keys or 2 at a time and a vector of the head dim at a
+# time: head dims with a partial last vector, V narrower than K, rows in groups of 4 with a
+# remainder (1, 3, 5, 8 rows), rows far apart in memory (BLHD: prefetched), key counts that leave
+# a partial key group, and a key split over threads.
+DECODE_TILE_CASES = [
+    Case(batch=1, heads_q=8, heads_kv=2, len_q=1, len_k=300, head_dim=17, id="L1-gqa4-d17"),
+    Case(batch=2, heads_q=8, heads_kv=2, len_q=2, len_k=150, head_dim=100, head_dim_v=40, layout="transposed",
+         causal=True, bottom_right=True, id="L2-gqa4-d100-ev40-blhd-causal"),
+    Case(batch=1, heads_q=6, heads_kv=2, len_q=1, len_k=141, head_dim=40, layout="transposed", id="L1-gqa3-d40-blhd"),
+    Case(batch=1, heads_q=5, heads_kv=1, len_q=1, len_k=1030, head_dim=33, id="L1-mqa5-d33-split"),
+    Case(batch=1, heads_q=1, heads_kv=1, len_q=1, len_k=9, head_dim=8, id="L1-mha-d8-9keys"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DECODE_TILE_CASES, ids=lambda c: c.id)
+def test_cpu_decode_tile(case, dtype, seed):
+    if "cpu" not in device_backends("cpu"):
+        pytest.skip("the CPU extension is not built")
+    run_case(case, dtype, "cpu", seed)
+
+
 @pytest.mark.parametrize("backend", device_backends("cpu"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)

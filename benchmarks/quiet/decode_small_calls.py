@@ -1,0 +1,38 @@
+"""Small decoding-sized calls (~0.1-1 ms, where per-call costs weigh), build A against build B:
+each build in its own child process, alternating, ROUNDS times; per call the best of 30 x 20
+calls. Prints JSON.
+Usage (from a directory that is not a checkout): python decode_small_calls.py A_ROOT B_ROOT ROUNDS THREADS"""
+import os, sys, json, subprocess, datetime
+CASES = [(8, 8, 4, 2048, 64, True), (8, 8, 1, 256, 64, False), (32, 8, 1, 1024, 128, False)]  # Hq, Hkv, L, S, D, causal
+child = r'''
+import sys, json, time, torch, attnkern
+torch.set_num_threads(int(sys.argv[1]))
+out = []
+for Hq, Hkv, L, S, D, causal in json.loads(sys.argv[2]):
+    q = torch.randn(1, Hq, L, D); k, v = (torch.randn(1, Hkv, S, D) for _ in range(2))
+    f = lambda: attnkern.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=causal, backend="cpu")
+    for _ in range(20): f()
+    best = 1e9
+    for _ in range(30):
+        t = time.perf_counter()
+        for _ in range(20): f()
+        best = min(best, (time.perf_counter() - t) / 20)
+    out.append(best * 1e6)
+print(json.dumps(out))
+'''
+A, B, rounds, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+res = {"A": [], "B": []}
+for r in range(rounds):
+    for w in (("A", "B") if r % 2 == 0 else ("B", "A")):
+        run = subprocess.run([sys.executable, "-c", child, threads, json.dumps(CASES)], cwd="/", capture_output=True,
+                             text=True, env=dict(os.environ, PYTHONPATH=A if w == "A" else B))
+        if run.returncode: sys.exit(run.stderr[-2000:])
+        res[w].append(json.loads(run.stdout))
+cases = {}
+for i, (Hq, Hkv, L, S, D, causal) in enumerate(CASES):
+    a, b = [x[i] for x in res["A"]], [x[i] for x in res["B"]]
+    cases["float32 H%d/%d L%d S%d D%d%s" % (Hq, Hkv, L, S, D, " causal" if causal else "")] = dict(
+        before_best_us=a, after_best_us=b, ratio_of_minima=min(a) / min(b))
+print(json.dumps(dict(what="decode-sized calls, best of 30 x 20 calls per child, build A (before) vs B (after)",
+                      date=datetime.datetime.now(datetime.timezone.utc).isoformat(), threads=int(threads),
+                      rounds=rounds, loadavg=os.getloadavg(), cases=cases), indent=1))
