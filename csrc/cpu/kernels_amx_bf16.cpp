@@ -9,6 +9,7 @@
 // out-of-line copy the linker could pick for another file.
 #if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,avx2,fma,f16c")
+#include "avx512_intrinsics.h"
 #define ATTNKERN_BUILD_AMX_BF16 1
 #define ATTNKERN_AMX 1
 #endif

@@ -5,6 +5,7 @@
 // always_inline, leaving no out-of-line copy the linker could pick for another file.
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#include "avx512_intrinsics.h"
 #define ATTNKERN_BUILD_AVX512_BF16 1
 #define ATTNKERN_DPBF16 1
 #endif
