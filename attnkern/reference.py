@@ -93,17 +93,20 @@ def _scores_allowed(q, k, v, mask, scale, window_left, window_right, bottom_righ
     exact_ties: equal keys give bit-equal scores (_first_equal_key), for top-k's tie rule."""
     batch, heads_q, len_q, _ = q.shape
     heads_kv, len_k = k.shape[1], k.shape[2]
+    # per kv head, before its keys are repeated for the query heads of its group
+    first_equal = _first_equal_key(k) if exact_ties else None
     if heads_kv != heads_q:
         group = heads_q // heads_kv
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
+        first_equal = first_equal.repeat_interleave(group, dim=1) if exact_ties else None
     dots = torch.matmul(q, k.transpose(-1, -2))
     if exact_ties:
         # A float64 GEMM need not sum every key column in one order: MKL on an AMD EPYC (AVX2)
         # gave keys repeated exactly scores up to 2e-14 apart, and the oracle broke exact ties by
         # rounding. Each key takes its first equal key's value (tied + 0 exactly), and keeps its
         # own gradient.
-        tied = dots.detach().gather(-1, _first_equal_key(k).unsqueeze(-2).expand(dots.shape))
+        tied = dots.detach().gather(-1, first_equal.unsqueeze(-2).expand(dots.shape))
         dots = tied + (dots - dots.detach())
     scores = dots * scale
     offset = len_k - len_q if bottom_right else 0
