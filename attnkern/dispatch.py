@@ -8,13 +8,13 @@ and takes the first whose row accepts the problem; ``math`` accepts everything, 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from . import ops, ops_varlen, reference
+from ._limits import TRITON_MAX_GRID_DIM, TRITON_MAX_HEAD_DIM, triton_interpreting
 from ._semantics import Problem
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -27,10 +27,6 @@ def _triton_importable() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -97,19 +93,15 @@ def _triton_available() -> Optional[str]:
         from .triton import launch  # noqa: F401
     except ImportError as exc:
         return f"attnkern.triton could not be imported: {exc}"
-    if torch.cuda.is_available() or _triton_interpreting():
+    if torch.cuda.is_available() or triton_interpreting():
         return None
     return "no CUDA device (set TRITON_INTERPRET=1 to run Triton on CPU tensors)"
-
-
-# the Triton grid puts heads and batch on CUDA grid dims 1 and 2
-TRITON_MAX_GRID_DIM = 65535
 
 
 def _triton_limits(problem: Problem) -> Optional[str]:
     """Limits of the Triton kernels beyond the row's fields."""
     if problem.device_type == "cpu":
-        if not _triton_interpreting():
+        if not triton_interpreting():
             return "backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1"
         if problem.dtype == torch.bfloat16:
             return "backend 'triton' cannot run bfloat16 under TRITON_INTERPRET=1 (the interpreter's bf16 dot is wrong)"
@@ -144,7 +136,7 @@ CAPABILITIES: Dict[str, Capability] = {
     # (with mask gradient), Philox dropout, softcap/sinks/ALiBi; CPU tensors only under TRITON_INTERPRET=1 and
     # never in bf16.
     "triton": Capability(
-        name="triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, max_head_dim=256, dropout=True,
+        name="triton", devices=("cuda", "cpu"), dtypes=KERNEL_DTYPES, max_head_dim=TRITON_MAX_HEAD_DIM, dropout=True,
         float_mask=True, bool_mask=True, available=_triton_available, extra=_triton_limits,
     ),
     "cpu": Capability(
@@ -172,7 +164,7 @@ def available_backends(device: Optional[str] = None) -> List[str]:
             continue
         if device is not None and device not in cap.devices:
             continue
-        if name == "triton" and device == "cpu" and not _triton_interpreting():
+        if name == "triton" and device == "cpu" and not triton_interpreting():
             continue
         names.append(name)
     return names

@@ -19,8 +19,8 @@ import torch
 import triton
 
 from .. import _semantics, ops, reference
-from ..dispatch import CAPABILITIES, TRITON_MAX_GRID_DIM
-from ..dispatch import _triton_interpreting as _interpreting
+from .._limits import TRITON_MAX_GRID_DIM, TRITON_MAX_HEAD_DIM
+from .._limits import triton_interpreting as _interpreting
 from . import configs
 
 LOG2E = math.log2(math.e)
@@ -86,7 +86,7 @@ def _check_inputs(op, q, k, v, mask, rng_seed, scale, window_left, window_right,
         raise ValueError(f"v shape {tuple(v.shape)} does not match k heads/length ({Hkv}, {S})")
     if (Hkv == 0 and Hq != 0) or (Hkv > 0 and Hq % Hkv != 0):
         raise ValueError(f"q heads {Hq} must be a multiple of k/v heads {Hkv}")
-    max_dim = CAPABILITIES["triton"].max_head_dim
+    max_dim = TRITON_MAX_HEAD_DIM
     if max(E, v.shape[3]) > max_dim or min(E, v.shape[3]) < 1:
         raise ValueError(f"head dims ({E}, {v.shape[3]}) must be in [1, {max_dim}] for the Triton backend")
     if max(Hq, B) > TRITON_MAX_GRID_DIM:

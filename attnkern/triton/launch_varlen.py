@@ -21,10 +21,10 @@ import math
 import torch
 import triton
 
+from .._limits import TRITON_MAX_GRID_DIM, TRITON_MAX_HEAD_DIM
+from .._limits import triton_interpreting as _interpreting
 from .._semantics import HUGE_LSE
 from .._varlen_semantics import check_block_table, check_packed_shapes, packed_lengths
-from ..dispatch import CAPABILITIES, TRITON_MAX_GRID_DIM
-from ..dispatch import _triton_interpreting as _interpreting
 from . import configs
 from .launch import (LOG2E, _band_args, _check_dropout, _check_dtypes_devices, _dropout_args, _head_blocks, _launch,
                      _modifier_args, _unit_last_stride)
@@ -52,7 +52,7 @@ def _check_packed(op, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, block_tabl
     _check_dtypes_devices(op, q, k, v)
     batch = check_packed_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, paged)
     heads_q = q.shape[1]
-    max_dim = CAPABILITIES["triton"].max_head_dim
+    max_dim = TRITON_MAX_HEAD_DIM
     if max(q.shape[-1], v.shape[-1]) > max_dim or min(q.shape[-1], v.shape[-1]) < 1:
         raise ValueError(f"head dims ({q.shape[-1]}, {v.shape[-1]}) must be in [1, {max_dim}] for the Triton backend")
     if heads_q > TRITON_MAX_GRID_DIM:
