@@ -130,6 +130,10 @@ DECODE_TILE_CASES = [
     Case(batch=1, heads_q=6, heads_kv=2, len_q=1, len_k=141, head_dim=40, layout="transposed", id="L1-gqa3-d40-blhd"),
     Case(batch=1, heads_q=5, heads_kv=1, len_q=1, len_k=1030, head_dim=33, id="L1-mqa5-d33-split"),
     Case(batch=1, heads_q=1, heads_kv=1, len_q=1, len_k=9, head_dim=8, id="L1-mha-d8-9keys"),
+    # one and two rows per item: the output in registers, in chunks of whole vectors, then single
+    # vectors and a tail (150 and 83 columns: every part on AVX2's 8 and AVX-512's 16 lanes)
+    Case(batch=2, heads_q=2, heads_kv=2, len_q=1, len_k=140, head_dim=150, id="L1-mha-d150"),
+    Case(batch=1, heads_q=4, heads_kv=2, len_q=1, len_k=200, head_dim=83, id="L1-gqa2-d83"),
 ]
 
 
