@@ -52,7 +52,7 @@ def scaled_dot_product_attention(
     )
     problem, sinks, alibi = with_modifiers(problem, q, softcap, sinks, alibi_slopes)
     out, _ = dispatch.run(problem, q, k, v, mask, backend, sinks, alibi)
-    return out.reshape(out_shape)
+    return out if out.shape == out_shape else out.reshape(out_shape)
 
 
 def local_attention(
