@@ -256,9 +256,9 @@ def run(problem: Problem, q, k, v, mask, backend: str, sinks=None, alibi_slopes=
 def call_op(op, args):
     """``op(*args)`` for the fused ops; when no gradient can flow (grad mode off, or no input that
     requires grad) the call goes below the Autograd keys at once. The ops' autograd kernels are
-    torch.library's, in Python, and would only redispatch there when no input needs a gradient:
-    about 7 us of a 15 us decoding-sized op call on the AMD EPYC (ad hoc, 1 thread). Under
-    torch.compile the op is called as is (the compiled graph handles autograd)."""
+    torch.library's, in Python, and would only redispatch there when no input needs a gradient
+    (26-31 us of a small call on the AMD EPYC: README, benchmarks/quiet/small_call_overhead.py).
+    Under torch.compile the op is called as is (the compiled graph handles autograd)."""
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
