@@ -7,7 +7,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/extension.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // not <torch/extension.h>: see csrc/bindings.cpp
 #include <torch/library.h>
 
 #include <atomic>

@@ -5,7 +5,9 @@
 //
 // ATTNKERN_EMU_HDIMS (a compile-time list, default every bucket) trims the instantiations to
 // shorten the build.
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>  // not <torch/extension.h>: see csrc/bindings.cpp
 
 #include <cstdint>
 #include <limits>

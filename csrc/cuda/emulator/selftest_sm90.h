@@ -14,7 +14,8 @@
 // `fault` injects one mistake a kernel could make, for the negative tests.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <random>
 #include <string>
