@@ -8,6 +8,7 @@ Environment:
   ATTNKERN_CUDA_DTYPES      dtypes to instantiate, e.g. "bf16" (default: fp16,bf16)
   ATTNKERN_CUDA_PTXAS_VERBOSE=1  print registers/spills of every CUDA kernel
   ATTNKERN_NO_OPENMP=1      build the CPU kernels without OpenMP (single-threaded; for testing that path)
+  ATTNKERN_DEBUG_INFO=1     keep debug info (-g) in the C++ objects (default -g0)
   MAX_JOBS                  parallel compile jobs (torch's ninja build)
 """
 
@@ -57,7 +58,13 @@ import torch  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 VERSION = _version()
+# -g0 unless ATTNKERN_DEBUG_INFO=1: setuptools passes the interpreter's own CFLAGS, which hold -g
+# on most Pythons (pyenv's, Debian's), and debug info of these template-heavy files was a third of
+# the CPU extension's compile (264 -> 168 core-s with the header change of the same commit,
+# 2 jobs, g++ 12) and 28 of its 30 MB; CMakeLists.txt's Release build had none already
 CXX_FLAGS = ["-O3", f'-DATTNKERN_VERSION="{VERSION}"', "-fno-math-errno", "-Wno-maybe-uninitialized"]
+if os.environ.get("ATTNKERN_DEBUG_INFO", "0") != "1":
+    CXX_FLAGS.append("-g0")
 
 
 def torch_openmp_library():
