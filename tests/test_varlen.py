@@ -745,7 +745,7 @@ def test_packed_benchmark_runs(tmp_path):
     timed = {(r["case"].split()[0], r["mode"], row["subject"]) for r in doc["results"] for row in r["rows"]}
     for subject in ("attnkern-varlen", "attnkern-padded", "sdpa-padded"):
         assert ("varlen", "fwd", subject) in timed and ("varlen", "fwd+bwd", subject) in timed
-    for subject in ("attnkern-kvcache", "attnkern-paged16", "attnkern-paged256", "sdpa-gathered"):
+    for subject in ("attnkern-kvcache", "attnkern-paged16", "attnkern-paged256", "sdpa-gathered", "sdpa-inplace"):
         assert ("decode", "fwd", subject) in timed
     assert doc["device"]["threads"] >= 1 and "loadavg_1m" in doc["device"]
 

@@ -8,7 +8,8 @@ A client of the public API only. Every subject of a case is timed round-robin in
   own ``torch.nn.attention.varlen.varlen_attn`` and nested-jagged SDPA where they run here, and
   (c) FlexAttention with a document mask (compiled; compile time is not timed);
 * decode: one new query per sequence against a KV cache: attnkern's contiguous cache, paged
-  caches (pages of 16 and 256), and torch SDPA on the (already gathered) contiguous cache.
+  caches (pages of 16 and 256), and torch SDPA on the (already gathered) contiguous cache and on
+  the cache as it lies ((B, S, H, D), the bytes attnkern reads).
 
 Subjects that cannot run here are listed with the reason. Figures carry the thread count and
 the load average: on a shared machine they are indicative only.
@@ -150,6 +151,12 @@ def decode_subjects(batch, cache_len, heads, heads_kv, dim, dtype) -> Dict[str, 
     qt, kt, vt = q.transpose(1, 2).contiguous(), kc.transpose(1, 2).contiguous(), vc.transpose(1, 2).contiguous()
     subjects["sdpa-gathered"] = (
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=heads != heads_kv), [qt, kt, vt])
+    # the same bytes attnkern-kvcache reads: a head's rows heads_kv * dim elements apart. The
+    # gathered copy's adjacent rows read faster at one query row per item (stop 20, README), so
+    # only this row compares the kernels on equal memory
+    subjects["sdpa-inplace"] = (
+        lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       enable_gqa=heads != heads_kv), [q, kc, vc])
     return subjects
 
 
