@@ -177,7 +177,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_threads", [] { return at::get_num_threads(); }, "torch's intra-op thread count the kernels use now");
   m.def("cpu_work_plan",
         [](int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t len_q, int64_t len_k, int64_t head_dim,
-           int64_t window_left, int64_t window_right, int64_t threads) {
+           int64_t window_left, int64_t window_right, int64_t threads, bool kv_heads_interleaved) {
           TORCH_CHECK_VALUE(batch >= 0 && heads_q > 0 && heads_kv > 0 && heads_q % heads_kv == 0 && len_q >= 0 &&
                                 len_k >= 0 && head_dim > 0 && threads > 0,
                             "cpu_work_plan: shapes must be non-negative, heads and head_dim positive, heads_q a "
@@ -190,18 +190,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           p.head_dim = p.head_dim_v = head_dim;
           p.window_left = attnkern::window_side(window_left, len_q + len_k);
           p.window_right = attnkern::window_side(window_right, len_q + len_k);
-          const auto plan = attnkern::cpu::forward_plan(p, threads);
+          // K/V strides of (B, H, S, D) tensors, or of (B, S, H, D) ones (the kv heads of a key side by side)
+          for (int64_t* stride : {p.k_stride, p.v_stride}) {
+            stride[0] = heads_kv * len_k * head_dim;
+            stride[1] = kv_heads_interleaved ? head_dim : len_k * head_dim;
+            stride[2] = kv_heads_interleaved ? heads_kv * head_dim : head_dim;
+          }
+          const auto plan = attnkern::cpu::forward_plan(p, threads, attnkern::cpu::select_kernels());
           const int64_t parts = attnkern::cpu::backward_dq_parts(p, threads);
           std::map<std::string, int64_t> out;
-          out["forward_items"] = batch * plan.row_groups * plan.tiles * plan.splits;
+          out["forward_items"] = attnkern::cpu::forward_items(p, plan);
           out["forward_key_splits"] = plan.splits;
+          out["forward_groups_per_item"] = plan.groups_per_item;
           out["backward_items"] = parts * batch * heads_kv;
           out["backward_key_parts"] = parts;
           out["backward_dq_accumulator_bytes"] = parts * batch * heads_q * len_q * head_dim * 4;
           return out;
         },
         "How the CPU kernels would split a problem (window -1: unbounded; causal is window_right 0) over "
-        "`threads` threads: work items per pass and the backward's dq accumulator bytes");
+        "`threads` threads, K/V laid out (B, H, S, D) or, kv_heads_interleaved, (B, S, H, D): work items per "
+        "pass and the backward's dq accumulator bytes",
+        pybind11::arg("batch"), pybind11::arg("heads_q"), pybind11::arg("heads_kv"), pybind11::arg("len_q"),
+        pybind11::arg("len_k"), pybind11::arg("head_dim"), pybind11::arg("window_left"), pybind11::arg("window_right"),
+        pybind11::arg("threads"), pybind11::arg("kv_heads_interleaved") = false);
   m.def("forward_in_parallel_for",
         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
           TORCH_CHECK_VALUE(q.dim() == 5 && k.dim() == 5 && v.dim() == 5 && q.size(0) == k.size(0) &&

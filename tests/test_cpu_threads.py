@@ -202,3 +202,75 @@ def test_backward_accumulator_memory_is_bounded_in_the_thread_count():
     assert sizes[0] == one  # one thread: one accumulator
     assert max(sizes) <= max(one, 128 << 20), sizes
     assert sizes[2] > one  # more threads still get key chunks of their own (up to the bound)
+
+
+# Whole-row decoding items (csrc/cpu/tiling.h, forward_plan): a (B, S, H, D) cache whose rows
+# are 4 KiB or more apart (Hkv = 16, D = 128) is read by items that cover every kv head of a
+# batch row, key block by key block. Every feature the per-head decode tile serves must come
+# out the same against the float64 reference.
+WHOLE_ROW = dict(heads_kv=16, head_dim=128, layout="transposed")
+
+
+def test_work_plan_reads_whole_rows_only_where_they_pay():
+    """The plan's choice, computed: whole rows for interleaved heads 4 KiB apart and batch rows
+    (times key splits) enough for every thread; an item per head otherwise."""
+    def plan(b, hq, hkv, s, d, threads, interleaved=True):
+        return ops._C.cpu_work_plan(b, hq, hkv, 1, s, d, -1, -1, threads, kv_heads_interleaved=interleaved)
+    whole = plan(8, 16, 16, 4096, 128, 2)
+    assert whole["forward_groups_per_item"] == 16 and whole["forward_items"] == 8
+    one_batch = plan(1, 32, 16, 8192, 128, 2)  # 2 query heads per group, packed: 16 groups
+    assert one_batch["forward_groups_per_item"] == 16 and one_batch["forward_items"] >= 2
+    assert one_batch["forward_items"] == one_batch["forward_key_splits"] > 1
+    assert plan(8, 16, 16, 4096, 128, 2, interleaved=False)["forward_groups_per_item"] == 1  # (B, H, S, D)
+    assert plan(8, 8, 8, 4096, 64, 2)["forward_groups_per_item"] == 1  # fp32 rows 2 KiB apart
+    assert plan(1, 16, 16, 300, 128, 2)["forward_groups_per_item"] == 1  # one item could not feed 2 threads
+    assert ops._C.cpu_work_plan(8, 16, 16, 64, 4096, 128, -1, -1, 2, kv_heads_interleaved=True)[
+        "forward_groups_per_item"] == 1  # 64 queries: not a decoding tile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", [
+    Case(batch=3, heads_q=16, len_q=1, len_k=1500, **WHOLE_ROW),
+    Case(batch=2, heads_q=32, len_q=2, len_k=1100, causal=True, bottom_right=True, **WHOLE_ROW),
+    Case(batch=2, heads_q=16, len_q=3, len_k=900, window=(200, 0), bottom_right=True, mask="float", **WHOLE_ROW),
+    Case(batch=2, heads_q=16, len_q=1, len_k=777, mask="bool-bcast", **WHOLE_ROW),
+], ids=["mha", "gqa-causal", "window-float-mask", "padding-mask"])
+@pytest.mark.parametrize("threads", [1, 2, 8])  # 8: the keys are split too
+def test_whole_row_decode_matches_the_reference(seed, dtype, case, threads):
+    q, k, v, mask = make_inputs(case, dtype, requires_grad=False)
+    with torch_threads(threads):
+        out = case_attention(case, q, k, v, mask, "cpu")
+    ref, _ = reference_forward_backward(case, q, k, v, mask, torch.randn_like(q, dtype=torch.float64), seed)
+    assert_close(out, ref, dtype, f"out ({threads} threads)")
+
+
+@pytest.mark.parametrize("modifier", ["softcap", "alibi", "sinks"])
+def test_whole_row_decode_with_score_modifiers(seed, modifier):
+    import attnkern
+    B, S, hq, hkv, D = 2, 1300, 32, 16, 128
+    q, k, v = (torch.randn(B, n, h, D) for n, h in ((1, hq), (S, hkv), (S, hkv)))
+    kw = dict(softcap=dict(softcap=7.0), alibi=dict(alibi_slopes=torch.rand(B, hq)),
+              sinks=dict(s_aux=torch.randn(hq)))[modifier]
+    out = attnkern.flash_attn_func(q, k, v, causal=True, window_size=(600, 0), backend="cpu", **kw)
+    ref = attnkern.flash_attn_func(q.double(), k.double(), v.double(), causal=True, window_size=(600, 0),
+                                   backend="math", **kw)
+    assert_close(out, ref, torch.float32, modifier)
+
+
+def test_whole_row_decode_from_a_paged_cache(seed):
+    """Pages (num_blocks, page, Hkv, D) of 16 keys in a shuffled order; each sequence's keys
+    cross many pages. On 2 threads the two long sequences take whole-row items (split in two),
+    the short one an item per head."""
+    import attnkern
+    B, page, hq, hkv, D, lens = 3, 16, 16, 16, 128, [2100, 1100, 64]
+    blocks_per_seq = (max(lens) + page - 1) // page
+    table = torch.randperm(B * blocks_per_seq).reshape(B, blocks_per_seq).to(torch.int32)
+    k_cache, v_cache = (torch.randn(B * blocks_per_seq, page, hkv, D) for _ in range(2))
+    q = torch.randn(B, 1, hq, D)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    with torch_threads(2):
+        out = attnkern.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
+                                               backend="cpu")
+    ref = attnkern.flash_attn_with_kvcache(q.double(), k_cache.double(), v_cache.double(), cache_seqlens=seqlens,
+                                           block_table=table, backend="math")
+    assert_close(out, ref, torch.float32, "paged")

@@ -18,6 +18,8 @@ namespace attnkern::cpu {
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockQNarrow = 16;
 constexpr int64_t kBlockQMid = 32;  // groups of 17-32 rows: half the padding of a 64-row tile
+// Rows of the forward's query-major decoding items (kernels_impl.inc, decode_tile)
+constexpr int64_t kDecodeRows = 8;
 
 // Query rows of one forward tile. Unpacked: tile row m is query row0 + m of head hq0.
 // Packed (decoding, GQA): the rows of all query heads of one kv group are numbered
@@ -36,20 +38,28 @@ struct RowMap {
 // only key blocks [split * n / splits, (split + 1) * n / splits) of the n blocks its rows
 // meet, and writes its normalised partial output to o_part (fp32, indexed [split][(b * Hq + h)
 // * L + i][:]) and its softmax (max, sum) in the log2 domain to stats_part (same index, 2
-// floats) for forward_merge_splits, instead of o and lse.
+// floats) for forward_merge_splits, instead of o and lse. With groups > 1 it covers that many
+// row groups of batch b (ForwardPlan::groups_per_item): `map` is the first one's, and group g
+// starts at query head map.hq0 + g * (packed ? Hq / Hkv : 1) with the same rows.
 struct ForwardItem {
   int64_t b;
   RowMap map;
   int64_t rows, block_q, block_k;
   int64_t split, splits;
   float *o_part, *stats_part;
+  int64_t groups = 1;
 };
 
 struct KernelTable {
   const char* isa;
   // Forward of one item (block_q kBlockQ, kBlockQMid or kBlockQNarrow).
   void (*forward_item)(const AttnParams& p, const ForwardItem& item, float* scratch);
-  size_t (*forward_scratch_floats)(const AttnParams& p, int64_t block_q, int64_t block_k);
+  // scratch of one item of `groups` row groups (ForwardItem::groups)
+  size_t (*forward_scratch_floats)(const AttnParams& p, int64_t block_q, int64_t block_k, int64_t groups);
+  // whether this variant's forward serves decoding-sized items (at most kDecodeRows rows, one
+  // narrow tile) of p query-major (decode_tile), the tile that reads a key's rows of every kv
+  // head in one pass when an item holds several row groups
+  bool (*forward_decodes_query_major)(const AttnParams& p);
   // o, lse (and row_stats when set) of head (b, h) from `splits` partial results (ForwardItem),
   // weighted by their softmax sums
   void (*forward_merge_splits)(const AttnParams& p, int64_t b, int64_t h, int64_t splits, const float* o_part,

@@ -48,8 +48,8 @@ void varlen_forward(const std::vector<AttnParams>& seqs) {
   std::vector<ForwardPlan> plans(n);
   int64_t unsplit_items = 0;
   for (int64_t s = 0; s < n; ++s) {
-    plans[s] = forward_plan(seqs[order[s]], threads);
-    unsplit_items += plans[s].row_groups * plans[s].tiles;
+    plans[s] = forward_plan(seqs[order[s]], threads, kt);
+    unsplit_items += plans[s].row_groups / plans[s].groups_per_item * plans[s].tiles;
   }
   // forward_plan splits a sequence's keys when that sequence alone cannot occupy the
   // threads; the batch as a whole may
@@ -64,7 +64,7 @@ void varlen_forward(const std::vector<AttnParams>& seqs) {
     const int64_t rows = plans[s].splits > 1 ? plans[s].splits * p.heads_q * p.len_q : 0;
     o_off[s + 1] = o_off[s] + rows * p.head_dim_v;
     stats_off[s + 1] = stats_off[s] + 2 * rows;  // (max, sum) per row
-    scratch = std::max(scratch, kt.forward_scratch_floats(p, plans[s].block_q, block_k));
+    scratch = std::max(scratch, kt.forward_scratch_floats(p, plans[s].block_q, block_k, plans[s].groups_per_item));
   }
   std::unique_ptr<float[], FreeDeleter> o_part, stats_part;
   if (o_off[n] > 0) {
