@@ -5,11 +5,12 @@ of K/V): attnkern and torch SDPA on the same K/V in two layouts, the calls inter
         SDPA: the cache gathered before timing).
 Per subject the best and the median of 15 rounds of 5 calls, at 1 and 2 threads (torch.set_num_threads),
 twice each; JSON with the load averages.
-Usage: PYTHONPATH=<checkout> python decode_cache_layout.py [OUT.json]"""
+SHAPE (B,H,S,D) replaces that shape (stop 21: 4,8,4096,128, rows 4 KiB apart, whole-row items).
+Usage: PYTHONPATH=<checkout> python decode_cache_layout.py [OUT.json [B,H,S,D]]"""
 import os, sys, time, json, statistics, datetime, torch, attnkern
 import torch.nn.functional as F
 
-B, H, S, D = 8, 8, 4096, 64
+B, H, S, D = map(int, sys.argv[2].split(",")) if len(sys.argv) > 2 else (8, 8, 4096, 64)
 torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
 q = torch.randn(B, 1, H, D)
 k_bshd, v_bshd = torch.randn(B, S, H, D), torch.randn(B, S, H, D)
@@ -26,7 +27,8 @@ for name, f in subjects.items():  # the same result in every layout (a wrong str
     out = out.transpose(1, 2) if name.startswith("attnkern") else out
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4), name
 record = {"what": __doc__.split("\n")[0], "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-          "torch": torch.__version__, "cpu_isa": attnkern.ops._C.cpu_isa(), "loadavg_before": os.getloadavg(), "runs": []}
+          "torch": torch.__version__, "cpu_isa": attnkern.ops._C.cpu_isa(), "shape_bhsd": [B, H, S, D],
+          "loadavg_before": os.getloadavg(), "runs": []}
 for rep in range(2):
     for threads in (1, 2):
         torch.set_num_threads(threads)
