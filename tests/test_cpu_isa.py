@@ -38,13 +38,13 @@ def test_parity_subset_under_isa(isa):
         why = [line for line in probe.stderr.splitlines() if "is not available" in line][-1]
         pytest.skip(why.split("Error: ", 1)[-1])
     assert probe.stdout.strip() == isa
-    features = "dense or causal or window or mask or gqa or E40 or head_dims or dropout or decode"
+    features = "dense or causal or window or mask or gqa or E40 or head_dims or dropout or decode or whole_row"
     # the avx512 kernels but for bf16: its cases only (also for avx512 itself where the default is
     # one of them, which test_parity.py then runs in full)
     if isa in BF16_ONLY or (isa == "avx512" and default in BF16_ONLY):
         features = f"bfloat16 and ({features})"
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", os.path.join(HERE, "test_parity.py"),
-           "-k", features]
+           os.path.join(HERE, "test_cpu_threads.py"), "-k", features]
     run = subprocess.run(cmd, env={**os.environ, "ATTNKERN_CPU_ISA": isa}, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout

@@ -228,7 +228,7 @@ def test_work_plan_reads_whole_rows_only_where_they_pay():
         "forward_groups_per_item"] == 1  # 64 queries: not a decoding tile
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("case", [
     Case(batch=3, heads_q=16, len_q=1, len_k=1500, **WHOLE_ROW),
     Case(batch=2, heads_q=32, len_q=2, len_k=1100, causal=True, bottom_right=True, **WHOLE_ROW),

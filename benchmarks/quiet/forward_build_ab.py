@@ -1,12 +1,14 @@
 """Attention calls, build A (before) vs build B (after), and A again as a null variant:
 alternating child processes in a random order each round; per case the median over rounds of
 each child's median, and of the per-round ratios. Case sets: "decode" (items of at most 8 rows:
-the query-major decode tiles), "mid" (groups of 17-32 rows: the 32-row tiles) and "targets"
-(issue 10's prefill and decode cases, forward and forward+backward, fp32 and bf16).
+the query-major decode tiles), "mid" (groups of 17-32 rows: the 32-row tiles), "targets"
+(issue 10's prefill and decode cases, forward and forward+backward, fp32 and bf16) and
+"whole-rows" (decoding from (B, S, H, D) K/V: rows 4 KiB apart or more take whole-row items,
+csrc/cpu/tiling.h; rows 2 KiB apart and a (B, H, S, D) cache are controls).
 Usage (from a directory that is not a checkout, so each child imports its own build):
-  python forward_build_ab.py {decode,mid,targets} BEFORE_ROOT AFTER_ROOT ROUNDS THREADS [OUT.json]"""
+  python forward_build_ab.py {decode,mid,targets,whole-rows} BEFORE_ROOT AFTER_ROOT ROUNDS THREADS [OUT.json]"""
 import os, sys, subprocess, random, statistics, json, datetime
-CASE_SETS = {  # (dtype, Hq, Hkv, L, S, D, causal)
+CASE_SETS = {  # (dtype, Hq, Hkv, L, S, D, causal[, mode[, window[, batch[, K/V layout]]]])
     "decode": [("float32", 8, 8, 1, 4096, 64, False), ("float32", 32, 8, 1, 4096, 128, False),
                ("float32", 32, 8, 1, 8192, 128, False), ("float16", 8, 8, 1, 4096, 128, False),
                ("bfloat16", 32, 8, 1, 8192, 128, False), ("float32", 8, 8, 4, 2048, 64, True),
@@ -17,6 +19,15 @@ CASE_SETS = {  # (dtype, Hq, Hkv, L, S, D, causal)
     "targets": [("float32", 8, 8, 2048, 2048, 64, False), ("bfloat16", 8, 8, 2048, 2048, 64, False),
                 ("float32", 8, 8, 1024, 1024, 64, True, "fwd+bwd"), ("bfloat16", 8, 8, 1024, 1024, 64, True, "fwd+bwd"),
                 ("bfloat16", 32, 8, 1, 8192, 128, False), ("float32", 8, 8, 8192, 8192, 64, True, "fwd", (255, 0))],
+    "whole-rows": [("float32", 32, 8, 1, 8192, 128, False, "fwd", None, 1, "bshd"),
+                   ("float32", 8, 8, 1, 4096, 128, False, "fwd", None, 1, "bshd"),
+                   ("bfloat16", 16, 16, 1, 4096, 128, False, "fwd", None, 4, "bshd"),
+                   ("float32", 16, 16, 1, 2048, 64, False, "fwd", None, 4, "bshd"),
+                   ("float16", 32, 8, 1, 8192, 256, False, "fwd", None, 1, "bshd"),
+                   ("float32", 32, 32, 1, 1024, 128, False, "fwd", None, 2, "bshd"),
+                   ("float32", 8, 8, 1, 4096, 64, False, "fwd", None, 8, "bshd"),
+                   ("bfloat16", 32, 8, 1, 8192, 128, False, "fwd", None, 1, "bshd"),
+                   ("float32", 8, 8, 1, 4096, 64, False, "fwd", None, 8, "bhsd")],
 }
 CASES = CASE_SETS[sys.argv[1]]
 A, B, rounds, threads = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -27,10 +38,14 @@ out = {}
 for dt, Hq, Hkv, L, S, D, causal, *rest in json.loads(sys.argv[2]):
     mode = rest[0] if rest else "fwd"
     window = rest[1] if len(rest) > 1 else None
+    batch, layout = (rest[2], rest[3]) if len(rest) > 3 else (1, "bhsd")
     torch.manual_seed(0)
     grad = mode == "fwd+bwd"
-    q = torch.randn(1, Hq, L, D, dtype=getattr(torch, dt), requires_grad=grad)
-    k, v = (torch.randn(1, Hkv, S, D, dtype=getattr(torch, dt), requires_grad=grad) for _ in range(2))
+    q = torch.randn(batch, Hq, L, D, dtype=getattr(torch, dt), requires_grad=grad)
+    if layout == "bshd":  # a (B, H, S, D) view of (B, S, H, D) memory
+        k, v = (torch.randn(batch, S, Hkv, D, dtype=getattr(torch, dt)).transpose(1, 2).requires_grad_(grad) for _ in range(2))
+    else:
+        k, v = (torch.randn(batch, Hkv, S, D, dtype=getattr(torch, dt), requires_grad=grad) for _ in range(2))
     call = lambda: attnkern.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=causal, backend="cpu",
                                                          window_size=tuple(window) if window else None)
     f = (lambda: call().backward(torch.ones_like(q))) if grad else call
@@ -40,8 +55,10 @@ for dt, Hq, Hkv, L, S, D, causal, *rest in json.loads(sys.argv[2]):
         t = time.perf_counter()
         for _ in range(reps): f()
         ts.append((time.perf_counter() - t) / reps)
-    out["%s H%d/%d L%d S%d D%d%s %s%s" % (dt, Hq, Hkv, L, S, D, " causal" if causal else "", mode,
-                                          " win%s" % (tuple(window),) if window else "")] = statistics.median(ts)
+    out["%s%s H%d/%d L%d S%d D%d%s %s%s%s" % (dt, " B%d" % batch if batch > 1 else "", Hq, Hkv, L, S, D,
+                                              " causal" if causal else "", mode,
+                                              " win%s" % (tuple(window),) if window else "",
+                                              " " + layout if len(rest) > 3 else "")] = statistics.median(ts)
 print(json.dumps(out))
 '''
 CPU = subprocess.run([sys.executable, "-c", "import platform, attnkern.ops as o; print(open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].split(chr(10))[0].strip(), '| isa', o._C.cpu_isa())"],

@@ -45,9 +45,9 @@ constexpr int64_t kManyThreads = 16;
 
 // Key rows this many bytes apart or more (each row of a head in a 4 KiB page of its own) are
 // read by whole-row items (forward_plan). Build against build on an AMD EPYC (AVX2), 4 rounds
-// of alternating child processes (benchmarks/quiet/decode_whole_rows_ab.py,
-// cpu-avx2-decode-whole-rows-2026-12-01-*.json): six shapes with rows 4-16 KiB apart took
-// 1.01-1.44x less time on 1 thread and 1.28-1.58x less on 2. With whole rows for every
+// of alternating child processes (benchmarks/quiet/forward_build_ab.py whole-rows,
+// cpu-avx2-decode-whole-rows-2026-12-01-*.json): six shapes with rows 4-16 KiB apart ran
+// 1.08-1.61x as fast on 1 thread and 1.35-1.74x on 2. With whole rows for every
 // interleaved layout (an exploratory build, not saved), rows 2 KiB apart were mixed (fp32
 // Hkv = 8, D = 64: 0.8x on 1 thread, 1.2x on 2; bf16 Hkv = 8, D = 128: 0.9-1.0x) and rows
 // 1 KiB apart lost (bf16 Hkv = 8, D = 64: 0.8-0.9x), so those keep an item per head.
