@@ -52,9 +52,12 @@ void varlen_forward(const std::vector<AttnParams>& seqs) {
     unsplit_items += plans[s].row_groups / plans[s].groups_per_item * plans[s].tiles;
   }
   // forward_plan splits a sequence's keys when that sequence alone cannot occupy the
-  // threads; the batch as a whole may
+  // threads; the batch as a whole may. A whole-row sequence (ForwardPlan::groups_per_item)
+  // keeps its split: unsplit, its one item would hold every head's keys, and a long sequence
+  // among short ones would run on one thread while the others idle.
   if (unsplit_items >= 2 * threads)
-    for (ForwardPlan& plan : plans) plan.splits = 1;
+    for (ForwardPlan& plan : plans)
+      if (plan.groups_per_item == 1) plan.splits = 1;
 
   // split partial results, one region per split sequence
   std::vector<int64_t> o_off(n + 1, 0), stats_off(n + 1, 0);
