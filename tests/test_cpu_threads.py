@@ -235,7 +235,7 @@ def test_work_plan_reads_whole_rows_only_where_they_pay():
     Case(batch=2, heads_q=16, len_q=3, len_k=900, window=(200, 0), bottom_right=True, mask="float", **WHOLE_ROW),
     Case(batch=2, heads_q=16, len_q=3, len_k=1200, mask="bool-bcast", **WHOLE_ROW),  # (query 0: no key)
 ], ids=["mha", "gqa-causal", "window-float-mask", "padding-mask"])
-@pytest.mark.parametrize("threads", [1, 2, 4])  # 2, 4: key splits too where the keys are >= 1024
+@pytest.mark.parametrize("threads", [1, 2])  # 2: key splits too where the keys are >= 1024
 def test_whole_row_decode_matches_the_reference(seed, dtype, case, threads):
     q, k, v, mask = make_inputs(case, dtype, requires_grad=False)
     with torch_threads(threads):

@@ -2,8 +2,8 @@
 (rows 4 KiB apart: whole-row items) uniform, skewed ([8000, 100, 100, 100] keys) and B=2, and the
 packed decode suite's D=64 (rows 2 KiB apart: per-head items, a control). Alternating child
 processes in a random order each round, A again as a null; medians over rounds.
-Usage (from a directory that is not a checkout): python kvcache_whole_rows_ab.py A_ROOT B_ROOT ROUNDS THREADS"""
-import os, sys, subprocess, random, statistics, json
+Usage (from a directory that is not a checkout): python kvcache_whole_rows_ab.py A_ROOT B_ROOT ROUNDS THREADS [OUT.json]"""
+import os, sys, subprocess, random, statistics, json, datetime
 child = r'''
 import sys, json, time, statistics, torch, attnkern
 torch.set_num_threads(int(sys.argv[1]))
@@ -30,7 +30,12 @@ for r in range(rounds):
         run = subprocess.run([sys.executable, "-c", child, threads], env=dict(os.environ, PYTHONPATH=B if w == "B" else A), cwd="/", capture_output=True, text=True)
         if run.returncode: sys.exit(run.stderr[-2000:])
         res[w].append(json.loads(run.stdout))
+summary = {}
 for case in res["A"][0]:
     a = statistics.median(x[case] for x in res["A"]); b = statistics.median(x[case] for x in res["B"]); n = statistics.median(x[case] for x in res["null"])
+    summary[case] = dict(before_ms=a * 1e3, after_ms=b * 1e3, speedup=a / b, null_speedup=a / n)
     print("%-20s before %7.2f ms after %7.2f ms speedup %.2fx null %.2fx" % (case, a*1e3, b*1e3, a/b, a/n))
 print("threads", threads, os.getloadavg())
+if len(sys.argv) > 5:
+    json.dump(dict(what=__doc__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(), threads=int(threads),
+                   rounds=rounds, loadavg=os.getloadavg(), cases=summary), open(sys.argv[5], "w"), indent=1)
