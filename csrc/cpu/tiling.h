@@ -48,9 +48,10 @@ constexpr int64_t kManyThreads = 16;
 // of alternating child processes (benchmarks/quiet/forward_build_ab.py whole-rows,
 // cpu-avx2-decode-whole-rows-2026-12-01-*.json): six shapes with rows 4-16 KiB apart ran
 // 1.08-1.61x as fast on 1 thread and 1.35-1.74x on 2. With whole rows for every
-// interleaved layout (an exploratory build, not saved), rows 2 KiB apart were mixed (fp32
-// Hkv = 8, D = 64: 0.8x on 1 thread, 1.2x on 2; bf16 Hkv = 8, D = 128: 0.9-1.0x) and rows
-// 1 KiB apart lost (bf16 Hkv = 8, D = 64: 0.8-0.9x), so those keep an item per head.
+// interleaved layout (an exploratory build, 2-3 runs, not saved), rows 2 KiB apart were mixed
+// (fp32 Hkv = 8, D = 64: 0.81x and 0.98x on 1 thread, 1.19-1.36x on 2; bf16 Hkv = 8, D = 128:
+// 0.88-0.98x and 0.95-1.03x) and rows 1 KiB apart lost (bf16 Hkv = 8, D = 64: 0.76-0.85x and
+// 0.92-0.94x), so those keep an item per head.
 constexpr int64_t kWholeRowMinStrideBytes = 4096;
 
 // K and V rows of every kv head of one key lie side by side within that key's row ((B, S, H, D)
