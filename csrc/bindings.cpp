@@ -177,7 +177,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_threads", [] { return at::get_num_threads(); }, "torch's intra-op thread count the kernels use now");
   m.def("cpu_work_plan",
         [](int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t len_q, int64_t len_k, int64_t head_dim,
-           int64_t window_left, int64_t window_right, int64_t threads, bool kv_heads_interleaved) {
+           int64_t window_left, int64_t window_right, int64_t threads, bool kv_heads_interleaved,
+           const std::string& dtype) {
           TORCH_CHECK_VALUE(batch >= 0 && heads_q > 0 && heads_kv > 0 && heads_q % heads_kv == 0 && len_q >= 0 &&
                                 len_k >= 0 && head_dim > 0 && threads > 0,
                             "cpu_work_plan: shapes must be non-negative, heads and head_dim positive, heads_q a "
@@ -185,7 +186,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1,
                             "cpu_work_plan: window_left/window_right must be >= -1, got (", window_left, ", ",
                             window_right, ")");
+          TORCH_CHECK_VALUE(dtype == "float32" || dtype == "bfloat16" || dtype == "float16",
+                            "cpu_work_plan: dtype must be 'float32', 'bfloat16' or 'float16', got '", dtype, "'");
           attnkern::AttnParams p;
+          p.dtype = dtype == "float32"    ? attnkern::DType::kFloat32
+                    : dtype == "bfloat16" ? attnkern::DType::kBFloat16
+                                          : attnkern::DType::kFloat16;
           p.batch = batch, p.heads_q = heads_q, p.heads_kv = heads_kv, p.len_q = len_q, p.len_k = len_k;
           p.head_dim = p.head_dim_v = head_dim;
           p.window_left = attnkern::window_side(window_left, len_q + len_k);
@@ -208,11 +214,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           return out;
         },
         "How the CPU kernels would split a problem (window -1: unbounded; causal is window_right 0) over "
-        "`threads` threads, K/V laid out (B, H, S, D) or, kv_heads_interleaved, (B, S, H, D): work items per "
-        "pass and the backward's dq accumulator bytes",
+        "`threads` threads, K/V of `dtype` laid out (B, H, S, D) or, kv_heads_interleaved, (B, S, H, D): work "
+        "items per pass and the backward's dq accumulator bytes (the plan depends on the dtype through the "
+        "row stride in bytes and the kernel variant this CPU runs for it)",
         pybind11::arg("batch"), pybind11::arg("heads_q"), pybind11::arg("heads_kv"), pybind11::arg("len_q"),
         pybind11::arg("len_k"), pybind11::arg("head_dim"), pybind11::arg("window_left"), pybind11::arg("window_right"),
-        pybind11::arg("threads"), pybind11::arg("kv_heads_interleaved") = false);
+        pybind11::arg("threads"), pybind11::arg("kv_heads_interleaved") = false,
+        pybind11::arg("dtype") = "float32");
   m.def("forward_in_parallel_for",
         [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
           TORCH_CHECK_VALUE(q.dim() == 5 && k.dim() == 5 && v.dim() == 5 && q.size(0) == k.size(0) &&

@@ -226,6 +226,13 @@ def test_work_plan_reads_whole_rows_only_where_they_pay():
     assert plan(1, 16, 16, 300, 128, 2)["forward_groups_per_item"] == 1  # one item could not feed 2 threads
     assert ops._C.cpu_work_plan(8, 16, 16, 64, 4096, 128, -1, -1, 2, kv_heads_interleaved=True)[
         "forward_groups_per_item"] == 1  # 64 queries: not a decoding tile
+    # the stride in bytes decides: 16 x 64 fp32 elements are 4 KiB apart, 16-bit ones 2 KiB
+    assert plan(8, 16, 16, 4096, 64, 2)["forward_groups_per_item"] == 16
+    for dtype in ("bfloat16", "float16"):
+        assert ops._C.cpu_work_plan(8, 16, 16, 1, 4096, 64, -1, -1, 2, kv_heads_interleaved=True, dtype=dtype)[
+            "forward_groups_per_item"] == 1, dtype
+    with pytest.raises(ValueError, match="dtype"):
+        ops._C.cpu_work_plan(8, 16, 16, 1, 4096, 64, -1, -1, 2, dtype="float64")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
