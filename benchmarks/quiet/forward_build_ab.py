@@ -4,11 +4,15 @@ each child's median, and of the per-round ratios. Case sets: "decode" (items of 
 the query-major decode tiles), "mid" (groups of 17-32 rows: the 32-row tiles), "targets"
 (issue 10's prefill and decode cases, forward and forward+backward, fp32 and bf16) and
 "whole-rows" (decoding from (B, S, H, D) K/V: rows 4 KiB apart or more take whole-row items,
-csrc/cpu/tiling.h; rows 2 KiB apart and a (B, H, S, D) cache are controls).
+csrc/cpu/tiling.h; rows 2 KiB apart and a (B, H, S, D) cache are controls) and "kvcache"
+(flash_attn_with_kvcache, one query per sequence, fp32 (B, S, H, D) caches: H=8, D=128 uniform,
+skewed and B=2 take whole-row items; the packed decode suite's D=64 is a control).
 Usage (from a directory that is not a checkout, so each child imports its own build):
-  python forward_build_ab.py {decode,mid,targets,whole-rows} BEFORE_ROOT AFTER_ROOT ROUNDS THREADS [OUT.json]"""
+  python forward_build_ab.py {decode,mid,targets,whole-rows,kvcache} BEFORE_ROOT AFTER_ROOT ROUNDS THREADS [OUT.json]"""
 import os, sys, subprocess, random, statistics, json, datetime
-CASE_SETS = {  # (dtype, Hq, Hkv, L, S, D, causal[, mode[, window[, batch[, K/V layout]]]])
+# (dtype, Hq, Hkv, L, S, D, causal[, mode[, window[, batch[, K/V layout]]]]); mode "kvcache" takes
+# the cache lengths in the window's place (L, S, causal unused)
+CASE_SETS = {
     "decode": [("float32", 8, 8, 1, 4096, 64, False), ("float32", 32, 8, 1, 4096, 128, False),
                ("float32", 32, 8, 1, 8192, 128, False), ("float16", 8, 8, 1, 4096, 128, False),
                ("bfloat16", 32, 8, 1, 8192, 128, False), ("float32", 8, 8, 4, 2048, 64, True),
@@ -28,37 +32,52 @@ CASE_SETS = {  # (dtype, Hq, Hkv, L, S, D, causal[, mode[, window[, batch[, K/V 
                    ("float32", 8, 8, 1, 4096, 64, False, "fwd", None, 8, "bshd"),
                    ("bfloat16", 32, 8, 1, 8192, 128, False, "fwd", None, 1, "bshd"),
                    ("float32", 8, 8, 1, 4096, 64, False, "fwd", None, 8, "bhsd")],
+    "kvcache": [("float32", 8, 8, 1, 0, 128, False, "kvcache", [4096] * 8),
+                ("float32", 8, 8, 1, 0, 128, False, "kvcache", [8000, 100, 100, 100]),
+                ("float32", 8, 8, 1, 0, 128, False, "kvcache", [4096] * 2),
+                ("float32", 8, 8, 1, 0, 64, False, "kvcache", [4096] * 8)],
 }
 CASES = CASE_SETS[sys.argv[1]]
 A, B, rounds, threads = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 child = r'''
 import sys, json, time, statistics, torch, attnkern
 torch.set_num_threads(int(sys.argv[1]))
-out = {}
-for dt, Hq, Hkv, L, S, D, causal, *rest in json.loads(sys.argv[2]):
-    mode = rest[0] if rest else "fwd"
-    window = rest[1] if len(rest) > 1 else None
-    batch, layout = (rest[2], rest[3]) if len(rest) > 3 else (1, "bhsd")
-    torch.manual_seed(0)
+
+def problem(dt, Hq, Hkv, L, S, D, causal, mode="fwd", window=None, batch=1, layout=None):
+    """the call to time and the case's name"""
+    dtype = getattr(torch, dt)
+    if mode == "kvcache":  # (B, S, H, D) caches of per-sequence lengths (`window`), one new query each
+        lens = window
+        kc, vc = (torch.randn(len(lens), max(lens), Hkv, D, dtype=dtype) for _ in range(2))
+        q = torch.randn(len(lens), 1, Hq, D, dtype=dtype)
+        seqlens = torch.tensor(lens, dtype=torch.int32)
+        return (lambda: attnkern.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens, backend="cpu"),
+                "%s kvcache H%d/%d D%d lens %s" % (dt, Hq, Hkv, D, lens if len(set(lens)) > 1 else "%dx%d" % (len(lens), lens[0])))
     grad = mode == "fwd+bwd"
-    q = torch.randn(batch, Hq, L, D, dtype=getattr(torch, dt), requires_grad=grad)
+    q = torch.randn(batch, Hq, L, D, dtype=dtype, requires_grad=grad)
     if layout == "bshd":  # a (B, H, S, D) view of (B, S, H, D) memory
-        k, v = (torch.randn(batch, S, Hkv, D, dtype=getattr(torch, dt)).transpose(1, 2).requires_grad_(grad) for _ in range(2))
+        k, v = (torch.randn(batch, S, Hkv, D, dtype=dtype).transpose(1, 2).requires_grad_(grad) for _ in range(2))
     else:
-        k, v = (torch.randn(batch, Hkv, S, D, dtype=getattr(torch, dt), requires_grad=grad) for _ in range(2))
+        k, v = (torch.randn(batch, Hkv, S, D, dtype=dtype, requires_grad=grad) for _ in range(2))
     call = lambda: attnkern.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=causal, backend="cpu",
                                                          window_size=tuple(window) if window else None)
-    f = (lambda: call().backward(torch.ones_like(q))) if grad else call
+    return ((lambda: call().backward(torch.ones_like(q))) if grad else call,
+            "%s%s H%d/%d L%d S%d D%d%s %s%s%s" % (dt, " B%d" % batch if batch > 1 else "", Hq, Hkv, L, S, D,
+                                                " causal" if causal else "", mode,
+                                                " win%s" % (tuple(window),) if window else "",
+                                                " " + layout if layout else ""))
+
+out = {}
+for case in json.loads(sys.argv[2]):
+    torch.manual_seed(0)
+    f, name = problem(*case)
     t = time.perf_counter(); f(); f(); reps = max(1, min(10, int(0.1 / ((time.perf_counter() - t) / 2))))
     ts = []
     for _ in range(9):
         t = time.perf_counter()
         for _ in range(reps): f()
         ts.append((time.perf_counter() - t) / reps)
-    out["%s%s H%d/%d L%d S%d D%d%s %s%s%s" % (dt, " B%d" % batch if batch > 1 else "", Hq, Hkv, L, S, D,
-                                              " causal" if causal else "", mode,
-                                              " win%s" % (tuple(window),) if window else "",
-                                              " " + layout if len(rest) > 3 else "")] = statistics.median(ts)
+    out[name] = statistics.median(ts)
 print(json.dumps(out))
 '''
 CPU = subprocess.run([sys.executable, "-c", "import platform, attnkern.ops as o; print(open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].split(chr(10))[0].strip(), '| isa', o._C.cpu_isa())"],
