@@ -4,7 +4,7 @@ cases one after another, so its first case also pays the run's warm-up; this scr
 plain, sinks and softcap calls in rounds, in a random order each round, next to a second plain
 entry ("null": what the order and the machine's drift alone give; a fixed order had biased other
 same-process A/B runs on this machine by several percent). Run from the repository root with attnkern built;
-writes benchmarks/quiet/cpu-modifier-ratios-<date>.json."""
+writes benchmarks/quiet/cpu-modifier-ratios-<date>[-SUFFIX].json (SUFFIX: the first argument, if any)."""
 import torch, time, attnkern, os, random
 torch.manual_seed(int.from_bytes(os.urandom(4),'little'))
 B,H,L,D=1,8,1024,64
@@ -28,8 +28,10 @@ print(torch.get_num_threads(), os.getloadavg())
 import json, datetime, statistics
 out=dict(what="alternating same-process timing, fp32 B1 H8 L=S=1024 D64 causal forward+backward, backend=cpu; each entry is the median of 5 calls after one untimed call, 8 rounds in a random order each, 'null' a second plain entry",
  date=datetime.datetime.now(datetime.timezone.utc).isoformat(), threads=torch.get_num_threads(), loadavg=os.getloadavg(), torch=torch.__version__,
- cpu="Intel Xeon (2 vCPU, AVX-512/AMX)", isa=attnkern.ops._C.cpu_isa(), ms={k_:[x*1e3 for x in v_] for k_,v_ in res.items()})
+ cpu=open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].split(chr(10))[0].strip() + ' (%d CPUs)' % os.cpu_count(), isa=attnkern.ops._C.cpu_isa(), ms={k_:[x*1e3 for x in v_] for k_,v_ in res.items()})
 p=statistics.median(res['plain'])
 out['ratio_vs_plain']={name: p/statistics.median(res[name]) for name in ('null', 'sinks', 'softcap')}
 print(out['ratio_vs_plain'])
-json.dump(out,open(f'benchmarks/quiet/cpu-modifier-ratios-{datetime.date.today()}.json','w'),indent=1)
+import sys
+suffix=('-'+sys.argv[1]) if len(sys.argv)>1 else ''
+json.dump(out,open(f'benchmarks/quiet/cpu-modifier-ratios-{datetime.date.today()}{suffix}.json','w'),indent=1)
