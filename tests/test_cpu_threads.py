@@ -214,8 +214,9 @@ WHOLE_ROW = dict(heads_kv=16, head_dim=128, layout="transposed")
 def test_work_plan_reads_whole_rows_only_where_they_pay():
     """The plan's choice, computed: whole rows for interleaved heads 4 KiB apart and batch rows
     (times key splits) enough for every thread; an item per head otherwise."""
-    def plan(b, hq, hkv, s, d, threads, interleaved=True):
-        return ops._C.cpu_work_plan(b, hq, hkv, 1, s, d, -1, -1, threads, kv_heads_interleaved=interleaved)
+    def plan(b, hq, hkv, s, d, threads, interleaved=True, dtype="float32"):
+        return ops._C.cpu_work_plan(b, hq, hkv, 1, s, d, -1, -1, threads, kv_heads_interleaved=interleaved,
+                                    dtype=dtype)
     whole = plan(8, 16, 16, 4096, 128, 2)
     assert whole["forward_groups_per_item"] == 16 and whole["forward_items"] == 8
     one_batch = plan(1, 32, 16, 8192, 128, 2)  # 2 query heads per group, packed: 16 groups
@@ -229,10 +230,9 @@ def test_work_plan_reads_whole_rows_only_where_they_pay():
     # the stride in bytes decides: 16 x 64 fp32 elements are 4 KiB apart, 16-bit ones 2 KiB
     assert plan(8, 16, 16, 4096, 64, 2)["forward_groups_per_item"] == 16
     for dtype in ("bfloat16", "float16"):
-        assert ops._C.cpu_work_plan(8, 16, 16, 1, 4096, 64, -1, -1, 2, kv_heads_interleaved=True, dtype=dtype)[
-            "forward_groups_per_item"] == 1, dtype
+        assert plan(8, 16, 16, 4096, 64, 2, dtype=dtype)["forward_groups_per_item"] == 1, dtype
     with pytest.raises(ValueError, match="dtype"):
-        ops._C.cpu_work_plan(8, 16, 16, 1, 4096, 64, -1, -1, 2, dtype="float64")
+        plan(8, 16, 16, 4096, 64, 2, dtype="float64")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

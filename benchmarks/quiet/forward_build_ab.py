@@ -80,7 +80,7 @@ for case in json.loads(sys.argv[2]):
     out[name] = statistics.median(ts)
 print(json.dumps(out))
 '''
-CPU = subprocess.run([sys.executable, "-c", "import platform, attnkern.ops as o; print(open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].split(chr(10))[0].strip(), '| isa', o._C.cpu_isa())"],
+CPU = subprocess.run([sys.executable, "-c", "import attnkern.ops as o; from attnkern.bench.report import cpu_name; print(cpu_name(), '| isa', o._C.cpu_isa())"],
                      env=dict(os.environ, PYTHONPATH=A), cwd="/", capture_output=True, text=True).stdout.strip()
 res = {"A": [], "B": [], "null": []}
 for r in range(rounds):

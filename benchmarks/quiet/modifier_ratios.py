@@ -25,12 +25,8 @@ for r in range(8):
         res[name].append(t(**calls[name]))
 for k_,v_ in res.items(): print(k_, [round(x*1e3,1) for x in v_])
 print(torch.get_num_threads(), os.getloadavg())
-import json, datetime, statistics, platform
-def cpu_name():
-    try:  # Linux
-        return open('/proc/cpuinfo').read().split('model name')[1].split(':')[1].split(chr(10))[0].strip()
-    except (OSError, IndexError):
-        return platform.processor() or platform.machine()
+import json, datetime, statistics
+from attnkern.bench.report import cpu_name
 out=dict(what="alternating same-process timing, fp32 B1 H8 L=S=1024 D64 causal forward+backward, backend=cpu; each entry is the median of 5 calls after one untimed call, 8 rounds in a random order each, 'null' a second plain entry",
  date=datetime.datetime.now(datetime.timezone.utc).isoformat(), threads=torch.get_num_threads(), loadavg=os.getloadavg(), torch=torch.__version__,
  cpu=cpu_name() + ' (%d CPUs)' % os.cpu_count(), isa=attnkern.ops._C.cpu_isa(), ms={k_:[x*1e3 for x in v_] for k_,v_ in res.items()})
