@@ -108,6 +108,17 @@ def cu_seqlens_values(cu: torch.Tensor, name: str, rows: Optional[int], rows_nam
     return vals
 
 
+def table_rows_contiguous(block_table):
+    """The kernels read each row of ``block_table`` as one run of int32s (csrc/varlen_layout.h):
+    a table laid out otherwise (a transposed copy, a column slice) is copied into that layout
+    before anything reads it. Anything that is not such a table is returned as it is, for the
+    checks to name."""
+    if isinstance(block_table, torch.Tensor) and block_table.dim() == 2 and block_table.shape[1] > 1 \
+            and block_table.stride(1) != 1:
+        return block_table.contiguous()
+    return block_table
+
+
 def check_block_table(block_table, batch: int, device, num_blocks: int, page_size: int, len_k: Optional[List[int]]):
     """block_table (B, max_blocks) int32; every page a sequence uses must exist in the cache."""
     if not isinstance(block_table, torch.Tensor):
@@ -291,6 +302,9 @@ def normalize_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
         capacity = None
     else:
         capacity = k_cache.shape[1]
+        if capacity == 0:
+            raise ValueError(f"k_cache has no positions (dim 1 is 0, shape {tuple(k_cache.shape)}): a cache holds "
+                             "at least one key per row")
         if cache_batch_idx is not None:
             rows = _int32_vector(cache_batch_idx, "cache_batch_idx", q.device, B)
             if not _compiling():
@@ -306,6 +320,8 @@ def normalize_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_s
             raise ValueError("rotary_cos and rotary_sin must be given together")
         for t, name in ((rotary_cos, "rotary_cos"), (rotary_sin, "rotary_sin")):
             _check_tensor(t, name)
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
             if t.dim() != 2 or tuple(t.shape) != tuple(rotary_cos.shape):
                 raise ValueError(f"{name} must be (seqlen_ro, rotary_dim / 2) like rotary_cos, got shape {tuple(t.shape)}")
         if k is None:

@@ -14,7 +14,7 @@ import torch
 
 from . import dispatch
 from ._semantics import check_backend, with_modifiers
-from ._varlen_semantics import VarlenProblem, check_bool, normalize_kvcache, normalize_varlen
+from ._varlen_semantics import VarlenProblem, check_bool, normalize_kvcache, normalize_varlen, table_rows_contiguous
 
 Tensor = torch.Tensor
 
@@ -26,6 +26,7 @@ def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dro
     check_bool(deterministic, "deterministic")  # always deterministic
     check_bool(return_attn_probs, "return_attn_probs")
     check_bool(return_lse, "return_lse")
+    block_table = table_rows_contiguous(block_table)
     problem = normalize_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                                causal, window_size, block_table, seqused_k, dropout_p)
     problem, sinks, alibi = with_modifiers(problem, q, softcap, s_aux, alibi_slopes, "s_aux")
@@ -203,6 +204,7 @@ def flash_attn_with_kvcache(
     """
     backend = check_backend(backend)
     check_bool(return_softmax_lse, "return_softmax_lse")
+    block_table = table_rows_contiguous(block_table)
     call = normalize_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
                              cache_leftpad, block_table, softmax_scale, causal, window_size, rotary_interleaved,
                              num_splits)
@@ -212,8 +214,10 @@ def flash_attn_with_kvcache(
         head_dim_v=v_cache.shape[3], scale=call.scale, window_left=call.window_left,
         window_right=call.window_right, page_size=k_cache.shape[1], dtype=q.dtype, device_type=q.device.type,
     )
-    # checked before the append below writes into the caches
+    # checked before the append below writes into the caches: the modifiers, and whether the
+    # backend asked for can run the call (a refused call leaves the caches as they were)
     problem, sinks, alibi = with_modifiers(problem, q, softcap, s_aux, alibi_slopes, "s_aux")
+    dispatch.choose_packed(problem, backend)
     slice_append = _slice_append(call, block_table)
     # per-sequence key positions as a tensor: for rotary, and for the index_put_ append
     positions = bool(call.rotary_dim) or (call.len_new > 0 and not slice_append)

@@ -639,6 +639,15 @@ KV_ERRORS = [
     ("s_aux", lambda a: a.update(s_aux=torch.ones(2, dtype=torch.int32)), TypeError, "s_aux must be float32"),
     ("rotary-without-k", lambda a: a.update(k=None, v=None, rotary_cos=torch.ones(16, 4), rotary_sin=torch.ones(16, 4)),
      ValueError, "need k and v"),
+    # (meta stands in for another device on a machine without one)
+    ("rotary-device", lambda a: a.update(rotary_cos=torch.ones(32, 4, device="meta"), rotary_sin=torch.ones(32, 4)),
+     ValueError, "rotary_cos must be on q's device cpu, got meta"),
+    ("empty-cache", lambda a: a.update(k_cache=a["k_cache"][:, :0], v_cache=a["v_cache"][:, :0], k=None, v=None,
+                                       cache_seqlens=torch.zeros(2, dtype=torch.int32),
+                                       cache_leftpad=torch.zeros(2, dtype=torch.int32)),
+     ValueError, r"k_cache has no positions \(dim 1 is 0"),
+    # a backend that cannot serve the call is refused before the append
+    ("backend-refuses", lambda a: a.update(backend="cuda"), RuntimeError, "backend='cuda' cannot run this call"),
 ]
 
 
@@ -650,6 +659,28 @@ def test_kvcache_bad_input(name, edit, exc, match):
     with pytest.raises(exc, match=match):
         attnkern.flash_attn_with_kvcache(**args)
     assert torch.equal(args["k_cache"], before), "a rejected call must not write the cache"
+
+
+@pytest.mark.parametrize("leftpad", [False, True])
+def test_kvcache_block_table_of_any_layout(seed, leftpad):
+    """A block table whose rows are not contiguous in memory (a column-major copy) reads and appends
+    as the same table in row-major memory does (the C++ op reads rows as runs: it gets a copy)."""
+    a = _kv_args()
+    _paged(a)
+    a["block_table"] = torch.tensor([[5, 1, 7, 3], [4, 0, 6, 2]], dtype=torch.int32)
+    if leftpad:
+        a["cache_leftpad"] = torch.tensor([1, 0], dtype=torch.int32)
+    b = {n: t.clone() if isinstance(t, torch.Tensor) else t for n, t in a.items()}
+    a["block_table"] = a["block_table"].t().contiguous().t()
+    assert a["block_table"].stride(1) != 1 and torch.equal(a["block_table"], b["block_table"])
+    out_a = attnkern.flash_attn_with_kvcache(**a, backend="cpu")
+    out_b = attnkern.flash_attn_with_kvcache(**b, backend="cpu")
+    assert torch.equal(out_a, out_b) and torch.equal(a["k_cache"], b["k_cache"]) and torch.equal(a["v_cache"], b["v_cache"])
+    # and against the reference on the appended caches (the new key of sequence 0 sits at 3: page 5, row 3)
+    assert torch.equal(a["k_cache"][5, 3], a["k"][0, 0])
+    ref = attnkern.flash_attn_with_kvcache(**{**b, "k": None, "v": None,
+                                              "cache_seqlens": b["cache_seqlens"] + 1}, backend="math")
+    assert_close(out_a, ref, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------
