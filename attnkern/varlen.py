@@ -266,7 +266,7 @@ def flash_attn_with_kvcache(
         problem = dataclasses.replace(problem, page_size=0 if table is None else 1)
     out, lse = dispatch.run_packed(problem, q.reshape(B * Lq, H, q.shape[3]), keys, values, cu_q, cu_k, used,
                                    table, backend, sinks, alibi)
-    out = out.view(B, Lq, H, -1)
+    out = out.view(B, Lq, H, v_cache.shape[3])  # (named: -1 is ambiguous when B or Lq is 0)
     if return_softmax_lse:
         return out, lse.view(H, B, Lq).permute(1, 0, 2)
     return out
