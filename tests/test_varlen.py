@@ -661,6 +661,19 @@ def test_kvcache_bad_input(name, edit, exc, match):
     assert torch.equal(args["k_cache"], before), "a rejected call must not write the cache"
 
 
+@pytest.mark.parametrize("backend", ["cpu", "math"])
+def test_kvcache_empty_query_or_batch(backend):
+    """No query row (Lq = 0) or no sequence (B = 0): empty results of the right shapes (the view
+    of the output raised on its -1 before)."""
+    kc, vc = torch.randn(2, 16, 2, 16), torch.randn(2, 16, 2, 8)
+    for q, seqlens in ((torch.randn(2, 0, 4, 16), torch.tensor([3, 9], dtype=torch.int32)),
+                       (torch.randn(0, 1, 4, 16), torch.zeros(0, dtype=torch.int32))):
+        out, lse = attnkern.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seqlens, return_softmax_lse=True,
+                                                    backend=backend)
+        B, Lq = q.shape[:2]
+        assert out.shape == (B, Lq, 4, 8) and lse.shape == (B, 4, Lq)
+
+
 @pytest.mark.parametrize("leftpad", [False, True])
 def test_kvcache_block_table_of_any_layout(seed, leftpad):
     """A block table whose rows are not contiguous in memory (a column-major copy) reads and appends
