@@ -55,6 +55,15 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # value, explains the choice).
 HUGE_LSE = 1024.0
 
+# The fused kernels hold a softcap in this range (csrc/mask.h kSoftcapMin / kSoftcapMax explain
+# why no fp32 result changes); the Triton launcher applies it, the C++ op boundary likewise.
+SOFTCAP_RANGE = (2.0 ** -100, 2.0 ** 100)
+# tanh of the softcap: |y| < TANH_POLY_BOUND takes y + y^3 P(y^2) with these coefficients of P
+# (lowest first), the rest 1 - 2 / (1 + e^(2y)); csrc/mask.h softcap_tanh, whose comment gives the
+# accuracy, holds the same numbers for the C++ and CUDA kernels
+TANH_POLY_BOUND = 0.625
+TANH_POLY = (-3.3333281942e-01, 1.3331442184e-01, -5.3739713875e-02, 2.0639083091e-02, -5.7049821214e-03)
+
 
 @dataclass(frozen=True)
 class Problem:

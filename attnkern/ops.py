@@ -101,7 +101,9 @@ def sink_grad(grad_out, grad_lse, out, lse, sinks):
     delta = (grad_out.float() * out.float()).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
-    weight = torch.exp(sinks.float().view(1, -1, 1) - lse)
+    sink = sinks.float().view(1, -1, 1)
+    # a -inf sink has no weight, also in rows without keys, whose lse is -inf too (exp(-inf - -inf) is NaN)
+    weight = torch.where(sink == float("-inf"), 0.0, torch.exp(sink - lse))
     return -(weight * delta).sum(dim=(0, 2)).to(sinks.dtype)
 
 

@@ -3,6 +3,7 @@
 // the tests hold every backend to the Python reference.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -128,6 +129,39 @@ ATTNKERN_HD void backward_row_stats(float lse, const float* stats, float& top, f
   log2_sum = stats[1];
   const float excess = lse2 - (top + log2_sum);
   if (excess > (lse2 < 0.f ? -lse2 : lse2) * 0x1p-20f) log2_sum += excess;
+}
+
+// The softcap, s <- cap * tanh(s / cap), in every kernel: this scalar form (the CUDA kernels),
+// its vector form (csrc/cpu/kernels_impl.inc softcap_tanh_vec) and attnkern/triton/forward.py
+// softcap_tanh compute the same two branches with these constants.
+// - |y| < kTanhPolyBound: y + y^3 P(y^2), P of degree 4 fitted for relative error (at most 0.8
+//   ulp in fp32 over the range, against float64 tanh), so cap * tanh(s / cap) keeps the relative
+//   accuracy of s however large the cap. (1 - 2 / (1 + e^(2y)) alone has an absolute error of
+//   about 1e-7 near 0, which the cap multiplies: 4.6e-5 relative on the output at cap 1000, and
+//   every score became 0 from a cap of about 1e8 on: stop 23's fuzzing.)
+// - otherwise 1 - 2 / (1 + 2^(2 log2(e) y)), y clamped to [-9, 9] (tanh(9) rounds to 1 in fp32):
+//   absolute error about 1e-7, below 2e-7 relative since |tanh| >= 0.55 there.
+// NaN stays NaN (a NaN score makes its row NaN with a cap too).
+constexpr float kTanhPolyBound = 0.625f;
+constexpr float kTanhP0 = -3.3333281942e-01f, kTanhP1 = 1.3331442184e-01f, kTanhP2 = -5.3739713875e-02f,
+                kTanhP3 = 2.0639083091e-02f, kTanhP4 = -5.7049821214e-03f;
+// Caps are held in [2^-100, 2^100] before any kernel sees them: cap * tanh(s / cap) differs from
+// s by a factor (1 - (s/cap)^2 / 3 + ...), which is 1 in fp32 (and float64) for every |s| < 1e22
+// when cap >= 2^100, and is within 1e-30 of 0 for every s when cap <= 2^-100 (so every weight
+// rounds to the same value either way). Inside the range cap * log2(e) and 1 / cap are normal
+// floats (a cap near FLT_MAX overflowed cap * log2(e) to inf and made every score NaN).
+// attnkern/_limits.py SOFTCAP_RANGE holds the same bounds for the Triton launcher.
+constexpr float kSoftcapMin = 0x1p-100f, kSoftcapMax = 0x1p100f;
+
+ATTNKERN_HD float softcap_tanh(float y) {
+  const float ay = y < 0.f ? -y : y;
+  if (!(ay >= kTanhPolyBound)) {  // (NaN takes this branch and stays NaN)
+    const float z = y * y;
+    const float poly = (((kTanhP4 * z + kTanhP3) * z + kTanhP2) * z + kTanhP1) * z + kTanhP0;
+    return y + (y * z) * poly;
+  }
+  const float x = y < -9.f ? -9.f : (y > 9.f ? 9.f : y);
+  return 1.f - 2.f / (1.f + exp2f(x * (2.f * 1.4426950408889634f)));
 }
 
 }  // namespace attnkern

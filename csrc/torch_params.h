@@ -5,11 +5,13 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
 
+#include "mask.h"
 #include "params.h"
 
 namespace attnkern {
@@ -154,7 +156,9 @@ inline void check_and_fill_modifiers(AttnParams& p, const at::Tensor& q, double 
                                      const std::optional<at::Tensor>& sinks,
                                      const std::optional<at::Tensor>& alibi_slopes) {
   TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0.0, "softcap must be finite and >= 0, got ", softcap);
-  p.softcap = static_cast<float>(softcap);
+  // held in [kSoftcapMin, kSoftcapMax] (mask.h: no fp32 result changes, every kernel's constants stay finite)
+  p.softcap = softcap > 0.0 ? static_cast<float>(std::min(std::max(softcap, double(kSoftcapMin)), double(kSoftcapMax)))
+                            : 0.f;
   if (sinks.has_value() && sinks->defined()) {
     const at::Tensor& s = *sinks;
     TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, "sinks must be float32, got ", s.scalar_type());

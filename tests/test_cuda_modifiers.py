@@ -126,6 +126,44 @@ def test_emulated_modifier_parity(emu, case, seed):
             assert_close(g, r, case.dtype, f"{case.id} {name}")
 
 
+@pytest.mark.parametrize("len_q,len_k,sm_count", [(20, 30, 4), (3, 470, 40), (16, 100, 0)],
+                         ids=["prefill", "decode-split", "decode-cta"])
+def test_emulated_modifier_edge_values(emu, seed, len_q, len_k, sm_count):
+    """mask.h softcap_tanh and the sinks' limits in the CUDA kernels (test_modifiers'
+    test_modifier_parity_edge_values on the other backends): a cap far above the scores keeps the
+    plain call's accuracy, a NaN score stays NaN under a cap, a NaN sink makes its head NaN and a
+    sink of +inf gives output 0 and LSE +inf; in the prefill epilogue (row_total), the split-KV
+    merge kernel and a CTA's merge of its key slices."""
+    case = EmuModCase("edge", batch=1, heads_q=8, heads_kv=2, len_q=len_q, len_k=len_k, head_dim=64, head_dim_v=64,
+                      dtype=F16, sm_count=sm_count)
+    if sm_count == 40:
+        assert emu.decode_num_splits(len_q, 8, 2, len_k, 64, 1, sm_count) > 1
+    q, k, v = _kernel_inputs(case)[:3]
+    sem = (64 ** -0.5, -1, -1, False, 0.0)
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    for cap in (1e4, 3e38):
+        out, lse = emu.fwd(q, k, v, None, None, *sem, sm_count, softcap=cap)
+        ref, ref_lse = reference.attention(q64, k64, v64, None, *sem, None, softcap=cap)
+        assert_close(out, ref, F16, f"softcap {cap:g} out")
+        assert_close(lse, ref_lse, torch.float32, f"softcap {cap:g} lse")
+    qn = q.clone()
+    qn[0, 1, len_q // 2, 3] = float("nan")
+    out, lse = emu.fwd(qn, k, v, None, None, *sem, sm_count, softcap=2.0)
+    nan_row = torch.zeros_like(lse, dtype=torch.bool)
+    nan_row[0, 1, len_q // 2] = True
+    assert out[nan_row].isnan().all() and lse[nan_row].isnan().all(), "a NaN score under a cap"
+    assert torch.isfinite(out[~nan_row]).all() and torch.isfinite(lse[~nan_row]).all()
+    sinks = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.5] * 2)
+    out, lse = emu.fwd(q, k, v, None, None, *sem, sm_count, sinks=sinks)
+    ref, ref_lse = reference.attention(q64, k64, v64, None, *sem, None, sinks=sinks.double())
+    for h in (0, 4):
+        assert out[:, h].isnan().all() and lse[:, h].isnan().all(), "a NaN sink makes its head NaN"
+        assert (out[:, h + 1] == 0).all() and (lse[:, h + 1] == float("inf")).all(), "a +inf sink takes all the weight"
+        for g in (h + 2, h + 3):
+            assert_close(out[:, g], ref[:, g], F16, f"head {g} out")
+            assert_close(lse[:, g], ref_lse[:, g], torch.float32, f"head {g} lse")
+
+
 def test_emulated_modifiers_change_the_result(emu, seed):
     """The variant is not the plain kernel under another name: each modifier alone moves the
     output away from the plain call's (and the plain call still matches its own reference in

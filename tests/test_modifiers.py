@@ -169,6 +169,51 @@ def test_modifier_parity(case, backend, seed):
         torch.testing.assert_close(lse[empty], sink_lse[empty], rtol=0, atol=1e-6)
 
 
+def _flash_call(q, k, v, backend, **kw):
+    return attnkern.flash_attn_func(q, k, v, return_lse=True, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", device_backends("cpu"))
+def test_modifier_parity_edge_values(backend, seed):
+    """Softcaps far above the scores, NaN scores under a cap, and non-finite sinks, against the
+    float64 reference: a cap of 1e3 or 1e6 keeps fp32 accuracy, and one near FLT_MAX is the plain
+    call (stop 23's fuzzing: the kernels' tanh lost accuracy as the cap grew, every score became 0
+    from a cap of about 1e8 and NaN near FLT_MAX); a NaN score makes its row NaN with a cap as
+    without; a NaN sink makes its head NaN, a sink of +inf gives output 0 and LSE +inf, and a -inf
+    sink has gradient 0, also on rows that see no key."""
+    # (600 keys for 2 queries: the CPU's split decode path; the Triton interpreter takes a smaller case)
+    S, lengths = (40, (17,)) if backend == "triton" else (600, (2, 37))
+    for L in lengths:
+        q, k, v = torch.randn(2, L, 4, 32), torch.randn(2, S, 4, 32), torch.randn(2, S, 4, 32)
+        for cap in (1e3, 1e6, 3e38):
+            out, lse = _flash_call(q, k, v, backend, softcap=cap)
+            ref, ref_lse = _flash_call(q.double(), k.double(), v.double(), "math", softcap=cap)
+            assert_close(out, ref, torch.float32, f"L={L} softcap={cap:g} out")
+            assert_close(lse, ref_lse, torch.float32, f"L={L} softcap={cap:g} lse")
+        qn = q.clone()
+        qn[1, L // 2, 2, 5] = float("nan")  # every score of that row is NaN
+        out, lse = _flash_call(qn, k, v, backend, softcap=2.0)
+        nan_row = torch.zeros_like(lse, dtype=torch.bool)
+        nan_row[1, 2, L // 2] = True
+        assert out.transpose(1, 2)[nan_row].isnan().all() and lse[nan_row].isnan().all(), "a NaN score under a cap"
+        assert torch.isfinite(out.transpose(1, 2)[~nan_row]).all() and torch.isfinite(lse[~nan_row]).all()
+        # heads: a NaN sink, +inf, -inf, an ordinary one; causal with L > S leaves rows without keys
+        sinks = torch.tensor([float("nan"), float("inf"), float("-inf"), 0.5])
+        for Lq, Sk, causal in ((L, S, False), (9, 4, True)):
+            qs, ks, vs = (torch.randn(2, n, 4, 32, requires_grad=True) for n in (Lq, Sk, Sk))
+            sk = sinks.clone().requires_grad_(True)
+            out, lse = _flash_call(qs, ks, vs, backend, causal=causal, s_aux=sk)
+            ref, ref_lse = _flash_call(qs.double(), ks.double(), vs.double(), "math", causal=causal, s_aux=sinks.double())
+            assert out[:, :, 0].isnan().all() and lse[:, 0].isnan().all(), "a NaN sink makes its head NaN"
+            assert (out[:, :, 1] == 0).all() and (lse[:, 1] == float("inf")).all(), "a +inf sink takes all the weight"
+            assert_close(out[:, :, 2:], ref[:, :, 2:], torch.float32, f"sinks, L={Lq} S={Sk} out")
+            finite = torch.isfinite(ref_lse[:, 2:])
+            assert torch.equal(torch.isfinite(lse[:, 2:]), finite)
+            assert_close(lse[:, 2:][finite], ref_lse[:, 2:][finite], torch.float32, f"sinks, L={Lq} S={Sk} lse")
+            (d_sink,) = torch.autograd.grad(out[:, :, 2:].sum(), sk)
+            assert d_sink[2] == 0, "a -inf sink has no weight, so no gradient"
+
+
 def test_modifiers_are_noops_at_their_neutral_values(seed):
     """softcap 0, no sinks and no slopes is the plain call; a -inf sink and zero slopes change nothing."""
     q, k, v = (torch.randn(1, 2, 33, 16) for _ in range(3))
@@ -287,7 +332,7 @@ def test_modifier_parity_triton_interpreter():
            "-k", "test_modifier_parity and triton and not interpreter and not under_isa"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=os.path.dirname(HERE))
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "7 passed" in run.stdout, run.stdout[-2000:]
+    assert "8 passed" in run.stdout, run.stdout[-2000:]
 
 
 def test_local_self_attention_modifiers(seed):

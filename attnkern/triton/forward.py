@@ -19,6 +19,8 @@ from .philox import dropout_keep
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 HUGE_LSE = tl.constexpr(_semantics.HUGE_LSE)
+TANH_POLY_BOUND = tl.constexpr(_semantics.TANH_POLY_BOUND)
+TANH_P0, TANH_P1, TANH_P2, TANH_P3, TANH_P4 = (tl.constexpr(c) for c in _semantics.TANH_POLY)
 
 # the MASK_KIND specialisation
 MASK_NONE = tl.constexpr(0)
@@ -41,10 +43,16 @@ def mask_to_log2(mask_value):
 
 
 @triton.jit
-def tanh_approx(y):
-    """tanh(y) = 1 - 2 / (1 + e^(2y)), y clamped to [-9, 9] (tanh(9) rounds to 1 in fp32): the CPU kernels' formula."""
-    y = tl.minimum(tl.maximum(y, -9.0), 9.0)
-    return 1.0 - 2.0 / (1.0 + tl.exp2(y * (2.0 * LOG2E)))
+def softcap_tanh(y):
+    """tanh for the softcap, csrc/mask.h softcap_tanh's two branches: y + y^3 P(y^2) for
+    |y| < TANH_POLY_BOUND (relative accuracy, so a large cap keeps the scores' own), else
+    1 - 2 / (1 + e^(2y)) with y clamped to [-9, 9]. A NaN y fails the bound test and stays NaN
+    through the polynomial."""
+    z = y * y
+    small = y + (y * z) * ((((TANH_P4 * z + TANH_P3) * z + TANH_P2) * z + TANH_P1) * z + TANH_P0)
+    x = tl.minimum(tl.maximum(y, -9.0), 9.0)
+    big = 1.0 - 2.0 / (1.0 + tl.exp2(x * (2.0 * LOG2E)))
+    return tl.where(tl.abs(y) >= TANH_POLY_BOUND, big, small)
 
 
 @triton.jit
@@ -64,7 +72,7 @@ def score_tile(a, b, rows, cols, mask_tile, qk_scale, len_k, offset, left, right
     s = tl.dot(a, b, input_precision=DOT_PRECISION) * qk_scale
     t = s
     if SOFTCAP:
-        t = tanh_approx(s / softcap2)
+        t = softcap_tanh(s / softcap2)
         s = softcap2 * t
     if HAS_ALIBI:
         if TRANSPOSED:
@@ -181,13 +189,21 @@ def finish_rows(acc, l_i, m_i, Sinks, h, drop_scale, HAS_SINKS: tl.constexpr):
     if HAS_SINKS:
         # the head's sink joins the denominator once and adds no value (a row with no key keeps
         # acc = 0 and gets l = 1 at m = sink: output 0, LSE = sink)
-        sink2 = tl.load(Sinks + h).to(tl.float32) * LOG2E
-        top = tl.maximum(m_i, sink2)
+        sink2 = tl.load(Sinks + h).to(tl.float32) * LOG2E + tl.zeros_like(m_i)  # (per row)
+        # a NaN sink makes the rows NaN and a sink of +inf takes all the weight (output 0, LSE
+        # +inf) but in a row a NaN score made NaN: the limits of logaddexp(LSE of the keys, sink),
+        # as reference.py. Both join the sums below as no sink, then set the rows.
+        sink_f = tl.where(sink2 < float("inf"), sink2, float("-inf"))
+        top = tl.maximum(m_i, sink_f)
         top_sub = tl.where(top == float("-inf"), 0.0, top)
         keys = tl.exp2(m_i - top_sub)
-        l_i = l_i * keys + tl.exp2(sink2 - top_sub)
+        l_i = l_i * keys + tl.exp2(sink_f - top_sub)
         acc = acc * keys[:, None]
         m_i = top
+        takes_all = (sink2 == float("inf")) & (l_i == l_i)
+        acc = tl.where(takes_all[:, None], 0.0, acc)
+        l_i = tl.where(sink2 != sink2, float("nan"), tl.where(takes_all, 1.0, l_i))
+        m_i = tl.where(takes_all, float("inf"), m_i)
     empty = l_i == 0.0  # no key in the band (or every key masked): output 0, LSE -inf
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc * (drop_scale / l_safe)[:, None]

@@ -229,7 +229,8 @@ def _modifier_args(q, softcap, sinks, alibi_slopes, batch=None):
     sinks_arg = q if sinks is None else sinks.contiguous()
     alibi_arg = q if alibi_slopes is None else alibi_slopes.contiguous()
     meta = dict(SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None)
-    return sinks_arg, alibi_arg, softcap * LOG2E if softcap > 0 else 1.0, meta
+    lo, hi = _semantics.SOFTCAP_RANGE  # (no fp32 result changes: csrc/mask.h kSoftcapMax)
+    return sinks_arg, alibi_arg, min(max(softcap, lo), hi) * LOG2E if softcap > 0 else 1.0, meta
 
 
 def forward(q, k, v, mask, rng_seed, scale, window_left, window_right, bottom_right, dropout_p, softcap=0.0,
@@ -250,8 +251,10 @@ def _forward(q, k, v, mask, mask_kind, rng_seed, scale, window_left, window_righ
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    if S == 0:  # every row attends nothing: output 0, LSE the sink or -inf
+    if S == 0:  # every row attends nothing: output 0 (NaN under a NaN sink), LSE the sink or -inf
         out.zero_()
+        if sinks is not None:
+            out.copy_(torch.where(sinks.isnan(), float("nan"), 0.0).view(1, Hq, 1, 1).expand(out.shape))
         lse.copy_(sinks.view(1, Hq, 1).expand(B, Hq, L) if sinks is not None else torch.full_like(lse, float("-inf")))
         return out, lse
     qc, kc, vc = (_unit_last_stride(t) for t in (q, k, v))

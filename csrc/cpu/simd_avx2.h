@@ -63,6 +63,13 @@ struct VecAVX2 {
                                   _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(h)), lane));
     return {_mm256_blendv_ps(_mm256_set1_ps(fill), a.v, _mm256_castsi256_ps(in))};
   }
+  // lanes with a < b (ordered: a NaN lane is not), one bit each; and the blend they pick
+  static ATTNKERN_VEC_INLINE unsigned below_bits(VecAVX2 a, VecAVX2 b) {
+    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)));
+  }
+  static ATTNKERN_VEC_INLINE VecAVX2 blend_below(VecAVX2 a, VecAVX2 b, VecAVX2 if_below, VecAVX2 otherwise) {
+    return {_mm256_blendv_ps(otherwise.v, if_below.v, _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ))};
+  }
   static ATTNKERN_VEC_INLINE VecAVX2 replace_neg_inf(VecAVX2 a, float fill) {
     __m256 m = _mm256_cmp_ps(a.v, _mm256_set1_ps(-__builtin_inff()), _CMP_EQ_OQ);
     return {_mm256_blendv_ps(a.v, _mm256_set1_ps(fill), m)};

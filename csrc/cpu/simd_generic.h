@@ -65,6 +65,18 @@ struct VecGeneric {
       if (base + i < lo || base + i >= hi) a.v[i] = fill;
     return a;
   }
+  // lanes with a < b (a NaN lane is not), one bit each; and the blend they pick
+  static ATTNKERN_VEC_INLINE unsigned below_bits(VecGeneric a, VecGeneric b) {
+    unsigned bits = 0;
+    for (int i = 0; i < kWidth; ++i) bits |= (a.v[i] < b.v[i] ? 1u : 0u) << i;
+    return bits;
+  }
+  static ATTNKERN_VEC_INLINE VecGeneric blend_below(VecGeneric a, VecGeneric b, VecGeneric if_below,
+                                                    VecGeneric otherwise) {
+    for (int i = 0; i < kWidth; ++i)
+      if (a.v[i] < b.v[i]) otherwise.v[i] = if_below.v[i];
+    return otherwise;
+  }
   static ATTNKERN_VEC_INLINE VecGeneric replace_neg_inf(VecGeneric a, float fill) {
     for (int i = 0; i < kWidth; ++i)
       if (a.v[i] == -INFINITY) a.v[i] = fill;

@@ -98,7 +98,9 @@ struct RowWriter {
     if (split.num_splits > 1) {
       const int64_t rows = kVarlen ? p.heads_q * p.total_q : p.batch * p.heads_q * p.len_q;
       float* const dst = split.lse_partial + 2 * (split_idx * rows + row_index(hq, i));
-      dst[0] = m2;
+      // a NaN l (a NaN score: fmaxf left m2 at the other scores' max, -inf when all are NaN)
+      // carries NaN in m2 too, so that the merge's max sees it
+      dst[0] = l != l ? l : m2;
       dst[1] = l;
     } else {
       p.lse[row_index(hq, i)] = l != 0.f ? (m2 + log2f(l)) * kLn2 : -INFINITY;
@@ -420,7 +422,8 @@ __global__ void __launch_bounds__(Cfg::kThreads)
           dst[col + 1] = acc_o[mt][dt][2 * h + 1] * inv;
         }
         if ((lane & 3) == 0) {
-          merge_max[key_slice * kBlockM + r] = l != 0.f ? row_max[mt][h] : -INFINITY;
+          // (a NaN l, from a NaN score, goes in as a NaN max too: see RowWriter::stats)
+          merge_max[key_slice * kBlockM + r] = l != 0.f ? (l != l ? l : row_max[mt][h]) : -INFINITY;
           merge_sum[key_slice * kBlockM + r] = l;
         }
       }
@@ -435,9 +438,14 @@ __global__ void __launch_bounds__(Cfg::kThreads)
       // merge_splits_kernel (in the log2 domain of the slices' max)
       [[maybe_unused]] const float sink2 =
           Rules::kModifiers && split.num_splits == 1 ? rules.sink(rows.head(r)) * kLog2e : -INFINITY;
+      // a sink of +inf takes all the weight: output 0, lse +inf (row_total); not over a NaN or
+      // +inf score (the slices' max), which makes the row NaN as without a sink
+      const bool sink_takes_all = sink2 == INFINITY && m == m && m != INFINITY;
       if constexpr (Rules::kModifiers) m = nan_max(m, sink2);
       float v0 = 0.f, v1 = 0.f, total = 0.f;
-      if (m != -INFINITY) {
+      if (sink_takes_all) {
+        total = 1.f;
+      } else if (m != -INFINITY) {
         if constexpr (Rules::kModifiers) total = exp2f(sink2 - m);
 #pragma unroll
         for (int sl = 0; sl < Cfg::kKeySplit; ++sl) {
@@ -478,9 +486,14 @@ __global__ void __launch_bounds__(128)
     if (part[2 * s * rows + 1] != 0.f) m = nan_max(m, part[2 * s * rows]);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+  // a sink of +inf takes all the weight: output 0, lse +inf (row_total); not over a NaN or +inf
+  // score (the parts' max), which makes the row NaN as without a sink
+  const bool sink_takes_all = sink2 == INFINITY && m == m && m != INFINITY;
   if (kSinks) m = nan_max(m, sink2);
   float total = 0.f;
-  if (m != -INFINITY) {
+  if (sink_takes_all) {
+    total = 1.f;
+  } else if (m != -INFINITY) {
     if (kSinks) total = exp2f(sink2 - m);
     for (int s = 0; s < split.num_splits; ++s)
       if (part[2 * s * rows + 1] != 0.f) total += part[2 * s * rows + 1] * exp2f(part[2 * s * rows] - m);

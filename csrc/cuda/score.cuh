@@ -40,13 +40,6 @@ constexpr int kPlain = 0;
 constexpr int kMasked = 1;
 constexpr int kModified = 2;
 
-// tanh(y) = 1 - 2 / (1 + e^(2y)) with y clamped to [-9, 9] (tanh(9) rounds to 1 in fp32), as
-// csrc/cpu/kernels_impl.inc tanh_vec: one exp2 and one division, absolute error about 1e-7
-__host__ __device__ __forceinline__ float softcap_tanh(float y) {
-  y = fminf(fmaxf(y, -9.f), 9.f);
-  return 1.f - 2.f / (1.f + exp2f(y * (2.f * kLog2e)));
-}
-
 // The output multiplier and natural-log LSE of a finished row whose keys gave log2-domain
 // statistics (m: max, l: sum of exp2(s - m)), with the head's sink (natural log, -inf: none)
 // joining the denominator once (csrc/cpu/kernels_impl.inc row_total is the same rule). No key:
@@ -55,8 +48,13 @@ struct RowTotal {
   float inv_l, lse;
 };
 __host__ __device__ __forceinline__ RowTotal row_total(float m, float l, float sink) {
-  if (l == 0.f) return {0.f, sink};
   const float s2 = sink * kLog2e;
+  // the limits of lse = logaddexp(lse of the keys, sink) (reference.py): a NaN sink makes the
+  // row NaN, as a NaN score does; a sink of +inf takes all the weight (output 0, lse +inf) but
+  // for a row a NaN score made NaN
+  if (s2 != s2) return {s2, s2};
+  if (s2 == INFINITY && l == l) return {0.f, s2};
+  if (l == 0.f) return {0.f, sink};
   if (!(s2 > -INFINITY)) return {1.f / l, (m + log2f(l)) * kLn2};
   const float top = fmaxf(m, s2);
   const float keys = exp2f(m - top);
