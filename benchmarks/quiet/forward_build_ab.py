@@ -6,12 +6,14 @@ the query-major decode tiles), "mid" (groups of 17-32 rows: the 32-row tiles), "
 "whole-rows" (decoding from (B, S, H, D) K/V: rows 4 KiB apart or more take whole-row items,
 csrc/cpu/tiling.h; rows 2 KiB apart and a (B, H, S, D) cache are controls) and "kvcache"
 (flash_attn_with_kvcache, one query per sequence, fp32 (B, S, H, D) caches: H=8, D=128 uniform,
-skewed and B=2 take whole-row items; the packed decode suite's D=64 is a control).
+skewed and B=2 take whole-row items; the packed decode suite's D=64 is a control) and "softcap"
+(softcap 50 on issue 13's causal forward+backward, a head-dim-256 forward and a GQA decode; the
+plain causal forward+backward is a control).
 Usage (from a directory that is not a checkout, so each child imports its own build):
-  python forward_build_ab.py {decode,mid,targets,whole-rows,kvcache} BEFORE_ROOT AFTER_ROOT ROUNDS THREADS [OUT.json]"""
+  python forward_build_ab.py {decode,mid,targets,whole-rows,kvcache,softcap} BEFORE_ROOT AFTER_ROOT ROUNDS THREADS [OUT.json]"""
 import os, sys, subprocess, random, statistics, json, datetime
-# (dtype, Hq, Hkv, L, S, D, causal[, mode[, window[, batch[, K/V layout]]]]); mode "kvcache" takes
-# the cache lengths in the window's place (L, S, causal unused)
+# (dtype, Hq, Hkv, L, S, D, causal[, mode[, window[, batch[, K/V layout[, softcap]]]]]); mode
+# "kvcache" takes the cache lengths in the window's place (L, S, causal unused)
 CASE_SETS = {
     "decode": [("float32", 8, 8, 1, 4096, 64, False), ("float32", 32, 8, 1, 4096, 128, False),
                ("float32", 32, 8, 1, 8192, 128, False), ("float16", 8, 8, 1, 4096, 128, False),
@@ -36,6 +38,10 @@ CASE_SETS = {
                 ("float32", 8, 8, 1, 0, 128, False, "kvcache", [8000, 100, 100, 100]),
                 ("float32", 8, 8, 1, 0, 128, False, "kvcache", [4096] * 2),
                 ("float32", 8, 8, 1, 0, 64, False, "kvcache", [4096] * 8)],
+    "softcap": [("float32", 8, 8, 1024, 1024, 64, True, "fwd+bwd", None, 1, None, 50.0),
+                ("float32", 8, 8, 1024, 1024, 256, True, "fwd", None, 1, None, 50.0),
+                ("float32", 32, 8, 1, 4096, 128, False, "fwd", None, 1, None, 50.0),
+                ("float32", 8, 8, 1024, 1024, 64, True, "fwd+bwd")],
 }
 CASES = CASE_SETS[sys.argv[1]]
 A, B, rounds, threads = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
@@ -43,7 +49,7 @@ child = r'''
 import sys, json, time, statistics, torch, attnkern
 torch.set_num_threads(int(sys.argv[1]))
 
-def problem(dt, Hq, Hkv, L, S, D, causal, mode="fwd", window=None, batch=1, layout=None):
+def problem(dt, Hq, Hkv, L, S, D, causal, mode="fwd", window=None, batch=1, layout=None, softcap=0.0):
     """the call to time and the case's name"""
     dtype = getattr(torch, dt)
     if mode == "kvcache":  # (B, S, H, D) caches of per-sequence lengths (`window`), one new query each
@@ -60,12 +66,14 @@ def problem(dt, Hq, Hkv, L, S, D, causal, mode="fwd", window=None, batch=1, layo
     else:
         k, v = (torch.randn(batch, Hkv, S, D, dtype=dtype, requires_grad=grad) for _ in range(2))
     call = lambda: attnkern.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=causal, backend="cpu",
-                                                         window_size=tuple(window) if window else None)
+                                                         window_size=tuple(window) if window else None,
+                                                         softcap=softcap)
     return ((lambda: call().backward(torch.ones_like(q))) if grad else call,
-            "%s%s H%d/%d L%d S%d D%d%s %s%s%s" % (dt, " B%d" % batch if batch > 1 else "", Hq, Hkv, L, S, D,
-                                                " causal" if causal else "", mode,
-                                                " win%s" % (tuple(window),) if window else "",
-                                                " " + layout if layout else ""))
+            "%s%s H%d/%d L%d S%d D%d%s %s%s%s%s" % (dt, " B%d" % batch if batch > 1 else "", Hq, Hkv, L, S, D,
+                                                  " causal" if causal else "", mode,
+                                                  " win%s" % (tuple(window),) if window else "",
+                                                  " " + layout if layout else "",
+                                                  " softcap%g" % softcap if softcap else ""))
 
 out = {}
 for case in json.loads(sys.argv[2]):
