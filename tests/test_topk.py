@@ -230,7 +230,7 @@ def test_row_scan_ties_at_the_threshold(seed):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "math"])
-@pytest.mark.parametrize("len_k,top_k", [(53, 53), (53, 60), (300, 300), (300, 1000)])
+@pytest.mark.parametrize("len_k,top_k", [(53, 53), (53, 60), (300, 300), (300, 1000), (53, 2**63), (53, 10**30)])
 def test_top_k_at_least_s_is_dense_attention(backend, len_k, top_k, seed):
     if backend == "cpu" and topk_module.topk_fwd is None:
         pytest.skip("C++ extension not built")
