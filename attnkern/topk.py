@@ -163,9 +163,10 @@ def topk_attention(
         out, _ = dispatch.run(problem, q, k, v, mask, name)
     else:
         op = triton_topk_fwd if name == "triton" else topk_fwd
-        # the op takes min(top_k, S), the same selection: a Python int past int64 fits no schema int
+        # the op takes min(top_k, S) (at least 1, which it requires), the same selection: a Python
+        # int past int64 fits no schema int
         out, _, indices = op(
-            q, k, v, mask, slots, problem.scale, problem.window_left, problem.window_right, problem.bottom_right
+            q, k, v, mask, max(slots, 1), problem.scale, problem.window_left, problem.window_right, problem.bottom_right
         )
     out = out.reshape(out_shape)
     if return_indices:
