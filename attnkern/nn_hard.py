@@ -44,6 +44,10 @@ class HardAttention(torch.nn.Module):
       forward returns: add ``(loss_per_query.detach() - baseline) * log_prob`` to the loss.
     * In eval mode every module chooses by ``argmax``.
 
+    A query that can see no key (every key padding, or no key at all) gets a zero context and
+    index -1 in every mode, as in :func:`attnkern.topk_attention`; its ``log_prob`` is 0 (the one
+    outcome, no pick, is certain).
+
     ``forward(query, keys, values=None, key_padding_mask=None)`` with query ``(N, Dq)`` or
     ``(N, L, Dq)``, keys ``(N, S, Dk)``, values (default keys) ``(N, S, Dv)``,
     ``key_padding_mask`` bool ``(N, S)``, True = padding. Returns a
@@ -125,6 +129,9 @@ class HardAttention(torch.nn.Module):
         projected_query, projected_keys = self.query_proj(query), self.key_proj(keys)
         n, rows, hidden = projected_query.shape
         slots = min(self.top_k, keys.shape[1])
+        if slots == 0:  # no key at all: zero context, no slot (as topk_attention)
+            return (values.new_zeros(n, rows, values.shape[-1]) + 0 * projected_query.sum(),
+                    query.new_empty((n, rows, 0), dtype=torch.int64))
         block = max(1, ADDITIVE_BLOCK_ELEMENTS // max(1, n * keys.shape[1] * hidden))
         picks = []
         with torch.no_grad():
@@ -147,8 +154,14 @@ class HardAttention(torch.nn.Module):
 
     def _stochastic(self, mode, query, keys, values, allowed):
         logits = self.scores(query, keys) / self.temperature
+        n, rows = logits.shape[:2]
+        if keys.shape[1] == 0:  # no key at all: zero context, index -1, log_prob 0 (class docstring)
+            return (values.new_zeros(n, rows, values.shape[-1]) + 0 * logits.sum(),
+                    torch.full((n, rows, 1), -1, dtype=torch.int64, device=logits.device), logits.new_zeros(n, rows))
+        empty = None  # (N, 1, 1): rows whose every key is padding
         if allowed is not None:
             logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+            empty = ~allowed.any(-1, keepdim=True)
         log_p = torch.log_softmax(logits, dim=-1)
         if mode == "gumbel":
             u = torch.rand_like(logits).clamp_(torch.finfo(logits.dtype).tiny, 1.0)
@@ -160,5 +173,10 @@ class HardAttention(torch.nn.Module):
         else:
             choice = torch.multinomial(log_p.detach().exp().flatten(0, 1), 1).view(*logits.shape[:-1], 1)
             weights = torch.zeros_like(logits).scatter_(-1, choice, 1.0)  # no pathwise gradient to the scores
+        log_prob = log_p.gather(-1, choice).squeeze(-1)
+        if empty is not None:  # such a row picked a padding position: it picks nothing
+            weights = weights.masked_fill(empty, 0.0)
+            choice = choice.masked_fill(empty, -1)
+            log_prob = log_prob.masked_fill(empty.squeeze(-1), 0.0)
         context = torch.matmul(weights, values)
-        return context, choice, log_p.gather(-1, choice).squeeze(-1)
+        return context, choice, log_prob

@@ -136,6 +136,30 @@ def test_sample_draws_from_the_softmax_and_exposes_log_prob(seed):
     assert torch.autograd.grad(log_prob.sum(), q)[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("score", ["dot", "general", "additive"])
+@pytest.mark.parametrize("mode", ["argmax", "gumbel", "sample"])
+def test_queries_that_see_no_key(score, mode, seed):
+    """Every mode gives a query that sees no key (all keys padding, or S = 0) a zero context,
+    index -1 (argmax: no slot when S = 0) and log_prob 0; the other queries are untouched
+    (the stochastic modes picked a padding position, and S = 0 raised inside torch)."""
+    m = attnkern.nn.HardAttention(8, score=score, mode=mode).train(mode != "argmax")
+    q, keys = torch.randn(3, 4, 8, requires_grad=True), torch.randn(3, 6, 8, requires_grad=True)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[1] = True  # batch row 1: every key is padding
+    pad[2, :2] = True
+    torch.manual_seed(1)
+    out = m(q, keys, key_padding_mask=pad)
+    assert (out.context[1] == 0).all() and (out.indices[1] == -1).all()
+    assert (out.indices[0] >= 0).all() and (out.indices[2] >= 2).all() and out.context[[0, 2]].abs().sum() > 0
+    if mode != "argmax":
+        assert (out.log_prob[1] == 0).all() and (out.log_prob[[0, 2]] < 0).all()
+        out.context.sum().backward()  # the graph stays whole
+    empty = m(q, keys[:, :0])
+    assert out.context.shape == empty.context.shape and (empty.context == 0).all()
+    assert empty.indices.shape == ((3, 4, 0) if mode == "argmax" or not m.training else (3, 4, 1))
+    assert (empty.indices == -1).all()
+
+
 def test_argument_errors():
     HA = attnkern.nn.HardAttention
     with pytest.raises(ValueError, match="score"):
