@@ -199,15 +199,23 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 None if m is None else F.pad(m, (0, extra_keys), value=False if m.dtype == torch.bool else 0.0)
                 for m in (attn_mask, key_padding_mask)
             )
-        mask = _torch_mask_to_additive_or_allowed((attn_mask, key_padding_mask), q.dtype)
+        window_size = self.window_size
+        outside_band = None
+        if extra_keys and (is_causal or window_size is not None):
+            # the band (causal, window) is over the source keys; the appended keys stay visible to
+            # every query, as above (torch's masked path; its SDPA fast path drops them under is_causal)
+            left, right = normalize_window(window_size, is_causal)
+            outside_band = ~F.pad(band_mask(len_q, len_k, left, right, 0, device=q.device), (0, extra_keys), value=True)
+            window_size, is_causal = None, False
+        mask = _torch_mask_to_additive_or_allowed((attn_mask, key_padding_mask, outside_band), q.dtype)
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
-            window = normalize_window(self.window_size, is_causal)
+            window = normalize_window(window_size, is_causal)
             probs = _plain_weights(q, k, mask, 1.0 / math.sqrt(head_dim), window, dropout_p)
             out = torch.matmul(probs, v)
             weights = probs.mean(dim=1) if average_attn_weights else probs
         else:
-            out = attend(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal, window_size=self.window_size,
+            out = attend(q, k, v, mask, dropout_p=dropout_p, is_causal=is_causal, window_size=window_size,
                          backend=self.backend)
             weights = None
         out = out.transpose(1, 2).reshape(batch, len_q, embed)

@@ -438,6 +438,28 @@ def test_mha_self_attention_weights_and_unbatched(average, unbatched, seed):
     assert_close(o_w, r_w, F32, "weights")
 
 
+@pytest.mark.parametrize("config", ["bias_kv", "zero_attn", "bias_kv+zero_attn+kdim"])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_mha_appended_keys_stay_visible_under_is_causal(config, need_weights, seed):
+    """add_bias_kv / add_zero_attn with is_causal: the causal band covers the source keys and every
+    query attends the appended ones, as torch's masked path computes it (the causal mask padded
+    with visible columns; attnkern's band over all S + 1 keys hid them before)."""
+    cfg = MHA_CONFIGS[config]
+    ref, ours = _mha_pair(cfg, seed)
+    q, _, _ = _mha_inputs(cfg, self_attention=True)
+    if cfg.get("kdim"):  # self-attention needs key/value of the query's width: the cross path
+        q, k, v = _mha_inputs(cfg, len_k=17)
+    else:
+        k = v = q
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(17).isinf()
+    kpm = torch.zeros(3, 17, dtype=torch.bool)  # (makes torch take its masked path)
+    r_out, _ = ref(q, k, v, attn_mask=causal, key_padding_mask=kpm, is_causal=True, need_weights=need_weights)
+    o_out, _ = ours(q, k, v, attn_mask=causal, key_padding_mask=kpm, is_causal=True, need_weights=need_weights)
+    assert_close(o_out, r_out, F32, "out")
+    o_hint, _ = ours(q, k, v, attn_mask=causal, is_causal=True, need_weights=need_weights)  # no padding mask
+    assert_close(o_hint, r_out, F32, "out without key_padding_mask")
+
+
 @pytest.mark.parametrize("need_weights", [False, True])
 def test_mha_window_and_causal_without_mask(need_weights, seed):
     ref, _ = _mha_pair({"batch_first": True}, seed)
