@@ -113,8 +113,10 @@ class HardAttention(torch.nn.Module):
             return (*self._additive_top_k(query, keys, values, allowed), None)
         mask = None if allowed is None else allowed.unsqueeze(1)  # (N, 1, 1, S): True takes part
         k = (keys if self.score == "dot" else self.key_proj(keys)).unsqueeze(1)
+        # (1 / temperature scales the softmax over the kept scores, as p's definition; the selection
+        # of the best top_k is the same at any positive scale)
         context, indices = topk_attention(query.unsqueeze(1), k, values.unsqueeze(1), self.top_k, attn_mask=mask,
-                                          scale=1.0, return_indices=True, backend=self.backend)
+                                          scale=1.0 / self.temperature, return_indices=True, backend=self.backend)
         return context.squeeze(1), indices.squeeze(1), None
 
     def _additive_top_k(self, query, keys, values, allowed):
@@ -146,6 +148,7 @@ class HardAttention(torch.nn.Module):
         flat = indices.clamp(min=0).flatten(1).unsqueeze(-1)  # (N, L * slots, 1)
         kept_keys = projected_keys.gather(1, flat.expand(-1, -1, hidden)).view(n, rows, slots, hidden)
         kept_scores = self.score_proj(torch.tanh(projected_query.unsqueeze(2) + kept_keys)).squeeze(-1)
+        kept_scores = kept_scores / self.temperature
         # empty slots weigh 0; a row with none kept gets context 0, as in topk_attention
         lowest = torch.finfo(kept_scores.dtype).min
         weights = torch.softmax(kept_scores.masked_fill(~kept, lowest), dim=-1) * kept

@@ -54,14 +54,16 @@ def test_argmax_picks_the_best_allowed_position(score, padding, seed):
 
 
 @pytest.mark.parametrize("score", ["dot", "additive"])
-def test_argmax_top_k_is_top_k_attention_over_the_scores(score, seed):
-    m = _module(score, top_k=3)
+@pytest.mark.parametrize("temperature", [1.0, 0.3])
+def test_argmax_top_k_is_top_k_attention_over_the_scores(score, temperature, seed):
+    """p = softmax(score / temperature) over the kept top_k (the temperature was ignored here before)."""
+    m = _module(score, top_k=3, temperature=temperature)
     q, keys, values, pad = _data(padding=True)
     context, indices, _ = m(q, keys, values, key_padding_mask=pad)
     scores = m.scores(q, keys).detach().double().unsqueeze(1)
     allowed = ~pad.view(N, 1, 1, S)
     ref, _, ref_idx = reference.topk_attention(scores, torch.eye(S, dtype=torch.float64).expand(N, 1, S, S),
-                                               values.double().unsqueeze(1), allowed, 3, 1.0)
+                                               values.double().unsqueeze(1), allowed, 3, 1.0 / temperature)
     assert torch.equal(indices, ref_idx.squeeze(1))
     assert_close(context, ref.squeeze(1), torch.float32, "context")
 
