@@ -150,7 +150,7 @@ constexpr float kTanhP0 = -3.3333281942e-01f, kTanhP1 = 1.3331442184e-01f, kTanh
 // when cap >= 2^100, and is within 1e-30 of 0 for every s when cap <= 2^-100 (so every weight
 // rounds to the same value either way). Inside the range cap * log2(e) and 1 / cap are normal
 // floats (a cap near FLT_MAX overflowed cap * log2(e) to inf and made every score NaN).
-// attnkern/_limits.py SOFTCAP_RANGE holds the same bounds for the Triton launcher.
+// attnkern/_semantics.py SOFTCAP_RANGE holds the same bounds for the Triton launcher.
 constexpr float kSoftcapMin = 0x1p-100f, kSoftcapMax = 0x1p100f;
 
 ATTNKERN_HD float softcap_tanh(float y) {

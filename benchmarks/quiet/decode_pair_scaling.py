@@ -74,9 +74,7 @@ def main():
                for _, w in sorted(per_second.items())]
     out = {"what": __doc__.split("\n")[0], "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "torch": torch.__version__, "isa": attnkern.ops._C.cpu_isa(), "parallel": attnkern.ops._C.cpu_parallel(),
-           "loadavg_1m_end": os.getloadavg()[0], "seconds": seconds, "pairs": len(pairs),
-           "t1_median_ms": sm["t1"] * 1e3, "t2_median_ms": sm["t2"] * 1e3, "ratio_of_medians": sm["ratio_of_medians"],
-           "median_pair_ratio": sm["median_pair_ratio"], "pair_ratio_p10": sm["p10"], "pair_ratio_p90": sm["p90"],
+           "loadavg_1m_end": os.getloadavg()[0], "seconds": seconds, **summary(pairs),
            "per_second_ratio_of_medians": windows}
     print(f"{len(pairs)} pairs over {seconds:.0f} s: 1t {sm['t1'] * 1e3:.3f} ms, 2t {sm['t2'] * 1e3:.3f} ms, ratio of "
           f"medians {sm['ratio_of_medians']:.3f}, median pair ratio {sm['median_pair_ratio']:.3f} (p10 {sm['p10']:.2f}, "

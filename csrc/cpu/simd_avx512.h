@@ -47,7 +47,6 @@ struct VecAVX512 {
                    _mm512_cmplt_epi32_mask(lane, _mm512_set1_epi32(static_cast<int>(h)));
     return {_mm512_mask_blend_ps(in, _mm512_set1_ps(fill), a.v)};
   }
-  // lanes where `a` equals -inf become `fill`
   // lanes with a < b (ordered: a NaN lane is not), one bit each; and the blend they pick
   static ATTNKERN_VEC_INLINE unsigned below_bits(VecAVX512 a, VecAVX512 b) {
     return static_cast<unsigned>(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ));
@@ -55,6 +54,7 @@ struct VecAVX512 {
   static ATTNKERN_VEC_INLINE VecAVX512 blend_below(VecAVX512 a, VecAVX512 b, VecAVX512 if_below, VecAVX512 otherwise) {
     return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ), otherwise.v, if_below.v)};
   }
+  // lanes where `a` equals -inf become `fill`
   static ATTNKERN_VEC_INLINE VecAVX512 replace_neg_inf(VecAVX512 a, float fill) {
     __mmask16 m = _mm512_cmp_ps_mask(a.v, _mm512_set1_ps(-__builtin_inff()), _CMP_EQ_OQ);
     return {_mm512_mask_blend_ps(m, a.v, _mm512_set1_ps(fill))};
